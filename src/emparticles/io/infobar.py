@@ -1,0 +1,79 @@
+"""Finding the microscope's data bar (text, scale bar, logo) at the bottom of SEM images.
+
+Zeiss, FEI/Thermo, JEOL and Hitachi instruments append a band under the scanned frame. Its top is a
+sharp, full-width horizontal edge, and the band itself is made of a few flat grey levels (background
+plus text and lines), unlike the noisy micrograph above it. :func:`detect_infobar` looks for the
+highest such edge in the bottom part of the image below which the rows are flat in that sense.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: The bar is never taller than this fraction of the image.
+MAX_BAR_FRACTION = 0.35
+#: Fraction of columns that must change sharply across the bar's top edge.
+EDGE_COLUMNS = 0.75
+#: Fraction of the band's pixels that its two commonest grey levels must cover.
+FLATNESS = 0.6
+
+
+def _to_levels(pixels: np.ndarray) -> np.ndarray:
+    """Quantise any dtype to 0..255 over its 0.1-99.9 percentile range."""
+    a = pixels.astype(np.float32, copy=False)
+    lo, hi = np.percentile(a, (0.1, 99.9))
+    if hi <= lo:
+        lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.clip((a - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+
+
+def _flatness(levels: np.ndarray) -> float:
+    """Fraction of pixels taken by the two commonest grey levels (+-2 levels each)."""
+    hist = np.bincount(levels.ravel(), minlength=256).astype(np.int64)
+    smooth = np.convolve(hist, np.ones(5, np.int64), mode="same")
+    first = int(np.argmax(smooth))
+    rest = smooth.copy()
+    rest[max(0, first - 4) : first + 5] = 0
+    second = int(np.argmax(rest))
+    return float(smooth[first] + rest[second]) / max(levels.size, 1)
+
+
+def detect_infobar(pixels: np.ndarray) -> int:
+    """Number of rows at the bottom of ``pixels`` (H, W) that belong to a data bar (0 if none)."""
+    h, w = pixels.shape
+    if h < 64 or w < 64:
+        return 0
+    levels = _to_levels(pixels)
+    lv = levels.astype(np.int16)
+    start = int(h * (1.0 - MAX_BAR_FRACTION))
+    # Fraction of columns whose grey level jumps by more than a quarter of the range between rows.
+    jumps = np.abs(lv[start:] - lv[start - 1 : -1]) > 64
+    edge_fraction = jumps.mean(axis=1)
+    candidates = np.nonzero(edge_fraction >= EDGE_COLUMNS)[0] + start
+    min_rows = max(6, int(0.02 * h))
+    for y in candidates:  # highest first
+        if h - y < min_rows:
+            break
+        band = levels[y:]
+        if _flatness(band) < FLATNESS:
+            continue
+        # The band must differ from the image: the image just above is not equally flat.
+        above = levels[max(0, y - (h - y)) : y]
+        if above.size and _flatness(above) >= 0.95 and _flatness(band) < 0.95:
+            continue
+        return int(h - y)
+    return 0
+
+
+def fei_infobar_rows(metadata: dict, height: int) -> int | None:
+    """FEI/Thermo files state the scanned frame height ([Image] ResolutionY); the rest is the bar."""
+    image = metadata.get("Image") if isinstance(metadata, dict) else None
+    try:
+        frame = int(image["ResolutionY"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        return None
+    if 0 < frame < height and height - frame <= MAX_BAR_FRACTION * height:
+        return height - frame
+    return None

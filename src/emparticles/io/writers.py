@@ -1,0 +1,150 @@
+"""Writing results. Every file is written to a temporary name and renamed into place, so an
+interrupted run never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path next to ``path``; on success it replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write(path: Path, writer: Callable[[Path], None]) -> Path:
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    return _write(path, lambda p: df.to_csv(p, index=False))
+
+
+def write_json(data, path: Path) -> Path:
+    text = json.dumps(data, indent=2, default=_json_default)
+    return _write(path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def write_label_png(labels: np.ndarray, path: Path) -> Path:
+    """16-bit PNG instance labels (0 = background). More than 65535 particles cannot be stored."""
+    from PIL import Image
+
+    n = int(labels.max()) if labels.size else 0
+    if n > 65535:
+        raise InputError(path, f"{n} particles do not fit a 16-bit PNG", "write TIFF labels instead")
+    arr = np.ascontiguousarray(labels.astype(np.uint16))
+    return _write(path, lambda p: Image.fromarray(arr).save(p, format="PNG"))
+
+
+def write_label_tiff(labels: np.ndarray, path: Path, pixel_size_nm: float | None) -> Path:
+    """ImageJ-compatible label TIFF; with a pixel size, calibrated in nm so Fiji shows nm."""
+    import tifffile
+
+    n = int(labels.max()) if labels.size else 0
+    arr = labels.astype(np.uint16) if n <= 65535 else labels.astype(np.float32)
+    kwargs: dict = {"imagej": True, "compression": "zlib", "metadata": {"unit": "pixel"}}
+    if pixel_size_nm:
+        kwargs["resolution"] = (1.0 / pixel_size_nm, 1.0 / pixel_size_nm)
+        kwargs["metadata"] = {"unit": "nm"}
+    if kwargs["compression"] and arr.dtype == np.float32:
+        kwargs.pop("compression")
+    return _write(path, lambda p: tifffile.imwrite(p, arr, **kwargs))
+
+
+def read_labels(path: str | Path) -> tuple[np.ndarray, float | None]:
+    """Read a label image (16-bit PNG or TIFF) and its pixel size if the file carries one.
+
+    Returns (labels (H, W) int32, pixel_size_nm or None).
+    """
+    from .images import read_micrograph
+
+    path = Path(path)
+    mg = read_micrograph(path)
+    arr = mg.pixels
+    if arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
+        raise InputError(path, "is not a label image (it has fractional values)", "pass integer instance labels (0 = background)")
+    if (mg.notes and any("colour" in n for n in mg.notes)) or arr.min() < 0:
+        raise InputError(path, "is not a label image (colour or negative values)", "pass a 16-bit greyscale instance label image")
+    return arr.astype(np.int32), mg.pixel_size_nm
+
+
+def write_overlay(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    path: Path,
+    measured: set[int] | None = None,
+    infobar_rows: int = 0,
+    draw_ids: bool = True,
+) -> Path:
+    """PNG of the image with particle outlines and ids.
+
+    Outlines of measured particles are cyan, of excluded ones (edge, too small) orange; the info
+    bar is shaded red.
+    """
+    from PIL import Image, ImageDraw
+    from skimage.segmentation import find_boundaries
+
+    from ..preprocess import normalise
+
+    grey = (normalise(pixels) * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if infobar_rows:
+        bar = rgb[-infobar_rows:].astype(np.float32)
+        bar[..., 0] = 0.6 * bar[..., 0] + 0.4 * 255
+        rgb[-infobar_rows:] = bar.astype(np.uint8)
+    edges = find_boundaries(labels, mode="inner")
+    if measured is not None:
+        ok = np.isin(labels, np.fromiter(measured, dtype=np.int64, count=len(measured)))
+        rgb[edges & ok] = (0, 255, 255)
+        rgb[edges & ~ok] = (255, 140, 0)
+    else:
+        rgb[edges] = (0, 255, 255)
+    image = Image.fromarray(rgb)
+    n = int(labels.max()) if labels.size else 0
+    if draw_ids and 0 < n <= 3000:
+        draw = ImageDraw.Draw(image)
+        ids = np.arange(1, n + 1)
+        counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        ys, xs = np.indices(labels.shape)
+        cy = np.bincount(labels.ravel(), weights=ys.ravel(), minlength=n + 1)[1:] / np.maximum(counts, 1)
+        cx = np.bincount(labels.ravel(), weights=xs.ravel(), minlength=n + 1)[1:] / np.maximum(counts, 1)
+        for i, x, y, c in zip(ids, cx, cy, counts):
+            if c:
+                draw.text((float(x) - 3, float(y) - 5), str(i), fill=(255, 255, 0))
+    return _write(path, lambda p: image.save(p, format="PNG"))

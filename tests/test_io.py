@@ -1,0 +1,140 @@
+"""Reading images and their calibration, including every bad input a user can hand us."""
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from emparticles.errors import InputError
+from emparticles.io import read_labels, read_micrograph, write_label_png, write_label_tiff
+from emparticles.io.metadata import parse_sidecar, zeiss_pixel_size
+
+from .conftest import VENDOR, need
+
+VENDOR_PIXEL_SIZES = [  # file, nm per pixel (RosettaSciIO's values), source
+    ("test_tiff_Zeiss_SEM_512pix.tif", 11.649976, "tiff:CZ_SEM"),
+    ("test_tiff_Zeiss_SEM_1k.tif", 2614.514, "tiff:CZ_SEM"),
+    ("ZEISS_SEM_multipage.tif", 12.326225, "tiff:CZ_SEM"),
+    ("FEI-Helios-Ebeam-8bits.tif", 3372.4, "tiff:FEI"),
+    ("FEI-Helios-Ebeam-16bits.tif", 3372.4, "tiff:FEI"),
+    ("FEI-Helios-navcam.tif", 263974.3, "tiff:FEI"),
+    ("JEOL-SightX-TEM-mag-dummy.tif", 1.8207885, "tiff:JEOL-SightX"),
+    ("test_STEM_image.dm3", 0.24853802, "dm:calibration"),
+    ("test_dm_image_um_unit.dm3", 168.67469, "dm:calibration"),
+    ("test_loading_image_saved_with_DM.tif", 168.67469, "tiff:DigitalMicrograph"),
+    ("test_loading_image_saved_with_imageJ.tif", 168.67471, "tiff:ImageJ"),
+]
+
+
+@pytest.mark.parametrize("name, nm, source", VENDOR_PIXEL_SIZES)
+def test_vendor_pixel_sizes(name, nm, source):
+    mg = read_micrograph(need(VENDOR / name))
+    assert mg.pixel_size_nm == pytest.approx(nm, rel=1e-4)
+    assert mg.pixel_size_source == source
+    assert mg.pixels.ndim == 2
+
+
+@pytest.mark.parametrize("name", ["FEI-Helios-navcam-with-no-IRBeam.tif", "FEI-Helios-navcam-with-no-IRBeam-bad-floats.tif",
+                                  "test_loading_image_saved_with_imageJ_no_scale.tif"])
+def test_no_calibration_is_never_invented(name):
+    mg = read_micrograph(need(VENDOR / name))
+    assert mg.pixel_size_nm is None and mg.pixel_size_source == ""
+
+
+def test_user_pixel_size_wins_and_the_file_value_is_kept():
+    mg = read_micrograph(need(VENDOR / "test_tiff_Zeiss_SEM_1k.tif"), pixel_size_nm=5.0)
+    assert mg.pixel_size_nm == 5.0 and mg.pixel_size_source == "user"
+    assert mg.metadata["file_pixel_size_nm"] == pytest.approx(2614.514)
+
+
+def test_multipage_reads_first_page_with_a_note():
+    mg = read_micrograph(need(VENDOR / "ZEISS_SEM_multipage.tif"))
+    assert mg.shape == (1536, 2048)
+    assert any("multi-page" in n for n in mg.notes)
+
+
+def test_zeiss_text_keys_in_every_unit_spelling():
+    for unit, factor in [("pm", 1e-3), ("nm", 1.0), ("µm", 1e3), ("μm", 1e3), ("um", 1e3)]:
+        ps = zeiss_pixel_size({"ap_image_pixel_size": ("Image Pixel Size", 2.5, unit)}, 1024)
+        assert ps.nm == pytest.approx(2.5 * factor)
+    # older files only carry the display value, which refers to a 1024-wide frame
+    ps = zeiss_pixel_size({"ap_pixel_size": ("Pixel Size", 10.0, "nm")}, 2048)
+    assert ps.nm == pytest.approx(5.0)
+    assert zeiss_pixel_size("AP_X\r\nImage Pixel Size = 4.2 nm\r\n", 1024).nm == pytest.approx(4.2)
+
+
+def test_sidecars(tmp_path):
+    img = tmp_path / "hitachi.tif"
+    tifffile.imwrite(img, np.zeros((64, 64), np.uint8) + 100)
+    (tmp_path / "hitachi.txt").write_text("[SemImageFile]\nInstructName=S-4800\nDataSize=1280x960\nPixelSize=7.9375\n")
+    mg = read_micrograph(img)
+    assert mg.pixel_size_nm == pytest.approx(7.9375) and mg.pixel_size_source == "sidecar:Hitachi"
+    jeol = "$CM_FORMAT JEOL/SEM\n$CM_FULL_SIZE 1280 960\n$$SM_MICRON_BAR 160\n$$SM_MICRON_MARKER 1um\n"
+    assert parse_sidecar(jeol, 1280).nm == pytest.approx(6.25)
+    assert parse_sidecar(jeol, 640).nm == pytest.approx(12.5)  # image saved at half size
+    assert parse_sidecar("nothing useful", 100) is None
+
+
+def test_formats_and_grey_conversion(tmp_path):
+    grey = (np.arange(64 * 80) % 251).reshape(64, 80).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "rgb_grey.png")
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "q.jpg", quality=100)
+    colour = np.stack([grey, grey // 2, 255 - grey], -1)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    tifffile.imwrite(tmp_path / "b16.tif", grey.astype(np.uint16) * 257)
+    ramp = (255 - np.arange(256, dtype=np.uint16)) * 257  # inverted grey palette, 16-bit entries
+    tifffile.imwrite(tmp_path / "palette.tif", 255 - grey, photometric="palette", colormap=np.stack([ramp] * 3))
+    assert np.array_equal(read_micrograph(tmp_path / "a.png").pixels, grey)
+    assert np.array_equal(read_micrograph(tmp_path / "rgb_grey.png").pixels, grey)
+    assert read_micrograph(tmp_path / "q.jpg").pixels.ndim == 2
+    c = read_micrograph(tmp_path / "colour.png")
+    assert c.pixels.ndim == 2 and any("colour" in n for n in c.notes)
+    b = read_micrograph(tmp_path / "b16.tif")
+    assert b.pixels.dtype == np.uint16 and b.pixels.max() == 250 * 257
+    assert np.array_equal(read_micrograph(tmp_path / "palette.tif").pixels, grey)
+
+
+def test_float_images_are_read_but_not_nan(tmp_path):
+    a = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    tifffile.imwrite(tmp_path / "f.tif", a)
+    assert read_micrograph(tmp_path / "f.tif").pixels.dtype == np.float32
+    a[3, 3] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", a)
+    with pytest.raises(InputError, match="NaN") as err:
+        read_micrograph(tmp_path / "nan.tif")
+    assert "nan.tif" in str(err.value)
+
+
+def _bad_files(tmp_path):
+    (tmp_path / "empty.tif").write_bytes(b"")
+    tifffile.imwrite(tmp_path / "full.tif", np.zeros((256, 256), np.uint8))
+    data = (tmp_path / "full.tif").read_bytes()
+    (tmp_path / "truncated.tif").write_bytes(data[: len(data) // 3])
+    (tmp_path / "text.tif").write_text("this is not an image\n")
+    (tmp_path / "text.png").write_text("neither is this\n")
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(tmp_path / "tiny.png")
+    return {"empty.tif": "empty", "truncated.tif": "not a readable", "text.tif": "not a readable",
+            "text.png": "not an image", "tiny.png": "too small", "missing.tif": "not found"}
+
+
+def test_bad_inputs_name_the_file_and_the_fix(tmp_path):
+    for name, phrase in _bad_files(tmp_path).items():
+        with pytest.raises(InputError) as err:
+            read_micrograph(tmp_path / name)
+        message = str(err.value)
+        assert name in message and phrase in message and "Fix:" in message, message
+
+
+def test_label_files_round_trip(tmp_path):
+    labels = np.zeros((40, 50), np.int32)
+    labels[5:10, 5:15] = 1
+    labels[20:30, 30:45] = 300
+    write_label_png(labels, tmp_path / "l.png")
+    back, ps = read_labels(tmp_path / "l.png")
+    assert np.array_equal(back, labels) and ps is None
+    write_label_tiff(labels, tmp_path / "l.tif", 2.5)
+    back, ps = read_labels(tmp_path / "l.tif")
+    assert np.array_equal(back, labels) and ps == pytest.approx(2.5)
+    with tifffile.TiffFile(tmp_path / "l.tif") as tif:  # what Fiji reads
+        assert tif.imagej_metadata["unit"] == "nm"
