@@ -1,0 +1,238 @@
+"""The ``emparticles`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import EmparticlesError, InputError
+from .units import parse_length_nm
+
+app = typer.Typer(
+    help=(
+        "Particle size and shape distributions from SEM/TEM micrographs.\n\n"
+        "Start with:  emparticles analyze IMAGES... -o results/\n\n"
+        "Pixel sizes are read from the microscope's metadata (Zeiss, FEI/Thermo, JEOL, Hitachi, "
+        "Gatan, ImageJ); when none is found, lengths stay in pixels and every output says so."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+PixelSizeOpt = Annotated[
+    str | None,
+    typer.Option("--pixel-size", help="Pixel size with unit, overriding the file's metadata: 2.5nm, 25A, 0.3um, 300pm."),
+]
+ModelOpt = Annotated[str, typer.Option("--model", help="Model name (see 'emparticles models') or a model folder.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (trained models only).")]
+
+
+def _pixel_size(text: str | None) -> float | None:
+    return None if text is None else parse_length_nm(text)
+
+
+def _fail(exc: EmparticlesError) -> None:
+    err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True)
+
+
+@app.command()
+def analyze(
+    paths: Annotated[list[str], typer.Argument(help="Images, folders of images, or glob patterns.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    pixel_size: PixelSizeOpt = None,
+    model: ModelOpt = "classical",
+    device: DeviceOpt = "auto",
+    keep_edge_particles: Annotated[bool, typer.Option("--keep-edge-particles", help="Keep particles cut by the image border or the info bar (excluded by default: their size is unknown).")] = False,
+    min_area: Annotated[str, typer.Option("--min-area", help="Drop particles smaller than this: pixels (20) or an area (100nm2).")] = "0",
+    crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar (no detection).")] = None,
+    no_infobar: Annotated[bool, typer.Option("--no-infobar", help="The images have no info bar: analyse every row.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already finished in OUTPUT.")] = False,
+) -> None:
+    """Segment and measure particles; write particles.csv, images.csv, labels/, overlays/ and run.json."""
+    from .models.registry import load_model
+    from .pipeline import (
+        AnalysisSettings,
+        AnalyzeRun,
+        analyse_path,
+        error_message,
+        find_images,
+        unique_stems,
+    )
+    from .units import parse_area_px
+
+    try:
+        ps = _pixel_size(pixel_size)
+        parse_area_px(min_area, ps if ps is not None else 1.0)  # validate the syntax early
+        settings = AnalysisSettings(model=model, pixel_size_nm=ps, crop_bottom=crop_bottom,
+                                    detect_infobar=not no_infobar, keep_edge_particles=keep_edge_particles,
+                                    min_area=min_area, device=device)
+        segmenter = load_model(model, device)
+        run = AnalyzeRun(output, settings, overwrite=overwrite)
+    except EmparticlesError as exc:
+        _fail(exc)
+    files, problems = find_images(paths)
+    for item, message in problems:
+        err.print(f"[red]error:[/red] {item}: {message}", highlight=False, soft_wrap=True)
+        run.report.statuses[f"input:{item}"] = {"path": item, "status": "failed", "message": message, "warnings": []}
+    names = unique_stems(files)
+    with _progress() as progress:
+        task = progress.add_task("analysing", total=len(files))
+        for path, name in zip(files, names):
+            progress.update(task, description=f"analysing {path.name}")
+            if run.is_done(name):
+                run.record_done(name, path)
+            else:
+                try:
+                    result = analyse_path(path, segmenter, settings)
+                    run.save_image(name, result)
+                    for w in result.warnings:
+                        err.print(f"[yellow]warning:[/yellow] {path}: {w}", highlight=False, soft_wrap=True)
+                except Exception as exc:  # noqa: BLE001 - one bad file never stops a batch
+                    message = error_message(exc)
+                    err.print(f"[red]error:[/red] {message if isinstance(exc, InputError) else f'{path}: {message}'}",
+                              highlight=False, soft_wrap=True)
+                    run.save_failure(name, path, message)
+            run.combine()
+            progress.advance(task)
+    run.combine()
+    failed = run.report.failed
+    ok = len(run.report.statuses) - len(failed)
+    out.print(f"{ok} image(s) analysed, {len(failed)} failed or without particles -> {output}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def segment(
+    paths: Annotated[list[str], typer.Argument(help="Images, folders of images, or glob patterns.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder for <stem>.png label images.")],
+    model: ModelOpt = "classical",
+    device: DeviceOpt = "auto",
+    crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar.")] = None,
+    no_infobar: Annotated[bool, typer.Option("--no-infobar", help="Do not look for an info bar.")] = False,
+) -> None:
+    """Write 16-bit instance labels (<stem>.png, full input size, 0 = background) and scores (<stem>.json)."""
+    from .io.images import read_micrograph
+    from .io.writers import write_json, write_label_png
+    from .models.registry import load_model
+    from .pipeline import (
+        error_message,
+        find_images,
+        locate_infobar,
+        segment_micrograph,
+        unique_stems,
+    )
+
+    try:
+        segmenter = load_model(model, device)
+        output.mkdir(parents=True, exist_ok=True)
+    except EmparticlesError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(InputError(output, f"output folder cannot be created ({exc.strerror})", "choose another -o folder"))
+    files, problems = find_images(paths)
+    failures = len(problems)
+    for item, message in problems:
+        err.print(f"[red]error:[/red] {item}: {message}", highlight=False, soft_wrap=True)
+    with _progress() as progress:
+        task = progress.add_task("segmenting", total=len(files))
+        for path, name in zip(files, unique_stems(files)):
+            try:
+                mg = locate_infobar(read_micrograph(path), crop_bottom, not no_infobar)
+                instances, full = segment_micrograph(mg, segmenter)
+                write_label_png(full, output / f"{name}.png")
+                write_json({"image": str(path), "model": segmenter.model_id, "infobar_rows": mg.infobar_rows,
+                            "pixel_size_nm": mg.pixel_size_nm, "pixel_size_source": mg.pixel_size_source,
+                            "scores": {str(i + 1): float(s) for i, s in enumerate(instances.scores)}},
+                           output / f"{name}.json")
+                if instances.count == 0:
+                    failures += 1
+                    err.print(f"[yellow]warning:[/yellow] {path}: no particles found", highlight=False, soft_wrap=True)
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                message = error_message(exc)
+                err.print(f"[red]error:[/red] {message if isinstance(exc, InputError) else f'{path}: {message}'}",
+                          highlight=False, soft_wrap=True)
+            progress.advance(task)
+    out.print(f"{len(files) + len(problems) - failures} image(s) segmented, {failures} failed or empty -> {output}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def measure(
+    labels: Annotated[list[Path], typer.Argument(help="Label images (16-bit PNG/TIFF, 0 = background).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="CSV file to write.")],
+    image: Annotated[Path | None, typer.Option("--image", help="The micrograph (for grey values and its pixel size); one label file only.")] = None,
+    pixel_size: PixelSizeOpt = None,
+) -> None:
+    """Measure label images made elsewhere (ImageJ definitions); one row per particle."""
+    import pandas as pd
+
+    from .io.images import read_micrograph
+    from .io.writers import read_labels, write_csv
+    from .measure import measure_labels
+    from .pipeline import error_message
+
+    try:
+        ps_user = _pixel_size(pixel_size)
+        if image is not None and len(labels) != 1:
+            raise InputError(image, "--image goes with exactly one label file", "measure the files one at a time")
+        grey_mg = read_micrograph(image) if image is not None else None
+    except EmparticlesError as exc:
+        _fail(exc)
+    tables, failures = [], 0
+    for path in labels:
+        try:
+            lab, ps_file = read_labels(path)
+            grey = None
+            ps = ps_user if ps_user is not None else ps_file
+            if grey_mg is not None:
+                if grey_mg.shape != lab.shape:
+                    raise InputError(path, f"labels are {lab.shape[1]}x{lab.shape[0]} but --image is {grey_mg.shape[1]}x{grey_mg.shape[0]}", "pass the image the labels were drawn on")
+                grey = grey_mg.pixels
+                ps = ps if ps is not None else grey_mg.pixel_size_nm
+            df = measure_labels(lab, grey, ps, image_name=path.stem)
+            if ps is None:
+                err.print(f"[yellow]warning:[/yellow] {path}: pixel size unknown, lengths in pixels (give --pixel-size)", highlight=False, soft_wrap=True)
+            if len(df) == 0:
+                err.print(f"[yellow]warning:[/yellow] {path}: no labelled particles", highlight=False, soft_wrap=True)
+            tables.append(df)
+        except Exception as exc:  # noqa: BLE001
+            failures += 1
+            err.print(f"[red]error:[/red] {error_message(exc)}", highlight=False, soft_wrap=True)
+    if tables:
+        try:
+            write_csv(pd.concat(tables, ignore_index=True), output)
+        except OSError as exc:
+            _fail(InputError(output, f"cannot be written ({exc.strerror})", "choose another -o path"))
+        out.print(f"{sum(len(t) for t in tables)} particle(s) from {len(tables)} file(s) -> {output}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models() -> None:
+    """List the segmentation models that can be given to --model."""
+    from .models.registry import DEFAULT_MODEL, available_models
+
+    for name, desc in available_models().items():
+        mark = " (default)" if name == DEFAULT_MODEL else ""
+        out.print(f"{name}{mark}: {desc}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,58 @@
+"""Model registry: a plain dict of names to builders behind one factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InputError
+from ..instances import Instances
+from ..types import ProbabilityMap
+from .classical import ClassicalSegmenter
+
+
+class Segmenter(Protocol):
+    """What every segmentation model offers the pipeline."""
+
+    model_id: str
+
+    def predict(self, pixels: np.ndarray) -> ProbabilityMap:
+        """(H, W) grey image -> class probabilities (C, H, W)."""
+
+    def instances(self, prob: ProbabilityMap) -> Instances:
+        """Probabilities -> particle instances with scores."""
+
+    def segment(self, pixels: np.ndarray) -> tuple[Instances, ProbabilityMap]:
+        """Both steps at once."""
+
+
+#: name -> (builder taking a device string, one-line description)
+MODELS: dict[str, tuple[Callable[[str], Segmenter], str]] = {
+    "classical": (lambda device: ClassicalSegmenter(), "Otsu threshold + distance watershed; no training, CPU"),
+}
+
+DEFAULT_MODEL = "classical"
+
+
+def available_models() -> dict[str, str]:
+    """Registered model names and their descriptions."""
+    return {name: desc for name, (_, desc) in MODELS.items()}
+
+
+def load_model(name_or_path: str | None = None, device: str = "auto") -> Segmenter:
+    """Build a registered model by name, or load a model folder from a path.
+
+    Raises
+    ------
+    InputError : unknown name (the message lists the valid ones) or unusable folder.
+    """
+    name = name_or_path or DEFAULT_MODEL
+    if name in MODELS:
+        return MODELS[name][0](device)
+    path = Path(name)
+    if path.exists():
+        raise InputError(path, "is not a model folder this version can load", "pass a registered model name; see 'emparticles models'")
+    raise InputError(None, f"unknown model '{name}'", f"choose one of: {', '.join(MODELS)}, or a model folder path")

@@ -1,0 +1,362 @@
+"""The road of one image and of a batch: read -> info bar -> segment -> measure -> write.
+
+Only this module, :mod:`emparticles.io` and the CLI touch the disk.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .errors import EmparticlesError, InputError
+from .instances import Instances
+from .io import images as io_images
+from .io.infobar import detect_infobar
+from .io.writers import write_csv, write_json, write_label_tiff, write_overlay
+from .measure import empty_particle_table, measure_labels
+from .models.registry import Segmenter
+from .types import Micrograph
+from .units import parse_area_px
+
+
+@dataclass
+class AnalysisSettings:
+    """Everything that decides an ``analyze`` result; saved in ``run.json``.
+
+    Attributes
+    ----------
+    model : registered model name or model folder.
+    pixel_size_nm : user-given nm per pixel (overrides file metadata), or None.
+    crop_bottom : force this many info-bar rows (None = detect).
+    detect_infobar : look for a data bar when ``crop_bottom`` is None.
+    keep_edge_particles : keep particles touching the field's border in the table and statistics.
+    min_area : smallest particle kept: pixels (``"20"``) or an area (``"100nm2"``).
+    device : ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    model: str = "classical"
+    pixel_size_nm: float | None = None
+    crop_bottom: int | None = None
+    detect_infobar: bool = True
+    keep_edge_particles: bool = False
+    min_area: str = "0"
+    device: str = "auto"
+
+    def fingerprint(self) -> str:
+        """Short hash of the settings; a finished image is reused only if this matches."""
+        blob = json.dumps({**asdict(self), "version": __version__}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ImageResult:
+    """What one analysed image produced."""
+
+    micrograph: Micrograph
+    instances: Instances
+    full_labels: np.ndarray  # (H, W) int32 at the input's full size, 0 in the info bar
+    particles: pd.DataFrame  # the rows kept for statistics
+    summary: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- single image
+def locate_infobar(mg: Micrograph, crop_bottom: int | None = None, detect: bool = True) -> Micrograph:
+    """Decide how many bottom rows are the microscope's data bar."""
+    h = mg.shape[0]
+    if crop_bottom is not None:
+        if not 0 <= crop_bottom < h - io_images.MIN_SIDE_PX:
+            raise InputError(mg.path, f"--crop-bottom {crop_bottom} leaves no image ({h} rows)", f"give 0..{h - io_images.MIN_SIDE_PX - 1}")
+        return mg.with_(infobar_rows=int(crop_bottom), infobar_source="user")
+    if not detect:
+        return mg.with_(infobar_rows=0, infobar_source="disabled")
+    rows = mg.metadata.get("infobar_rows_from_metadata")
+    if rows:
+        return mg.with_(infobar_rows=int(rows), infobar_source=mg.metadata.get("infobar_metadata_source", "metadata"))
+    rows = detect_infobar(mg.pixels)
+    return mg.with_(infobar_rows=rows, infobar_source="detected" if rows else "none found")
+
+
+def segment_micrograph(mg: Micrograph, model: Segmenter) -> tuple[Instances, np.ndarray]:
+    """Segment the analysed field (info bar excluded).
+
+    Returns the instances of the field and the (H, W) label image at the full input size, with 0
+    in the info bar.
+    """
+    field_pixels = mg.analysed_pixels
+    if float(field_pixels.min()) == float(field_pixels.max()):
+        raise InputError(
+            mg.path,
+            f"image is uniform (every pixel = {field_pixels.flat[0]}), nothing to segment",
+            "check the exposure/detector settings or the export",
+        )
+    instances, _ = model.segment(field_pixels)
+    full = np.zeros(mg.shape, np.int32)
+    full[: field_pixels.shape[0]] = instances.labels
+    return instances, full
+
+
+def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSettings) -> ImageResult:
+    """Segment and measure one prepared micrograph (info bar already located)."""
+    warnings: list[str] = list(mg.notes)
+    instances, full = segment_micrograph(mg, model)
+    table = measure_labels(instances.labels, mg.analysed_pixels, mg.pixel_size_nm, image_name=mg.stem)
+    if len(table):
+        table.insert(2, "score", instances.scores[table["label"].to_numpy() - 1].astype(float))
+    detected = len(table)
+    min_area_px = parse_area_px(settings.min_area, mg.pixel_size_nm)
+    small = table["area_px"] < min_area_px if len(table) else pd.Series(dtype=bool)
+    edge = table["touches_edge"].astype(bool) if len(table) else pd.Series(dtype=bool)
+    keep = ~small if len(table) else small
+    if not settings.keep_edge_particles and len(table):
+        keep &= ~edge
+    kept = table[keep].reset_index(drop=True) if len(table) else table
+    if mg.pixel_size_nm is None:
+        warnings.append("pixel size unknown: all lengths are in pixels (give --pixel-size, e.g. 2.5nm)")
+    if detected == 0:
+        warnings.append("no particles found")
+    elif len(kept) == 0:
+        warnings.append("every particle found was excluded (touching the edge or below --min-area)")
+    field_area = mg.analysed_pixels.size
+    summary = image_summary(mg, kept, detected=detected, n_edge=int(edge.sum()) if len(table) else 0,
+                            n_small=int(small.sum()) if len(table) else 0,
+                            coverage=float((instances.labels > 0).sum()) / field_area)
+    return ImageResult(mg, instances, full, kept if len(kept) else _empty_like(mg), summary, warnings)
+
+
+def _empty_like(mg: Micrograph) -> pd.DataFrame:
+    return empty_particle_table(mg.pixel_size_nm is not None)
+
+
+def image_summary(mg: Micrograph, particles: pd.DataFrame, detected: int, n_edge: int, n_small: int,
+                  coverage: float) -> dict:
+    """One row of ``images.csv``."""
+    ecd_px = particles["ecd_px"].to_numpy(float) if len(particles) else np.zeros(0)
+    d = np.percentile(ecd_px, (10, 50, 90)) if ecd_px.size else (np.nan, np.nan, np.nan)
+    ps = mg.pixel_size_nm
+    row = {
+        "image": mg.stem,
+        "path": str(mg.path) if mg.path else "",
+        "width_px": mg.shape[1],
+        "height_px": mg.shape[0],
+        "pixel_size_nm": ps if ps is not None else np.nan,
+        "pixel_size_source": mg.pixel_size_source or "unknown",
+        "length_unit": "nm" if ps is not None else "px",
+        "infobar_rows": mg.infobar_rows,
+        "infobar_source": mg.infobar_source,
+        "particles_detected": detected,
+        "particles_measured": len(particles),
+        "edge_particles": n_edge,
+        "below_min_area": n_small,
+        "coverage": coverage,
+        "ecd_d10_px": d[0], "ecd_d50_px": d[1], "ecd_d90_px": d[2],
+        "ecd_d10_nm": d[0] * ps if ps else np.nan,
+        "ecd_d50_nm": d[1] * ps if ps else np.nan,
+        "ecd_d90_nm": d[2] * ps if ps else np.nan,
+    }
+    return row
+
+
+# ----------------------------------------------------------------------------------- batches
+def find_images(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files, folders (their images, not recursive) and glob patterns.
+
+    Returns (image paths in order, without duplicates; problems as (input, message) pairs).
+    """
+    paths: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            try:
+                found = sorted(c for c in p.iterdir() if c.suffix.lower() in io_images.IMAGE_SUFFIXES and c.is_file())
+            except PermissionError:
+                problems.append((item, "folder cannot be read (permission denied). Fix: check its permissions"))
+                continue
+            except OSError as exc:
+                problems.append((item, f"folder cannot be read ({exc.strerror}). Fix: check the path"))
+                continue
+            if not found:
+                problems.append((item, f"folder holds no images ({', '.join(sorted(io_images.IMAGE_SUFFIXES))}). Fix: check the folder"))
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item) if Path(m).is_file())
+            if not matches:
+                problems.append((item, "pattern matches no file. Fix: check the pattern"))
+            paths.extend(matches)
+        else:
+            problems.append((item, "file not found. Fix: check the path"))
+    unique: list[Path] = []
+    seen: set[Path] = set()
+    for p in paths:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique, problems
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output names per image: the file stem, with ``-2``, ``-3``... when two stems clash."""
+    counts: dict[str, int] = {}
+    names = []
+    for p in paths:
+        stem = p.stem
+        counts[stem] = counts.get(stem, 0) + 1
+        names.append(stem if counts[stem] == 1 else f"{stem}-{counts[stem]}")
+    return names
+
+
+def software_versions() -> dict[str, str]:
+    import scipy
+    import skimage
+    import tifffile
+
+    versions = {"emparticles": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                "scipy": scipy.__version__, "scikit-image": skimage.__version__, "tifffile": tifffile.__version__,
+                "pandas": pd.__version__}
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return versions
+
+
+@dataclass
+class BatchReport:
+    """Outcome of a batch: per-image status and counts."""
+
+    statuses: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[str]:
+        return [k for k, v in self.statuses.items() if v["status"] != "ok"]
+
+
+_INTEGER_IMAGE_COLUMNS = ("width_px", "height_px", "infobar_rows", "particles_detected", "particles_measured",
+                          "edge_particles", "below_min_area")
+
+
+class AnalyzeRun:
+    """An ``analyze`` output folder: per-image parts under ``.parts/`` plus the combined tables.
+
+    Each image's results are written (atomically) as soon as it is done, and the combined
+    ``particles.csv``/``images.csv``/``run.json`` are rewritten after every image, so an
+    interrupted batch keeps everything finished so far; a re-run skips finished images whose
+    settings fingerprint matches unless ``overwrite`` is set.
+    """
+
+    def __init__(self, out_dir: Path, settings: AnalysisSettings, overwrite: bool = False):
+        self.out = Path(out_dir)
+        self.settings = settings
+        self.overwrite = overwrite
+        self.parts = self.out / ".parts"
+        try:
+            for d in (self.out, self.parts, self.out / "labels", self.out / "overlays"):
+                d.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise InputError(self.out, f"output folder cannot be written ({exc.strerror})", "choose another -o folder or fix its permissions") from None
+        self.report = BatchReport()
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    def is_done(self, name: str) -> bool:
+        meta = self.parts / f"{name}.json"
+        if self.overwrite or not meta.exists():
+            return False
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return False
+        return info.get("fingerprint") == self.settings.fingerprint() and info.get("status") == "ok"
+
+    def record_done(self, name: str, path: Path) -> None:
+        info = json.loads((self.parts / f"{name}.json").read_text())
+        self.report.statuses[name] = {"path": str(path), "status": "ok", "message": "reused from an earlier run",
+                                      "warnings": info.get("warnings", [])}
+
+    def save_image(self, name: str, result: ImageResult) -> None:
+        mg = result.micrograph
+        particles = result.particles.copy()
+        particles["image"] = name
+        write_label_tiff(result.full_labels, self.out / "labels" / f"{name}.tif", mg.pixel_size_nm)
+        measured = {int(v) for v in particles["label"]} if len(particles) else set()
+        write_overlay(mg.pixels, result.full_labels, self.out / "overlays" / f"{name}.png", measured, mg.infobar_rows)
+        write_csv(particles, self.parts / f"{name}.particles.csv")
+        summary = {**result.summary, "image": name}
+        status = "ok" if result.summary["particles_measured"] > 0 else "no particles"
+        write_json({"fingerprint": self.settings.fingerprint(), "status": status, "summary": summary,
+                    "warnings": result.warnings}, self.parts / f"{name}.json")
+        self.report.statuses[name] = {"path": str(mg.path), "status": status,
+                                      "message": "; ".join(result.warnings), "warnings": result.warnings}
+
+    def save_failure(self, name: str, path: Path, message: str) -> None:
+        self.report.statuses[name] = {"path": str(path), "status": "failed", "message": message, "warnings": []}
+        write_json({"fingerprint": self.settings.fingerprint(), "status": "failed", "message": message,
+                    "summary": {"image": name, "path": str(path)}}, self.parts / f"{name}.json")
+
+    def combine(self) -> None:
+        """Rewrite particles.csv, images.csv and run.json from the parts of this run's images."""
+        tables, rows = [], []
+        for name in self.report.statuses:
+            meta_path = self.parts / f"{name}.json"
+            try:
+                info = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue
+            row = dict(info.get("summary", {}))
+            row["status"] = info.get("status", "")
+            row["message"] = self.report.statuses[name].get("message", "")
+            rows.append(row)
+            part = self.parts / f"{name}.particles.csv"
+            if info.get("status") in ("ok", "no particles") and part.exists():
+                df = pd.read_csv(part)
+                if len(df):
+                    tables.append(df)
+        particles = pd.concat(tables, ignore_index=True) if tables else empty_particle_table(True)
+        write_csv(particles, self.out / "particles.csv")
+        images = pd.DataFrame(rows)
+        for col in _INTEGER_IMAGE_COLUMNS:
+            if col in images:
+                images[col] = images[col].astype("Int64")
+        write_csv(images, self.out / "images.csv")
+        write_json({
+            "command": "analyze",
+            "started": self.started,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "settings": asdict(self.settings),
+            "settings_fingerprint": self.settings.fingerprint(),
+            "edge_particles": "kept" if self.settings.keep_edge_particles else "excluded (touching the image border or the info bar)",
+            "versions": software_versions(),
+            "images": self.report.statuses,
+            "failed": len(self.report.failed),
+        }, self.out / "run.json")
+
+
+def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> ImageResult:
+    """Read, locate the info bar, segment and measure one file."""
+    mg = io_images.read_micrograph(path, settings.pixel_size_nm)
+    mg = locate_infobar(mg, settings.crop_bottom, settings.detect_infobar)
+    return analyse_micrograph(mg, model, settings)
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for the user: our own errors as they are, anything else with its type."""
+    if isinstance(exc, EmparticlesError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc}"

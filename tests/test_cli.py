@@ -1,0 +1,164 @@
+"""The command line end to end on small synthetic images, good and bad."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from emparticles.cli import app
+from emparticles.io import write_label_png
+
+from .conftest import GRID_CENTRES, disks_image
+from .test_infobar import sem_frame, zeiss_like
+from .test_io import _bad_files
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    img, truth = disks_image(GRID_CENTRES, radius=10, shape=(128, 176))
+    Image.fromarray(img).save(d / "grid.png")
+    # a calibrated ImageJ TIFF: 2 nm per pixel
+    tifffile.imwrite(d / "calibrated.tif", img, imagej=True, resolution=(0.5, 0.5), metadata={"unit": "nm"})
+    return d, truth
+
+
+def test_analyze_writes_every_output(images, tmp_path):
+    d, truth = images
+    out = tmp_path / "out"
+    r = run("analyze", d, "-o", out, "--keep-edge-particles")
+    assert r.exit_code == 0, r.output
+    imgs = pd.read_csv(out / "images.csv").set_index("image")
+    assert imgs.loc["grid", "particles_detected"] == 12
+    assert imgs.loc["grid", "length_unit"] == "px" and imgs.loc["grid", "pixel_size_source"] == "unknown"
+    assert imgs.loc["calibrated", "pixel_size_nm"] == pytest.approx(2.0)
+    assert imgs.loc["calibrated", "pixel_size_source"] == "tiff:ImageJ"
+    parts = pd.read_csv(out / "particles.csv")
+    cal = parts[parts.image == "calibrated"]
+    assert len(cal) == 12
+    assert np.allclose(cal.ecd_nm, 2.0 * cal.ecd_px)
+    assert cal.area_px.median() == pytest.approx((truth == 1).sum(), rel=0.1)
+    labels = tifffile.imread(out / "labels" / "calibrated.tif")
+    assert labels.shape == (128, 176) and labels.max() == 12
+    assert (out / "overlays" / "grid.png").exists()
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"]["keep_edge_particles"] is True and info["images"]["grid"]["status"] == "ok"
+    assert "pixel size unknown" in r.output  # said loudly
+
+
+def test_infobar_rows_hold_no_particle(tmp_path):
+    frame = sem_frame(seed=3)
+    img = zeiss_like(frame, 60)
+    tifffile.imwrite(tmp_path / "sem.tif", img)
+    out = tmp_path / "out"
+    r = run("analyze", tmp_path / "sem.tif", "-o", out, "--pixel-size", "3nm")
+    assert r.exit_code == 0, r.output
+    row = pd.read_csv(out / "images.csv").iloc[0]
+    assert row.infobar_rows == 60 and row.infobar_source == "detected" and row.pixel_size_source == "user"
+    labels = tifffile.imread(out / "labels" / "sem.tif")
+    assert labels.shape == img.shape and not labels[-60:].any()
+    parts = pd.read_csv(out / "particles.csv")
+    assert (parts.bbox_y1_px < img.shape[0] - 60).all()
+
+
+def test_bad_inputs_do_not_stop_the_batch(images, tmp_path):
+    d, _ = images
+    expected = _bad_files(d)
+    tifffile.imwrite(d / "black.tif", np.zeros((64, 64), np.uint8))
+    tifffile.imwrite(d / "nan.tif", np.full((64, 64), np.nan, np.float32))
+    out = tmp_path / "out"
+    r = run("analyze", d, d / "missing.tif", "-o", out)
+    assert r.exit_code == 1
+    for name in [n for n in expected if n != "missing.tif"] + ["black.tif", "nan.tif"]:
+        assert name in r.output, name
+    assert "missing.tif" in r.output and "Fix:" in r.output
+    imgs = pd.read_csv(out / "images.csv").set_index("image")
+    assert imgs.loc["grid", "status"] == "ok"
+    assert (imgs.drop(index=["grid", "calibrated"]).status == "failed").all()
+    assert len(pd.read_csv(out / "particles.csv")) > 0
+
+
+def test_rerun_skips_finished_images_unless_overwrite(images, tmp_path):
+    d, _ = images
+    out = tmp_path / "out"
+    assert run("analyze", d / "grid.png", "-o", out).exit_code == 0
+    stamp = (out / "labels" / "grid.tif").stat().st_mtime_ns
+    assert run("analyze", d / "grid.png", "-o", out).exit_code == 0
+    assert (out / "labels" / "grid.tif").stat().st_mtime_ns == stamp
+    assert "reused" in (out / "run.json").read_text()
+    assert run("analyze", d / "grid.png", "-o", out, "--overwrite").exit_code == 0
+    assert (out / "labels" / "grid.tif").stat().st_mtime_ns != stamp
+
+
+def test_image_without_particles_is_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.normal(128, 3, (96, 96)).clip(0, 255).astype(np.uint8)).save(tmp_path / "flat.png")
+    r = run("analyze", tmp_path / "flat.png", "-o", tmp_path / "out", "--min-area", "50")
+    assert r.exit_code == 1
+    assert "flat.png" in r.output
+
+
+def test_option_errors(images, tmp_path):
+    d, _ = images
+    r = run("analyze", d, "-o", tmp_path / "o", "--pixel-size", "2.5")
+    assert r.exit_code == 2 and "has no unit" in r.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run("analyze", d, "-o", blocker / "sub")
+    assert r.exit_code == 2 and "cannot be written" in r.output
+    r = run("analyze", d, "-o", tmp_path / "o", "--model", "nope")
+    assert r.exit_code == 2 and "unknown model" in r.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run("analyze", empty, "-o", tmp_path / "o2")
+    assert r.exit_code == 1 and "holds no images" in r.output
+
+
+def test_segment_then_measure_round_trip(images, tmp_path):
+    d, truth = images
+    seg = tmp_path / "seg"
+    r = run("segment", d / "grid.png", "-o", seg)
+    assert r.exit_code == 0, r.output
+    labels = np.array(Image.open(seg / "grid.png"))
+    assert labels.dtype == np.uint16 and labels.shape == truth.shape and labels.max() == 12
+    scores = json.loads((seg / "grid.json").read_text())["scores"]
+    assert len(scores) == 12
+    r = run("measure", seg / "grid.png", "-o", tmp_path / "p.csv", "--image", d / "grid.png", "--pixel-size", "0.5nm")
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert len(df) == 12 and np.allclose(df.area_nm2, 0.25 * df.area_px)
+    assert df.mean_grey.max() < 120  # dark disks
+
+
+def test_measure_hand_built_labels(tmp_path):
+    lab = np.zeros((50, 60), np.int32)
+    lab[10:20, 10:30] = 1
+    lab[30:40, 40:45] = 2
+    write_label_png(lab, tmp_path / "hand.png")
+    r = run("measure", tmp_path / "hand.png", "-o", tmp_path / "m.csv")
+    assert r.exit_code == 0
+    df = pd.read_csv(tmp_path / "m.csv")
+    assert df.area_px.tolist() == [200, 50]
+    assert df.feret_max_px.tolist() == pytest.approx([np.hypot(20, 10), np.hypot(5, 10)])
+    (tmp_path / "bad.png").write_text("no")
+    r = run("measure", tmp_path / "bad.png", tmp_path / "hand.png", "-o", tmp_path / "m2.csv")
+    assert r.exit_code == 1 and "bad.png" in r.output
+    assert len(pd.read_csv(tmp_path / "m2.csv")) == 2
+
+
+def test_models_and_help():
+    r = run("models")
+    assert r.exit_code == 0 and "classical" in r.output
+    r = run("analyze", "--help")
+    assert r.exit_code == 0 and "--pixel-size" in r.output

@@ -1,0 +1,64 @@
+"""Classical model, instances and matching on images whose particles are known."""
+
+import numpy as np
+import pytest
+
+from emparticles.errors import InputError
+from emparticles.evaluate import matching
+from emparticles.instances import distance_watershed
+from emparticles.models import available_models, load_model
+from emparticles.models.classical import ClassicalSegmenter
+from emparticles.types import relabel_consecutive
+
+from .conftest import GRID_CENTRES, disks_image
+
+
+@pytest.mark.parametrize("dark", [True, False])
+def test_classical_finds_every_disk_either_polarity(dark):
+    img, truth = disks_image(GRID_CENTRES, radius=10, shape=(128, 176), dark=dark)
+    instances, prob = ClassicalSegmenter().segment(img)
+    m = matching(truth, instances.labels, 0.5)
+    assert m.n_pred == 12 and m.tp == 12
+    assert m.mean_matched_iou > 0.85
+    assert prob.probabilities.shape == (2, 128, 176)
+    assert np.allclose(prob.probabilities.sum(0), 1.0)
+    assert instances.scores.shape == (12,) and (instances.scores > 0.5).all()
+
+
+def test_two_touching_disks_are_split():
+    fg = np.zeros((60, 90), bool)
+    yy, xx = np.mgrid[:60, :90]
+    fg |= (yy - 30) ** 2 + (xx - 30) ** 2 <= 14**2
+    fg |= (yy - 30) ** 2 + (xx - 56) ** 2 <= 14**2
+    labels = distance_watershed(fg)
+    assert labels.max() == 2
+    assert (labels[30, 30], labels[30, 56]) == (1, 2)
+
+
+def test_small_pieces_are_dropped():
+    fg = np.zeros((30, 30), bool)
+    fg[5:7, 5:7] = True  # 4 px
+    fg[15:25, 15:25] = True
+    assert distance_watershed(fg, min_size_px=9).max() == 1
+
+
+def test_registry_lists_names_and_rejects_unknown():
+    assert "classical" in available_models()
+    with pytest.raises(InputError, match="classical"):
+        load_model("no-such-model")
+
+
+def test_matching_perfect_and_partial():
+    _, truth = disks_image(GRID_CENTRES, radius=10, shape=(128, 176))
+    assert matching(truth, truth).f1 == 1.0
+    assert matching(truth, truth).panoptic_quality == 1.0
+    pred = truth.copy()
+    pred[pred == 3] = 0
+    m = matching(truth, pred)
+    assert (m.tp, m.fn, m.fp) == (11, 1, 0)
+    assert m.recall == pytest.approx(11 / 12)
+
+
+def test_relabel_consecutive_in_raster_order():
+    lab = np.array([[0, 9, 9], [5, 0, 2]])
+    assert relabel_consecutive(lab).tolist() == [[0, 1, 1], [2, 0, 3]]
