@@ -43,6 +43,20 @@ def _fail(exc: EmparticlesError) -> None:
     raise typer.Exit(2)
 
 
+def _report_error(path, exc: BaseException) -> str:
+    """Print one error line naming the file; return the message for the run's records."""
+    from .pipeline import error_message
+
+    message = error_message(exc)
+    text = message if isinstance(exc, InputError) else f"{path}: {message}"
+    err.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True)
+    return message
+
+
+def _warn(path, text: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {path}: {text}", highlight=False, soft_wrap=True)
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=True)
@@ -67,7 +81,6 @@ def analyze(
         AnalysisSettings,
         AnalyzeRun,
         analyse_path,
-        error_message,
         find_images,
         unique_stems,
     )
@@ -99,12 +112,9 @@ def analyze(
                     result = analyse_path(path, segmenter, settings)
                     run.save_image(name, result)
                     for w in result.warnings:
-                        err.print(f"[yellow]warning:[/yellow] {path}: {w}", highlight=False, soft_wrap=True)
+                        _warn(path, w)
                 except Exception as exc:  # noqa: BLE001 - one bad file never stops a batch
-                    message = error_message(exc)
-                    err.print(f"[red]error:[/red] {message if isinstance(exc, InputError) else f'{path}: {message}'}",
-                              highlight=False, soft_wrap=True)
-                    run.save_failure(name, path, message)
+                    run.save_failure(name, path, _report_error(path, exc))
             run.combine()
             progress.advance(task)
     run.combine()
@@ -129,7 +139,6 @@ def segment(
     from .io.writers import write_json, write_label_png
     from .models.registry import load_model
     from .pipeline import (
-        error_message,
         find_images,
         locate_infobar,
         segment_micrograph,
@@ -160,12 +169,10 @@ def segment(
                            output / f"{name}.json")
                 if instances.count == 0:
                     failures += 1
-                    err.print(f"[yellow]warning:[/yellow] {path}: no particles found", highlight=False, soft_wrap=True)
+                    _warn(path, "no particles found")
             except Exception as exc:  # noqa: BLE001
                 failures += 1
-                message = error_message(exc)
-                err.print(f"[red]error:[/red] {message if isinstance(exc, InputError) else f'{path}: {message}'}",
-                          highlight=False, soft_wrap=True)
+                _report_error(path, exc)
             progress.advance(task)
     out.print(f"{len(files) + len(problems) - failures} image(s) segmented, {failures} failed or empty -> {output}")
     if failures:
@@ -185,7 +192,6 @@ def measure(
     from .io.images import read_micrograph
     from .io.writers import read_labels, write_csv
     from .measure import measure_labels
-    from .pipeline import error_message
 
     try:
         ps_user = _pixel_size(pixel_size)
@@ -207,13 +213,13 @@ def measure(
                 ps = ps if ps is not None else grey_mg.pixel_size_nm
             df = measure_labels(lab, grey, ps, image_name=path.stem)
             if ps is None:
-                err.print(f"[yellow]warning:[/yellow] {path}: pixel size unknown, lengths in pixels (give --pixel-size)", highlight=False, soft_wrap=True)
+                _warn(path, "pixel size unknown, lengths in pixels (give --pixel-size)")
             if len(df) == 0:
-                err.print(f"[yellow]warning:[/yellow] {path}: no labelled particles", highlight=False, soft_wrap=True)
+                _warn(path, "no labelled particles")
             tables.append(df)
         except Exception as exc:  # noqa: BLE001
             failures += 1
-            err.print(f"[red]error:[/red] {error_message(exc)}", highlight=False, soft_wrap=True)
+            _report_error(path, exc)
     if tables:
         try:
             write_csv(pd.concat(tables, ignore_index=True), output)
