@@ -219,19 +219,15 @@ def unique_stems(paths: list[Path]) -> list[str]:
 
 
 def software_versions() -> dict[str, str]:
-    import scipy
-    import skimage
-    import tifffile
+    """Versions of the software that made a result (read from package metadata, no imports)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"emparticles": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                "scipy": scipy.__version__, "scikit-image": skimage.__version__, "tifffile": tifffile.__version__,
-                "pandas": pd.__version__}
-    try:
-        import torch
-
-        versions["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    versions = {"emparticles": __version__, "python": platform.python_version()}
+    for package in ("numpy", "scipy", "scikit-image", "tifffile", "pandas", "numba", "torch"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:  # pragma: no cover
+            pass
     return versions
 
 
