@@ -142,15 +142,12 @@ def measure_labels(
         raise ValueError("labels must not be negative")
     lab = np.ascontiguousarray(labels, dtype=np.int32)
     n_max = int(lab.max()) if lab.size else 0
-    if image is not None:
-        if image.shape != labels.shape:
-            raise ValueError(f"image shape {image.shape} differs from labels shape {labels.shape}")
-        grey = np.ascontiguousarray(image, dtype=np.float64)
-    else:
-        grey = np.zeros((1, 1)) if n_max == 0 else np.zeros(lab.shape)
+    if image is not None and image.shape != labels.shape:
+        raise ValueError(f"image shape {image.shape} differs from labels shape {labels.shape}")
     if n_max == 0:
         return empty_particle_table(pixel_size_nm is not None)
-    f = g.particle_geometry(lab, grey if grey.shape == lab.shape else np.zeros(lab.shape), n_max)
+    grey = np.zeros(lab.shape) if image is None else np.ascontiguousarray(image, dtype=np.float64)
+    f = g.particle_geometry(lab, grey, n_max)
     present = np.nonzero(f[:, g.AREA] > 0)[0]
     f = f[present]
     n = f[:, g.AREA]

@@ -114,27 +114,20 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
         table.insert(2, "score", instances.scores[table["label"].to_numpy() - 1].astype(float))
     detected = len(table)
     min_area_px = parse_area_px(settings.min_area, mg.pixel_size_nm)
-    small = table["area_px"] < min_area_px if len(table) else pd.Series(dtype=bool)
-    edge = table["touches_edge"].astype(bool) if len(table) else pd.Series(dtype=bool)
-    keep = ~small if len(table) else small
-    if not settings.keep_edge_particles and len(table):
-        keep &= ~edge
-    kept = table[keep].reset_index(drop=True) if len(table) else table
+    small = table["area_px"].to_numpy(float) < min_area_px
+    edge = table["touches_edge"].to_numpy(bool)
+    keep = ~small if settings.keep_edge_particles else ~small & ~edge
+    kept = table[keep].reset_index(drop=True)
     if mg.pixel_size_nm is None:
         warnings.append("pixel size unknown: all lengths are in pixels (give --pixel-size, e.g. 2.5nm)")
     if detected == 0:
         warnings.append("no particles found")
     elif len(kept) == 0:
         warnings.append("every particle found was excluded (touching the edge or below --min-area)")
-    field_area = mg.analysed_pixels.size
-    summary = image_summary(mg, kept, detected=detected, n_edge=int(edge.sum()) if len(table) else 0,
-                            n_small=int(small.sum()) if len(table) else 0,
-                            coverage=float((instances.labels > 0).sum()) / field_area)
-    return ImageResult(mg, instances, full, kept if len(kept) else _empty_like(mg), summary, warnings)
-
-
-def _empty_like(mg: Micrograph) -> pd.DataFrame:
-    return empty_particle_table(mg.pixel_size_nm is not None)
+    coverage = float((instances.labels > 0).sum()) / mg.analysed_pixels.size
+    summary = image_summary(mg, kept, detected=detected, n_edge=int(edge.sum()), n_small=int(small.sum()),
+                            coverage=coverage)
+    return ImageResult(mg, instances, full, kept, summary, warnings)
 
 
 def image_summary(mg: Micrograph, particles: pd.DataFrame, detected: int, n_edge: int, n_small: int,
