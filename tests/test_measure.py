@@ -95,7 +95,7 @@ def test_edge_contact_physical_units_and_grey():
     assert df.mean_grey.iloc[1] == pytest.approx(grey[5:8, 5:8].mean())
     assert df.area_nm2.iloc[1] == pytest.approx(9 * 4.0)
     assert df.feret_max_nm.iloc[1] == pytest.approx(2.0 * df.feret_max_px.iloc[1])
-    assert set(df.columns) == set(PARTICLE_COLUMNS)
+    assert set(df.columns) == {c for c in PARTICLE_COLUMNS if not c.startswith("uep_")}
     assert (df.image == "x").all()
 
 
@@ -131,3 +131,14 @@ def test_agrees_with_imagej_particle_for_particle():
         assert np.minimum(d, 180 - d).max() < 1e-6, col
     np.testing.assert_array_equal(ours.bbox_x0_px, ij.BX)
     np.testing.assert_array_equal(ours.bbox_x1_px - ours.bbox_x0_px + 1, ij.Width)
+
+
+def test_ultimate_eroded_points_sit_at_particle_centres():
+    lab = np.zeros((40, 60), int)
+    lab[5:16, 5:16] = 1  # 11x11 square: centre pixel (10, 10)
+    lab[20:35, 30:45] = 2
+    lab[20:35, 45:58] = 3  # touching neighbour: each erodes on its own
+    df = measure_labels(lab, ultimate_points=True)
+    assert (df.uep_x_px[0], df.uep_y_px[0]) == (10.5, 10.5)
+    assert df.uep_x_px[1] == pytest.approx(37.5, abs=1) and df.uep_x_px[2] == pytest.approx(51.5, abs=1)
+    assert "uep_x_px" not in measure_labels(lab).columns

@@ -261,3 +261,19 @@ def particle_geometry(labels, grey, n_labels):
             min_width = min(min_width, widest)
         out[l, FERET_MIN] = min_width
     return out
+
+
+@nb.njit(cache=True, nogil=True)
+def argmax_per_label(labels, values, n_labels):
+    """(n_labels + 1, 2) int64 (x, y) of each label's largest ``values`` pixel; first wins ties."""
+    h, w = labels.shape
+    best = np.full(n_labels + 1, -1.0)
+    pos = np.full((n_labels + 1, 2), -1, np.int64)
+    for y in range(h):
+        for x in range(w):
+            l = labels[y, x]
+            if l > 0 and values[y, x] > best[l]:
+                best[l] = values[y, x]
+                pos[l, 0] = x
+                pos[l, 1] = y
+    return pos

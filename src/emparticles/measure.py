@@ -53,6 +53,8 @@ PARTICLE_COLUMNS: dict[str, tuple[str, str]] = {
     "bbox_y0_px": ("px", "first row"),
     "bbox_x1_px": ("px", "last column"),
     "bbox_y1_px": ("px", "last row"),
+    "uep_x_px": ("px", "ultimate eroded point x: the particle's pixel farthest from its outline (centre)"),
+    "uep_y_px": ("px", "ultimate eroded point y (centre of that pixel)"),
     "touches_edge": ("", "particle reaches the border of the analysed field"),
     "mean_grey": ("grey", "mean grey value of the particle's pixels in the original image"),
     "area_nm2": ("nm^2", "area"),
@@ -65,6 +67,8 @@ PARTICLE_COLUMNS: dict[str, tuple[str, str]] = {
     "convex_area_nm2": ("nm^2", "convex hull area"),
     "centroid_x_nm": ("nm", "centroid x"),
     "centroid_y_nm": ("nm", "centroid y"),
+    "uep_x_nm": ("nm", "ultimate eroded point x"),
+    "uep_y_nm": ("nm", "ultimate eroded point y"),
 }
 
 #: Pixel-unit length columns and their nanometre counterparts (area columns scale by px^2).
@@ -117,6 +121,7 @@ def measure_labels(
     image: np.ndarray | None = None,
     pixel_size_nm: float | None = None,
     image_name: str = "",
+    ultimate_points: bool = False,
 ) -> pd.DataFrame:
     """Measure every particle of a label image.
 
@@ -127,11 +132,13 @@ def measure_labels(
     image : (H, W) grey values for ``mean_grey`` (optional).
     pixel_size_nm : nm per pixel; when given, ``*_nm`` / ``*_nm2`` columns are added.
     image_name : written to the ``image`` column.
+    ultimate_points : also locate each particle's ultimate eroded point (``uep_*`` columns, for
+        spatial statistics); costs one Euclidean distance transform of the image.
 
     Returns
     -------
     DataFrame, one row per label present, columns as in :data:`PARTICLE_COLUMNS` (nm columns only
-    with a pixel size), ordered by label.
+    with a pixel size, ``uep_*`` only when asked), ordered by label.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
@@ -200,21 +207,44 @@ def measure_labels(
             "mean_grey": f[:, g.SUM_GREY] / n if image is not None else np.full(len(n), np.nan),
         }
     df = pd.DataFrame(table)
+    if ultimate_points:
+        uep = g.argmax_per_label(lab, ultimate_eroded_distance(lab), n_max)[present]
+        df.insert(df.columns.get_loc("touches_edge"), "uep_x_px", uep[:, 0] + 0.5)
+        df.insert(df.columns.get_loc("touches_edge"), "uep_y_px", uep[:, 1] + 0.5)
     if pixel_size_nm is not None:
         add_physical_units(df, pixel_size_nm)
     return df
 
 
+def ultimate_eroded_distance(labels: np.ndarray) -> np.ndarray:
+    """(H, W) Euclidean distance of every particle pixel to the nearest pixel outside its own
+    particle (background or a touching neighbour); its maximum is the ultimate eroded point."""
+    from scipy import ndimage as ndi
+
+    inside = labels > 0
+    # Pixels whose right/lower neighbour belongs to another particle are treated as outside, so
+    # touching particles erode separately.
+    split = np.zeros_like(inside)
+    dx = (labels[:, 1:] != labels[:, :-1]) & inside[:, 1:] & inside[:, :-1]
+    dy = (labels[1:] != labels[:-1]) & inside[1:] & inside[:-1]
+    split[:, :-1] |= dx
+    split[:-1] |= dy
+    dist = ndi.distance_transform_edt(inside & ~split)
+    return np.where(inside, dist + 1.0, 0.0)  # +1: split pixels still rank above background
+
+
 def add_physical_units(df: pd.DataFrame, pixel_size_nm: float) -> pd.DataFrame:
     """Add the ``*_nm`` / ``*_nm2`` columns (in place) from the pixel columns."""
     for px, nm in _LENGTHS.items():
-        df[nm] = df[px] * pixel_size_nm
+        if px in df:
+            df[nm] = df[px] * pixel_size_nm
     for px, nm in _AREAS.items():
         df[nm] = df[px] * pixel_size_nm**2
     return df
 
 
-def empty_particle_table(with_nm: bool = False) -> pd.DataFrame:
+def empty_particle_table(with_nm: bool = False, ultimate_points: bool = False) -> pd.DataFrame:
     """A particle table with no rows and the full column schema."""
-    cols = [c for c in PARTICLE_COLUMNS if with_nm or not (c.endswith(("_nm", "_nm2")))]
+    cols = [c for c in PARTICLE_COLUMNS if (with_nm or not c.endswith(("_nm", "_nm2")))
+            and (ultimate_points or not c.startswith("uep_"))]
     return pd.DataFrame({c: pd.Series(dtype=object if c == "image" else float) for c in cols})
