@@ -277,3 +277,38 @@ def argmax_per_label(labels, values, n_labels):
                 pos[l, 0] = x
                 pos[l, 1] = y
     return pos
+
+
+@nb.njit(cache=True, nogil=True)
+def all_outlines(labels, n_labels):
+    """Traced outer outlines of labels 1..n_labels in one flat buffer.
+
+    Returns (xs, ys, offsets): the vertices of label l are xs[offsets[l]:offsets[l + 1]] (empty
+    for absent labels), pixel-corner coordinates as in :func:`trace_outline`.
+    """
+    h, w = labels.shape
+    first = np.full(n_labels + 1, -1, np.int64)
+    area = np.zeros(n_labels + 1, np.int64)
+    for y in range(h):
+        for x in range(w):
+            l = labels[y, x]
+            if l > 0:
+                area[l] += 1
+                if first[l] < 0:
+                    first[l] = y * w + x
+    total = 0
+    for l in range(n_labels + 1):
+        total += 4 * area[l] + 4
+    xs = np.empty(total, np.int64)
+    ys = np.empty(total, np.int64)
+    offsets = np.zeros(n_labels + 2, np.int64)
+    pos = 0
+    for l in range(n_labels + 1):
+        offsets[l] = pos
+        if l == 0 or first[l] < 0:
+            continue
+        fy = first[l] // w
+        n = trace_outline(labels, l, first[l] - fy * w, fy, xs[pos:], ys[pos:])
+        pos += n
+    offsets[n_labels + 1] = pos
+    return xs[:pos], ys[:pos], offsets

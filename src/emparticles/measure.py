@@ -248,3 +248,18 @@ def empty_particle_table(with_nm: bool = False, ultimate_points: bool = False) -
     cols = [c for c in PARTICLE_COLUMNS if (with_nm or not c.endswith(("_nm", "_nm2")))
             and (ultimate_points or not c.startswith("uep_"))]
     return pd.DataFrame({c: pd.Series(dtype=object if c == "image" else float) for c in cols})
+
+
+def particle_outlines(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Outer outline of every particle as ImageJ's Wand traces it.
+
+    Returns {label: (n, 2) int array of (x, y) polygon vertices at pixel corners}; filling the
+    polygon (pixel centres inside) gives the particle with its holes filled.
+    """
+    lab = np.ascontiguousarray(labels, dtype=np.int32)
+    n_max = int(lab.max()) if lab.size else 0
+    if n_max == 0:
+        return {}
+    xs, ys, off = g.all_outlines(lab, n_max)
+    return {l: np.column_stack([xs[off[l]:off[l + 1]], ys[off[l]:off[l + 1]]])
+            for l in range(1, n_max + 1) if off[l + 1] > off[l]}
