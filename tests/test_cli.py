@@ -53,7 +53,7 @@ def test_analyze_writes_every_output(images, tmp_path):
     assert labels.shape == (128, 176) and labels.max() == 12
     assert (out / "overlays" / "grid.png").exists()
     info = json.loads((out / "run.json").read_text())
-    assert info["settings"]["keep_edge_particles"] is True and info["images"]["grid"]["status"] == "ok"
+    assert info["settings"]["edge_particles"] == "keep" and info["images"]["grid"]["status"] == "ok"
     assert "pixel size unknown" in r.output  # said loudly
 
 

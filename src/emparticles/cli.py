@@ -69,7 +69,9 @@ def analyze(
     pixel_size: PixelSizeOpt = None,
     model: ModelOpt = "classical",
     device: DeviceOpt = "auto",
-    keep_edge_particles: Annotated[bool, typer.Option("--keep-edge-particles", help="Keep particles cut by the image border or the info bar (excluded by default: their size is unknown).")] = False,
+    edge_particles: Annotated[str, typer.Option("--edge-particles", help="Particles cut by the image border or the info bar: exclude (default; their size is unknown), keep, or miles-lantuejoul (excluded, and the others weighted to remove the bias against large particles).")] = "exclude",
+    keep_edge_particles: Annotated[bool, typer.Option("--keep-edge-particles", help="Same as --edge-particles keep.")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html, summary.json and plots/.")] = True,
     min_area: Annotated[str, typer.Option("--min-area", help="Drop particles smaller than this: pixels (20) or an area (100nm2).")] = "0",
     crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar (no detection).")] = None,
     no_infobar: Annotated[bool, typer.Option("--no-infobar", help="The images have no info bar: analyse every row.")] = False,
@@ -89,8 +91,13 @@ def analyze(
     try:
         ps = _pixel_size(pixel_size)
         parse_area_px(min_area, ps if ps is not None else 1.0)  # validate the syntax early
+        from .stats.edges import EDGE_MODES
+
+        mode = "keep" if keep_edge_particles else edge_particles
+        if mode not in EDGE_MODES:
+            raise InputError(None, f"--edge-particles '{edge_particles}' is not a mode", f"use one of {', '.join(EDGE_MODES)}")
         settings = AnalysisSettings(model=model, pixel_size_nm=ps, crop_bottom=crop_bottom,
-                                    detect_infobar=not no_infobar, keep_edge_particles=keep_edge_particles,
+                                    detect_infobar=not no_infobar, edge_particles=mode,
                                     min_area=min_area, device=device)
         segmenter = load_model(model, device)
         run = AnalyzeRun(output, settings, overwrite=overwrite)
@@ -117,7 +124,12 @@ def analyze(
                     run.save_failure(name, path, _report_error(path, exc))
             run.combine()
             progress.advance(task)
-    run.combine()
+        progress.update(task, description="writing exports and report")
+        try:
+            run.finish(report=report)
+        except Exception as exc:  # noqa: BLE001 - the per-image results are already safe on disk
+            _report_error(output, exc)
+            raise typer.Exit(1) from None
     failed = run.report.failed
     ok = len(run.report.statuses) - len(failed)
     out.print(f"{ok} image(s) analysed, {len(failed)} failed or without particles -> {output}", highlight=False)
@@ -228,6 +240,74 @@ def measure(
         out.print(f"{sum(len(t) for t in tables)} particle(s) from {len(tables)} file(s) -> {output}")
     if failures:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A folder written by 'emparticles analyze'.")],
+) -> None:
+    """(Re)build report.html, summary.json and plots/ of an analyze folder from its tables."""
+    from .report import build_report
+
+    if not (run_dir / "run.json").exists():
+        _fail(InputError(run_dir, "is not an analyze output folder (no run.json)", "pass the -o folder of 'emparticles analyze'"))
+    summary = build_report(run_dir)
+    for w in summary["warnings"]:
+        _warn(run_dir, w)
+    out.print(f"report -> {run_dir / 'report.html'}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Analyze output folders (samples, batches or time points).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for compare.csv, samples.csv and d50 plots.")] = Path("comparison"),
+    group_by: Annotated[Path | None, typer.Option("--group-by", help="CSV mapping image -> group (and optional time) to compare groups instead of folders.")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Significance level.")] = 0.05,
+) -> None:
+    """Compare ECD distributions: KS, Mann-Whitney, Welch t on log-ECD and the D50 shift with its CI."""
+    import pandas as pd
+
+    from .io.writers import write_csv, write_json
+    from .report.plots import d50_trend
+    from .stats import compare_sizes, describe_sizes
+    from .stats.samples import size_samples
+
+    try:
+        samples, unit, times = size_samples(runs, group_by)
+        if len(samples) < 2:
+            raise InputError(None, f"only one sample ({next(iter(samples))})", "pass two or more folders, or a --group-by file with two or more groups")
+        output.mkdir(parents=True, exist_ok=True)
+    except EmparticlesError as exc:
+        _fail(exc)
+    rows = []
+    for name, x in samples.items():
+        d = describe_sizes(x, unit=unit, n_boot=2000)
+        rows.append({"sample": name, "time": times.get(name), "count": d.count, "d50": d.d50.value,
+                     "d50_low": d.d50.low, "d50_high": d.d50.high, "d10": d.d10.value, "d90": d.d90.value, "gsd": d.gsd})
+    table = pd.DataFrame(rows)
+    if times:
+        table = table.sort_values("time", kind="stable").reset_index(drop=True)
+    names = list(table["sample"])
+    reference = names[0]
+    results = []
+    for name in names[1:]:
+        c = compare_sizes(samples[reference], samples[name], reference, name, alpha=alpha)
+        results.append({"reference": reference, "sample": name, "n_reference": c.n_a, "n_sample": c.n_b,
+                        f"d50_shift_{unit}": c.d50_shift, "d50_shift_low": c.d50_shift_low, "d50_shift_high": c.d50_shift_high,
+                        "d50_shift_percent": c.d50_shift_percent, "ks_statistic": c.ks_statistic, "ks_p": c.ks_p,
+                        "mann_whitney_u": c.mann_whitney_u, "mann_whitney_p": c.mann_whitney_p,
+                        "welch_t_log_ecd": c.welch_t, "welch_p": c.welch_p, "significant": c.significant})
+        verdict = "significant" if c.significant else "not significant"
+        out.print(f"{name} vs {reference}: D50 shift {c.d50_shift:+.4g} {unit} [{c.d50_shift_low:+.4g}, {c.d50_shift_high:+.4g}] "
+                  f"({c.d50_shift_percent:+.1f}%); KS p={c.ks_p:.3g}, Mann-Whitney p={c.mann_whitney_p:.3g}, "
+                  f"Welch p={c.welch_p:.3g}: {verdict} at alpha={alpha}", highlight=False)
+    write_csv(table, output / "samples.csv")
+    write_csv(pd.DataFrame(results), output / "compare.csv")
+    write_json({"unit": unit, "alpha": alpha, "samples": rows, "comparisons": results}, output / "compare.json")
+    fig = d50_trend(table, unit)
+    fig.savefig(output / "d50.png", dpi=110)
+    fig.savefig(output / "d50.svg")
+    out.print(f"-> {output}")
 
 
 @app.command()

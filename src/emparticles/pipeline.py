@@ -20,10 +20,12 @@ from . import __version__
 from .errors import EmparticlesError, InputError
 from .instances import Instances
 from .io import images as io_images
+from .io.exports import write_coco, write_imagej_rois, write_parquet
 from .io.infobar import detect_infobar
 from .io.writers import write_csv, write_json, write_label_tiff, write_overlay
 from .measure import empty_particle_table, measure_labels
 from .models.registry import Segmenter
+from .stats.edges import edge_weights
 from .types import Micrograph
 from .units import parse_area_px
 
@@ -38,7 +40,8 @@ class AnalysisSettings:
     pixel_size_nm : user-given nm per pixel (overrides file metadata), or None.
     crop_bottom : force this many info-bar rows (None = detect).
     detect_infobar : look for a data bar when ``crop_bottom`` is None.
-    keep_edge_particles : keep particles touching the field's border in the table and statistics.
+    edge_particles : particles touching the field's border: ``exclude`` (default), ``keep`` or
+        ``miles-lantuejoul`` (excluded, the others weighted; see :mod:`emparticles.stats.edges`).
     min_area : smallest particle kept: pixels (``"20"``) or an area (``"100nm2"``).
     device : ``auto``, ``cpu`` or ``cuda``.
     """
@@ -47,7 +50,7 @@ class AnalysisSettings:
     pixel_size_nm: float | None = None
     crop_bottom: int | None = None
     detect_infobar: bool = True
-    keep_edge_particles: bool = False
+    edge_particles: str = "exclude"
     min_area: str = "0"
     device: str = "auto"
 
@@ -64,7 +67,8 @@ class ImageResult:
     micrograph: Micrograph
     instances: Instances
     full_labels: np.ndarray  # (H, W) int32 at the input's full size, 0 in the info bar
-    particles: pd.DataFrame  # the rows kept for statistics
+    particles: pd.DataFrame  # the rows kept for statistics (column edge_weight)
+    all_particles: pd.DataFrame  # every particle found (column included)
     summary: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -109,15 +113,20 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     """Segment and measure one prepared micrograph (info bar already located)."""
     warnings: list[str] = list(mg.notes)
     instances, full = segment_micrograph(mg, model)
-    table = measure_labels(instances.labels, mg.analysed_pixels, mg.pixel_size_nm, image_name=mg.stem)
+    table = measure_labels(instances.labels, mg.analysed_pixels, mg.pixel_size_nm, image_name=mg.stem,
+                           ultimate_points=True)
     if len(table):
         table.insert(2, "score", instances.scores[table["label"].to_numpy() - 1].astype(float))
     detected = len(table)
     min_area_px = parse_area_px(settings.min_area, mg.pixel_size_nm)
     small = table["area_px"].to_numpy(float) < min_area_px
     edge = table["touches_edge"].to_numpy(bool)
-    keep = ~small if settings.keep_edge_particles else ~small & ~edge
-    kept = table[keep].reset_index(drop=True)
+    field_h, field_w = mg.analysed_pixels.shape
+    weights = edge_weights(table, field_w, field_h, settings.edge_particles)
+    keep = ~small & (weights > 0)
+    table["edge_weight"] = weights
+    table["included"] = keep
+    kept = table[keep].drop(columns="included").reset_index(drop=True)
     if mg.pixel_size_nm is None:
         warnings.append("pixel size unknown: all lengths are in pixels (give --pixel-size, e.g. 2.5nm)")
     if detected == 0:
@@ -127,7 +136,7 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     coverage = float((instances.labels > 0).sum()) / mg.analysed_pixels.size
     summary = image_summary(mg, kept, detected=detected, n_edge=int(edge.sum()), n_small=int(small.sum()),
                             coverage=coverage)
-    return ImageResult(mg, instances, full, kept, summary, warnings)
+    return ImageResult(mg, instances, full, kept, table, summary, warnings)
 
 
 def image_summary(mg: Micrograph, particles: pd.DataFrame, detected: int, n_edge: int, n_small: int,
@@ -254,7 +263,7 @@ class AnalyzeRun:
         self.overwrite = overwrite
         self.parts = self.out / ".parts"
         try:
-            for d in (self.out, self.parts, self.out / "labels", self.out / "overlays"):
+            for d in (self.out, self.parts, self.out / "labels", self.out / "overlays", self.out / "rois"):
                 d.mkdir(parents=True, exist_ok=True)
             probe = self.out / ".write-test"
             probe.write_text("ok")
@@ -287,10 +296,15 @@ class AnalyzeRun:
         measured = {int(v) for v in particles["label"]} if len(particles) else set()
         write_overlay(mg.pixels, result.full_labels, self.out / "overlays" / f"{name}.png", measured, mg.infobar_rows)
         write_csv(particles, self.parts / f"{name}.particles.csv")
+        everything = result.all_particles.copy()
+        everything["image"] = name
+        write_csv(everything, self.parts / f"{name}.all.csv")
+        write_imagej_rois(result.full_labels, self.out / "rois" / f"{name}.zip")
         summary = {**result.summary, "image": name}
         status = "ok" if result.summary["particles_measured"] > 0 else "no particles"
         write_json({"fingerprint": self.settings.fingerprint(), "status": status, "summary": summary,
-                    "warnings": result.warnings}, self.parts / f"{name}.json")
+                    "warnings": result.warnings, "scores": result.instances.scores.tolist()},
+                   self.parts / f"{name}.json")
         self.report.statuses[name] = {"path": str(mg.path), "status": status,
                                       "message": "; ".join(result.warnings), "warnings": result.warnings}
 
@@ -301,7 +315,7 @@ class AnalyzeRun:
 
     def combine(self) -> None:
         """Rewrite particles.csv, images.csv and run.json from the parts of this run's images."""
-        tables, rows = [], []
+        tables, everything, rows = [], [], []
         for name in self.report.statuses:
             meta_path = self.parts / f"{name}.json"
             try:
@@ -312,13 +326,17 @@ class AnalyzeRun:
             row["status"] = info.get("status", "")
             row["message"] = self.report.statuses[name].get("message", "")
             rows.append(row)
-            part = self.parts / f"{name}.particles.csv"
-            if info.get("status") in ("ok", "no particles") and part.exists():
-                df = pd.read_csv(part)
-                if len(df):
-                    tables.append(df)
-        particles = pd.concat(tables, ignore_index=True) if tables else empty_particle_table(True)
+            if info.get("status") in ("ok", "no particles"):
+                for suffix, into in (("particles", tables), ("all", everything)):
+                    part = self.parts / f"{name}.{suffix}.csv"
+                    df = pd.read_csv(part) if part.exists() else None
+                    if df is not None and len(df):
+                        into.append(df)
+        empty = empty_particle_table(True, ultimate_points=True)
+        particles = pd.concat(tables, ignore_index=True) if tables else empty.assign(edge_weight=[])
         write_csv(particles, self.out / "particles.csv")
+        write_csv(pd.concat(everything, ignore_index=True) if everything else empty.assign(edge_weight=[], included=[]),
+                  self.out / "all_particles.csv")
         images = pd.DataFrame(rows)
         for col in _INTEGER_IMAGE_COLUMNS:
             if col in images:
@@ -330,11 +348,32 @@ class AnalyzeRun:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "settings": asdict(self.settings),
             "settings_fingerprint": self.settings.fingerprint(),
-            "edge_particles": "kept" if self.settings.keep_edge_particles else "excluded (touching the image border or the info bar)",
+            "edge_particles": self.settings.edge_particles,
             "versions": software_versions(),
             "images": self.report.statuses,
             "failed": len(self.report.failed),
         }, self.out / "run.json")
+
+
+    def finish(self, report: bool = True) -> None:
+        """Combined tables, exports (Parquet, COCO JSON) and, unless told not to, the report."""
+        self.combine()
+        particles = pd.read_csv(self.out / "particles.csv")
+        write_parquet(particles, self.out / "particles.parquet")
+        labels, scores = {}, {}
+        for name, st in self.report.statuses.items():
+            path = self.out / "labels" / f"{name}.tif"
+            if st["status"] in ("ok", "no particles") and path.exists():
+                import tifffile
+
+                labels[name] = tifffile.imread(path).astype(np.int32)
+                info = json.loads((self.parts / f"{name}.json").read_text())
+                scores[name] = np.asarray(info.get("scores", []), float)
+        write_coco(labels, self.out / "coco_instances.json", scores)
+        if report:
+            from .report import build_report
+
+            build_report(self.out)
 
 
 def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> ImageResult:

@@ -12,6 +12,7 @@ between those positions. With equal weights it equals ``numpy.percentile(..., me
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -224,7 +225,9 @@ def describe_sizes(
         lo = hi = np.full(3, math.nan)
     fits, best = {}, ""
     if n >= 3 and np.ptp(x) > 0 and lx is not None:
-        fits = {f.name: f for f in (fit_lognormal(x, w), fit_normal(x, w))}
+        with warnings.catch_warnings():  # near-identical sizes make scipy's moments warn
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fits = {f.name: f for f in (fit_lognormal(x, w), fit_normal(x, w))}
         best = min(fits.values(), key=lambda f: f.aic).name
     needed = {}
     if n > 1 and np.isfinite(hi[1]) and d50 > 0:

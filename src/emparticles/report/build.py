@@ -1,0 +1,280 @@
+"""Statistics, plots, ``summary.json`` and the self-contained ``report.html`` of an analyze run.
+
+Reads only the run's tables (``images.csv``, ``particles.csv``, ``all_particles.csv``,
+``run.json``), so a report can be rebuilt at any time with ``emparticles report RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..io.writers import _write, write_json
+from ..stats.distribution import describe_sizes
+from ..stats.spatial import spatial_summary
+from . import plots
+
+SECTIONS = {
+    "inputs": "Inputs and calibration",
+    "settings": "Model and settings",
+    "warnings": "Warnings",
+    "images": "Per-image results",
+    "distribution": "Pooled size distribution",
+    "plots": "Plots",
+    "spatial": "Spatial arrangement",
+    "methods": "Methods and definitions",
+}
+
+METHODS = """
+<p><b>Measurements</b> follow ImageJ 1.53 <i>Analyze Particles</i>: area is the pixel count (holes
+excluded); perimeter is the traced outline with corners counted as &radic;2; ECD = &radic;(4A/&pi;);
+Feret (max) and MinFeret are the largest distance and the smallest caliper width of the convex hull of
+the pixel-corner outline, FeretAngle (0-180&deg;) the angle of the Feret chord; major/minor are the
+axes of ImageJ's best-fitting ellipse; aspect ratio = major/minor; circularity = 4&pi;A/P&sup2; (capped
+at 1); roundness = 4A/(&pi;&middot;major&sup2;); solidity = A/convex area; compactness = ECD/major.</p>
+<p><b>Size distribution</b> (ISO 9276-1/-2): quantiles D10/D50/D90 use the weighted midpoint rule
+(particle i at cumulative fraction (C<sub>i</sub> &minus; w<sub>i</sub>/2)/W, linear interpolation);
+Q0, Q2 and Q3 weight each particle by ECD<sup>0</sup>, ECD<sup>2</sup>, ECD<sup>3</sup>. Confidence
+intervals are percentile bootstrap intervals (particles resampled with replacement). Geometric mean
+and GSD are exp of the mean and SD of ln(size). Log-normal and normal fits are maximum likelihood;
+KS p-values use the fitted parameters (conservative). The number of particles needed for a D50
+precision scales the bootstrap half-width as 1/&radic;n.</p>
+<p><b>Edge particles</b>: <i>exclude</i> drops particles touching the field border (image border or
+info bar); <i>keep</i> keeps them with their cut sizes; <i>miles-lantuejoul</i> drops them and weights
+every other particle by W&middot;H/((W&minus;a)(H&minus;b)), a and b its bounding-box extents, which
+removes the bias against large particles.</p>
+<p><b>Spatial arrangement</b> uses each particle's ultimate eroded point (all particles, edge ones
+included). Nearest-neighbour distances (NND) are compared with those of 20 simulated random patterns
+of the same number of points in the same field: Fisher's F-test on the variances, then Student's
+t-test (equal variances) or Welch's t-test, at &alpha; = 0.01; a significant difference means
+self-avoiding (larger NND) or clustered (smaller NND). The theoretical random NND is 0.5&radic;(A/n).
+Clark-Evans R uses Donnelly's edge-corrected expectation and variance; Ripley's L uses the
+translation edge correction with the envelope and MAD test of 99 random patterns.</p>
+"""
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:2px solid #2b5d8a;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:right}
+th{background:#eef3f8}td:first-child,th:first-child{text-align:left}.warn{color:#8a4b00}
+figure{display:inline-block;margin:.5em;vertical-align:top}figure img{max-width:520px;border:1px solid #ddd}
+figcaption{font-size:.8em;color:#555;max-width:520px}
+"""
+
+
+def _fmt(v, digits=4):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
+
+
+def _figure_html(png: bytes, caption: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _save(fig, plots_dir: Path, name: str) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    png = buf.getvalue()
+    _write(plots_dir / f"{name}.png", lambda p: p.write_bytes(png))
+    _write(plots_dir / f"{name}.svg", lambda p: fig.savefig(p, format="svg"))
+    plt.close(fig)
+    return png
+
+
+def _interval(iv) -> str:
+    return f"{_fmt(iv.value)} [{_fmt(iv.low)}, {_fmt(iv.high)}]"
+
+
+def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Compute the run's statistics and write ``summary.json``, ``plots/`` and ``report.html``.
+
+    Returns the summary dict.
+    """
+    run_dir = Path(run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    settings = run.get("settings", {})
+    edge_mode = settings.get("edge_particles", "exclude")
+    images = pd.read_csv(run_dir / "images.csv")
+    particles = pd.read_csv(run_dir / "particles.csv")
+    all_path = run_dir / "all_particles.csv"
+    all_particles = pd.read_csv(all_path) if all_path.exists() else particles
+    ok = images[images["status"] == "ok"] if "status" in images else images
+    warnings: list[str] = []
+
+    calibrated = ok["pixel_size_nm"].notna() if len(ok) else pd.Series(dtype=bool)
+    if len(ok) and calibrated.all():
+        unit, column, pooled = "nm", "ecd_nm", particles
+    elif len(ok) and not calibrated.any():
+        unit, column, pooled = "px", "ecd_px", particles
+        warnings.append("No image has a known pixel size: every size is in pixels.")
+    else:
+        unit, column = "nm", "ecd_nm"
+        cal_names = set(ok.loc[calibrated, "image"])
+        pooled = particles[particles["image"].isin(cal_names)]
+        missing = sorted(set(ok["image"]) - cal_names)
+        warnings.append(f"Pixel size unknown for {', '.join(missing)}: left out of the pooled distribution.")
+    for _, row in images.iterrows():
+        if row.get("status") not in ("ok", None):
+            warnings.append(f"{row['image']}: {row.get('status')} ({row.get('message', '')})")
+        detected = row.get("particles_detected", 0) or 0
+        edge = row.get("edge_particles", 0) or 0
+        if detected and edge / detected > 0.2:
+            warnings.append(f"{row['image']}: {edge} of {detected} particles touch the field border "
+                            f"({100 * edge / detected:.0f}%); consider a lower magnification or edge mode miles-lantuejoul.")
+
+    x = pooled[column].to_numpy(float) if column in pooled else np.zeros(0)
+    w = pooled["edge_weight"].to_numpy(float) if "edge_weight" in pooled else np.ones_like(x)
+    good = np.isfinite(x) & (x > 0)
+    x, w = x[good], w[good]
+    dist = describe_sizes(x, w, measure="ecd", unit=unit, n_boot=n_boot, seed=seed)
+    weighted = {name: describe_sizes(x, w, measure="ecd", unit=unit, weighting=name, n_boot=max(200, n_boot // 4), seed=seed)
+                for name in ("area", "volume")} if x.size else {}
+    if 0 < dist.count < 100:
+        warnings.append(f"Only {dist.count} particles in the pooled distribution: D50 is uncertain "
+                        f"({_interval(dist.d50)} {unit}); about {dist.n_for_d50_precision.get('5%', '?')} are needed for +-5%.")
+
+    # per-image distributions
+    per_image = []
+    for name, g in particles.groupby("image", sort=False):
+        img_row = images[images["image"] == name].iloc[0]
+        col = "ecd_nm" if pd.notna(img_row.get("pixel_size_nm")) and "ecd_nm" in g else "ecd_px"
+        u = "nm" if col == "ecd_nm" else "px"
+        gv = g[col].to_numpy(float)
+        gw = g["edge_weight"].to_numpy(float) if "edge_weight" in g else None
+        d = describe_sizes(gv, gw, unit=u, n_boot=500, seed=seed)
+        per_image.append({"image": name, "unit": u, "count": d.count, "mean": d.mean, "sd": d.sd,
+                          "D10": d.d10.value, "D50": d.d50.value, "D50_low": d.d50.low, "D50_high": d.d50.high,
+                          "D90": d.d90.value, "GSD": d.gsd})
+    per_image_df = pd.DataFrame(per_image)
+
+    # spatial, per image, from every particle's ultimate eroded point
+    spatial_rows, ripleys = [], {}
+    for _, row in ok.iterrows():
+        g = all_particles[all_particles["image"] == row["image"]]
+        ps = row.get("pixel_size_nm")
+        scale, u = (float(ps), "nm") if pd.notna(ps) else (1.0, "px")
+        if "uep_x_px" not in g or len(g) < 3:
+            continue
+        pts = g[["uep_x_px", "uep_y_px"]].to_numpy(float) * scale
+        width = float(row["width_px"]) * scale
+        height = float(row["height_px"] - row.get("infobar_rows", 0)) * scale
+        s = spatial_summary(pts, width, height, u, seed=seed)
+        ripleys[row["image"]] = (s.pop("_ripley"), u)
+        spatial_rows.append({"image": row["image"], **s})
+    spatial_df = pd.DataFrame(spatial_rows)
+
+    # plots
+    plots_dir = run_dir / "plots"
+    figures = []
+    label = f"ECD ({unit})"
+    if x.size >= 2:
+        figures.append((_save(plots.size_histogram(x, w, dist, label), plots_dir, "ecd_histogram"),
+                        f"ECD histogram (Freedman-Diaconis bins) with log-normal and normal fits; edge mode {edge_mode}"))
+        figures.append((_save(plots.cumulative(x, w, label), plots_dir, "ecd_cumulative"),
+                        "Cumulative distributions Q0 (number), Q2 (area), Q3 (volume)"))
+    if len(particles):
+        vcol = column if column in particles else "ecd_px"
+        figures.append((_save(plots.violins(particles, vcol, f"ECD ({'nm' if vcol == 'ecd_nm' else 'px'})"), plots_dir, "ecd_violin_per_image"),
+                        "ECD per image"))
+        figures.append((_save(plots.feret_angle_kde(particles["feret_angle_deg"]), plots_dir, "feret_angle_kde"),
+                        "Feret angle density (axial, wrapped at 0/180 deg)"))
+        if len(particles) >= 3:
+            figures.append((_save(plots.correlation_matrix(particles), plots_dir, "shape_correlation"),
+                            "Spearman correlation of shape descriptors"))
+    for i, (name, (rip, u)) in enumerate(ripleys.items()):
+        if i >= 6:
+            break
+        figures.append((_save(plots.ripley_plot(rip, name, u), plots_dir, f"ripley_{name}"), f"{name}: Ripley's L(r) - r"))
+
+    summary = {
+        "run": str(run_dir), "edge_particles": edge_mode, "size_measure": "ecd", "unit": unit,
+        "pooled": dist.to_dict(), "pooled_area_weighted": weighted.get("area").to_dict() if weighted else None,
+        "pooled_volume_weighted": weighted.get("volume").to_dict() if weighted else None,
+        "per_image": per_image, "spatial": spatial_rows, "warnings": warnings,
+        "settings": settings, "versions": run.get("versions", {}),
+    }
+    write_json(summary, run_dir / "summary.json")
+    _write(run_dir / "report.html", lambda p: p.write_text(
+        _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit), encoding="utf-8"))
+    return summary
+
+
+def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit) -> str:
+    head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>emparticles report</title>"
+            f"<style>{CSS}</style></head><body><h1>Particle analysis report</h1>"
+            f"<p>{html.escape(str(len(images)))} image(s); updated {html.escape(run.get('updated', ''))}; "
+            f"emparticles {html.escape(run.get('versions', {}).get('emparticles', ''))}.</p>")
+    parts = [head]
+    nav = " &middot; ".join(f"<a href='#{k}'>{v}</a>" for k, v in SECTIONS.items())
+    parts.append(f"<nav>{nav}</nav>")
+
+    cols = [c for c in ["image", "width_px", "height_px", "pixel_size_nm", "pixel_size_source", "length_unit",
+                        "infobar_rows", "infobar_source", "status"] if c in images]
+    parts.append(f"<section id='inputs'><h2>{SECTIONS['inputs']}</h2>{_table(images[cols])}</section>")
+
+    srows = pd.DataFrame([{"setting": k, "value": json.dumps(v) if not isinstance(v, str) else v} for k, v in settings.items()])
+    parts.append(f"<section id='settings'><h2>{SECTIONS['settings']}</h2>{_table(srows)}</section>")
+
+    wl = "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in warnings) or "<li>None.</li>"
+    parts.append(f"<section id='warnings'><h2>{SECTIONS['warnings']}</h2><ul>{wl}</ul></section>")
+
+    icols = [c for c in ["image", "particles_detected", "particles_measured", "edge_particles", "coverage",
+                         "ecd_d10_nm", "ecd_d50_nm", "ecd_d90_nm", "ecd_d10_px", "ecd_d50_px", "ecd_d90_px"] if c in images]
+    body = _table(images[icols])
+    if len(per_image_df):
+        body += "<p>Size distribution per image (D50 with 95% bootstrap interval):</p>" + _table(per_image_df)
+    parts.append(f"<section id='images'><h2>{SECTIONS['images']}</h2>{body}</section>")
+
+    if dist.count:
+        rows = [("particles", dist.count), ("mean", _fmt(dist.mean)), ("SD", _fmt(dist.sd)),
+                ("median", _fmt(dist.median)), ("mode", _fmt(dist.mode)),
+                ("geometric mean", _fmt(dist.geometric_mean)), ("GSD", _fmt(dist.gsd)),
+                ("D10 [95% CI]", _interval(dist.d10)), ("D50 [95% CI]", _interval(dist.d50)),
+                ("D90 [95% CI]", _interval(dist.d90)), ("span (D90-D10)/D50", _fmt(dist.span))]
+        for name, d in weighted.items():
+            rows.append((f"D50 {name}-weighted (Q{2 if name == 'area' else 3})", _interval(d.d50)))
+        for name, fit in dist.fits.items():
+            params = ", ".join(f"{k} {_fmt(v)}" for k, v in fit.params.items())
+            rows.append((f"{name} fit", f"{params}; KS {_fmt(fit.ks_statistic)} (p {_fmt(fit.ks_p)}); AIC {_fmt(fit.aic)}"))
+        rows.append(("best fit (AIC)", dist.best_fit))
+        for target, n in dist.n_for_d50_precision.items():
+            rows.append((f"particles needed for D50 +-{target}", n))
+        tab = pd.DataFrame(rows, columns=["ECD (" + unit + ")", "value"])
+        body = _table(tab)
+    else:
+        body = "<p>No particles to describe.</p>"
+    parts.append(f"<section id='distribution'><h2>{SECTIONS['distribution']}</h2>{body}</section>")
+
+    figs = "".join(_figure_html(png, cap) for png, cap in figures) or "<p>No plots (no particles).</p>"
+    parts.append(f"<section id='plots'><h2>{SECTIONS['plots']}</h2>{figs}</section>")
+
+    if len(spatial_df):
+        scols = ["image", "unit", "n", "nnd_mean_nnd", "nnd_expected_random_nnd", "nnd_reference_mean_nnd",
+                 "nnd_f_statistic", "nnd_f_p", "nnd_t_test", "nnd_t_statistic", "nnd_t_p", "nnd_classification",
+                 "clark_evans_r", "clark_evans_z", "clark_evans_p", "ripley_mad_p"]
+        body = _table(spatial_df[[c for c in scols if c in spatial_df]])
+    else:
+        body = "<p>Too few particles for spatial statistics.</p>"
+    parts.append(f"<section id='spatial'><h2>{SECTIONS['spatial']}</h2>{body}</section>")
+    parts.append(f"<section id='methods'><h2>{SECTIONS['methods']}</h2>{METHODS}</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+

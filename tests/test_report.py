@@ -1,0 +1,127 @@
+"""Report, summary, exports (ROI zip, COCO, Parquet) and sample comparison, end to end."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import roifile
+import tifffile
+from pycocotools import mask as mask_utils
+from scipy import ndimage as ndi
+from skimage.draw import polygon2mask
+from typer.testing import CliRunner
+
+from emparticles.cli import app
+from emparticles.report.build import SECTIONS
+
+from .conftest import disks_image
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def two_image_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(5)
+    for k in range(2):
+        centres = [(rng.uniform(0, 200), rng.uniform(0, 260)) for _ in range(40)]  # some cut by the border
+        img, _ = disks_image(centres, radius=int(5 + 2 * k), shape=(200, 260), seed=k)
+        tifffile.imwrite(tmp / f"img{k}.tif", img, imagej=True, resolution=(1 / 1.5, 1 / 1.5), metadata={"unit": "nm"})
+    out = tmp / "out"
+    r = run("analyze", tmp / "img0.tif", tmp / "img1.tif", "-o", out, "--edge-particles", "miles-lantuejoul")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_report_has_every_section(two_image_run):
+    html = (two_image_run / "report.html").read_text()
+    for section in SECTIONS:
+        assert f"id='{section}'" in html, section
+    assert "img0" in html and "img1" in html and "tiff:ImageJ" in html
+    assert "data:image/png;base64," in html and "http" not in html.split("</style>")[1]  # works offline
+    assert (two_image_run / "plots" / "ecd_histogram.svg").exists()
+
+
+def test_summary_json(two_image_run):
+    s = json.loads((two_image_run / "summary.json").read_text())
+    assert s["unit"] == "nm" and s["edge_particles"] == "miles-lantuejoul"
+    d50 = s["pooled"]["d50"]
+    assert d50["low"] <= d50["value"] <= d50["high"]
+    assert {row["image"] for row in s["per_image"]} == {"img0", "img1"}
+    assert all(row["nnd_classification"] in ("random", "self-avoiding", "clustered") for row in s["spatial"])
+    parts = pd.read_csv(two_image_run / "particles.csv")
+    assert (parts.edge_weight >= 1).all() and not parts.touches_edge.any()
+    everything = pd.read_csv(two_image_run / "all_particles.csv")
+    assert everything.touches_edge.any() and (everything.included == ~everything.touches_edge).all()
+
+
+def test_roi_zip_round_trip(two_image_run):
+    labels = tifffile.imread(two_image_run / "labels" / "img0.tif").astype(np.int32)
+    rois = roifile.roiread(two_image_run / "rois" / "img0.zip")
+    assert len(rois) == labels.max()
+    for roi in rois:
+        xy = roi.coordinates()  # pixel-corner vertices; fill by pixel centres
+        filled = polygon2mask(labels.shape, np.column_stack([xy[:, 1] - 0.5, xy[:, 0] - 0.5]))
+        assert np.array_equal(filled, ndi.binary_fill_holes(labels == int(roi.name)))
+
+
+def test_coco_and_parquet(two_image_run):
+    coco = json.loads((two_image_run / "coco_instances.json").read_text())
+    labels = tifffile.imread(two_image_run / "labels" / "img1.tif").astype(np.int32)
+    image_id = next(im["id"] for im in coco["images"] if im["file_name"] == "img1")
+    anns = [a for a in coco["annotations"] if a["image_id"] == image_id]
+    assert len(anns) == labels.max()
+    for a in anns[:10]:
+        m = mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
+        assert np.array_equal(m.astype(bool), labels == a["particle_label"])
+        assert 0 <= a["score"] <= 1
+    pq = pd.read_parquet(two_image_run / "particles.parquet")
+    csv = pd.read_csv(two_image_run / "particles.csv")
+    assert len(pq) == len(csv) and np.allclose(pq.area_px, csv.area_px)
+
+
+def test_report_command_rebuilds(two_image_run):
+    (two_image_run / "report.html").unlink()
+    r = run("report", two_image_run)
+    assert r.exit_code == 0 and (two_image_run / "report.html").exists()
+
+
+def _fake_run(path, sizes, pixel_size=1.0):
+    path.mkdir()
+    pd.DataFrame({"image": ["a"] * len(sizes), "ecd_px": sizes / pixel_size, "ecd_nm": sizes}).to_csv(path / "particles.csv", index=False)
+
+
+def test_compare_shifted_and_identical(tmp_path):
+    rng = np.random.default_rng(11)
+    _fake_run(tmp_path / "day0", rng.lognormal(np.log(20), 0.3, 400))
+    _fake_run(tmp_path / "day7", rng.lognormal(np.log(23), 0.3, 400))
+    _fake_run(tmp_path / "day0_again", rng.lognormal(np.log(20), 0.3, 400))
+    r = run("compare", tmp_path / "day0", tmp_path / "day7", "-o", tmp_path / "cmp")
+    assert r.exit_code == 0, r.output
+    row = pd.read_csv(tmp_path / "cmp" / "compare.csv").iloc[0]
+    assert bool(row.significant) and 0 < row.d50_shift_low < 3.0 < row.d50_shift_high
+    assert "significant" in r.output and (tmp_path / "cmp" / "d50.png").exists()
+    r = run("compare", tmp_path / "day0", tmp_path / "day0_again", "-o", tmp_path / "cmp2")
+    row = pd.read_csv(tmp_path / "cmp2" / "compare.csv").iloc[0]
+    assert not bool(row.significant) and row.d50_shift_low < 0 < row.d50_shift_high
+
+
+def test_compare_groups_with_times(tmp_path):
+    rng = np.random.default_rng(2)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sizes = np.concatenate([rng.lognormal(np.log(m), 0.25, 200) for m in (10, 12, 15)])
+    images = np.repeat(["i0", "i1", "i2"], 200)
+    pd.DataFrame({"image": images, "ecd_nm": sizes, "ecd_px": sizes}).to_csv(run_dir / "particles.csv", index=False)
+    pd.DataFrame({"image": ["i0", "i1", "i2"], "group": ["t0", "t1", "t2"], "time": [0, 24, 48]}).to_csv(tmp_path / "g.csv", index=False)
+    r = run("compare", run_dir, "--group-by", tmp_path / "g.csv", "-o", tmp_path / "cmp")
+    assert r.exit_code == 0, r.output
+    samples = pd.read_csv(tmp_path / "cmp" / "samples.csv")
+    assert list(samples["sample"]) == ["t0", "t1", "t2"] and samples.d50.is_monotonic_increasing
+    r = run("compare", run_dir, "-o", tmp_path / "c3")
+    assert r.exit_code == 2 and "only one sample" in r.output
