@@ -125,3 +125,13 @@ def test_compare_groups_with_times(tmp_path):
     assert list(samples["sample"]) == ["t0", "t1", "t2"] and samples.d50.is_monotonic_increasing
     r = run("compare", run_dir, "-o", tmp_path / "c3")
     assert r.exit_code == 2 and "only one sample" in r.output
+
+
+def test_report_for_another_measure_and_bins(two_image_run):
+    r = run("report", two_image_run, "--measure", "feret_max", "--bins", "12", "--log-bins")
+    assert r.exit_code == 0, r.output
+    s = json.loads((two_image_run / "summary.json").read_text())
+    assert s["size_measure"] == "feret_max" and s["histogram_bins"] == "12" and s["log_bins"]
+    assert (two_image_run / "plots" / "feret_max_histogram.png").exists()
+    assert run("report", two_image_run, "--measure", "volume").exit_code == 2
+    assert run("report", two_image_run).exit_code == 0  # back to ECD for the other tests

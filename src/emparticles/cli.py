@@ -245,13 +245,21 @@ def measure(
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A folder written by 'emparticles analyze'.")],
+    measure: Annotated[str, typer.Option("--measure", help="Size measure: ecd, feret_max, feret_min or area.")] = "ecd",
+    bins: Annotated[str, typer.Option("--bins", help="Histogram bins: fd (Freedman-Diaconis), sturges, auto, or a number.")] = "fd",
+    log_bins: Annotated[bool, typer.Option("--log-bins", help="Bins of equal width in log(size).")] = False,
 ) -> None:
     """(Re)build report.html, summary.json and plots/ of an analyze folder from its tables."""
     from .report import build_report
+    from .report.build import SIZE_MEASURES
 
     if not (run_dir / "run.json").exists():
         _fail(InputError(run_dir, "is not an analyze output folder (no run.json)", "pass the -o folder of 'emparticles analyze'"))
-    summary = build_report(run_dir)
+    if measure not in SIZE_MEASURES:
+        _fail(InputError(None, f"--measure '{measure}' is unknown", f"use one of {', '.join(SIZE_MEASURES)}"))
+    if not (bins.isdigit() or bins in ("fd", "sturges", "auto", "doane", "scott", "rice", "sqrt")):
+        _fail(InputError(None, f"--bins '{bins}' is not a rule or a number", "use fd, sturges, auto or a number such as 30"))
+    summary = build_report(run_dir, measure=measure, bins=bins, log_bins=log_bins)
     for w in summary["warnings"]:
         _warn(run_dir, w)
     out.print(f"report -> {run_dir / 'report.html'}")

@@ -125,6 +125,7 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     weights = edge_weights(table, field_w, field_h, settings.edge_particles)
     keep = ~small & (weights > 0)
     table["edge_weight"] = weights
+    table["edge_mode"] = settings.edge_particles
     table["included"] = keep
     kept = table[keep].drop(columns="included").reset_index(drop=True)
     if mg.pixel_size_nm is None:
@@ -136,6 +137,7 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     coverage = float((instances.labels > 0).sum()) / mg.analysed_pixels.size
     summary = image_summary(mg, kept, detected=detected, n_edge=int(edge.sum()), n_small=int(small.sum()),
                             coverage=coverage)
+    summary["edge_mode"] = settings.edge_particles
     return ImageResult(mg, instances, full, kept, table, summary, warnings)
 
 

@@ -103,11 +103,31 @@ def _interval(iv) -> str:
     return f"{_fmt(iv.value)} [{_fmt(iv.low)}, {_fmt(iv.high)}]"
 
 
-def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> dict:
+#: Size measures a report can describe: name -> (nm column, px column, nm unit, px unit).
+SIZE_MEASURES = {
+    "ecd": ("ecd_nm", "ecd_px", "nm", "px"),
+    "feret_max": ("feret_max_nm", "feret_max_px", "nm", "px"),
+    "feret_min": ("feret_min_nm", "feret_min_px", "nm", "px"),
+    "area": ("area_nm2", "area_px", "nm^2", "px^2"),
+}
+
+
+def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0, measure: str = "ecd",
+                 bins: str | int = "fd", log_bins: bool = False) -> dict:
     """Compute the run's statistics and write ``summary.json``, ``plots/`` and ``report.html``.
+
+    Parameters
+    ----------
+    measure : size measure of the distribution: ``ecd`` (default), ``feret_max``, ``feret_min``
+        or ``area``.
+    bins : histogram bins: a numpy rule (``fd`` = Freedman-Diaconis, ``sturges``...) or a count.
+    log_bins : bins equal in log(size).
 
     Returns the summary dict.
     """
+    if measure not in SIZE_MEASURES:
+        raise ValueError(f"measure must be one of {list(SIZE_MEASURES)}")
+    nm_col, px_col, nm_unit, px_unit = SIZE_MEASURES[measure]
     run_dir = Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text())
     settings = run.get("settings", {})
@@ -121,12 +141,12 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> dict
 
     calibrated = ok["pixel_size_nm"].notna() if len(ok) else pd.Series(dtype=bool)
     if len(ok) and calibrated.all():
-        unit, column, pooled = "nm", "ecd_nm", particles
+        unit, column, pooled = nm_unit, nm_col, particles
     elif len(ok) and not calibrated.any():
-        unit, column, pooled = "px", "ecd_px", particles
+        unit, column, pooled = px_unit, px_col, particles
         warnings.append("No image has a known pixel size: every size is in pixels.")
     else:
-        unit, column = "nm", "ecd_nm"
+        unit, column = nm_unit, nm_col
         cal_names = set(ok.loc[calibrated, "image"])
         pooled = particles[particles["image"].isin(cal_names)]
         missing = sorted(set(ok["image"]) - cal_names)
@@ -144,9 +164,9 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> dict
     w = pooled["edge_weight"].to_numpy(float) if "edge_weight" in pooled else np.ones_like(x)
     good = np.isfinite(x) & (x > 0)
     x, w = x[good], w[good]
-    dist = describe_sizes(x, w, measure="ecd", unit=unit, n_boot=n_boot, seed=seed)
-    weighted = {name: describe_sizes(x, w, measure="ecd", unit=unit, weighting=name, n_boot=max(200, n_boot // 4), seed=seed)
-                for name in ("area", "volume")} if x.size else {}
+    dist = describe_sizes(x, w, measure=measure, unit=unit, n_boot=n_boot, seed=seed)
+    weighted = {name: describe_sizes(x, w, measure=measure, unit=unit, weighting=name, n_boot=max(200, n_boot // 4), seed=seed)
+                for name in ("area", "volume")} if x.size and measure != "area" else {}
     if 0 < dist.count < 100:
         warnings.append(f"Only {dist.count} particles in the pooled distribution: D50 is uncertain "
                         f"({_interval(dist.d50)} {unit}); about {dist.n_for_d50_precision.get('5%', '?')} are needed for +-5%.")
@@ -155,8 +175,8 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> dict
     per_image = []
     for name, g in particles.groupby("image", sort=False):
         img_row = images[images["image"] == name].iloc[0]
-        col = "ecd_nm" if pd.notna(img_row.get("pixel_size_nm")) and "ecd_nm" in g else "ecd_px"
-        u = "nm" if col == "ecd_nm" else "px"
+        col = nm_col if pd.notna(img_row.get("pixel_size_nm")) and nm_col in g else px_col
+        u = nm_unit if col == nm_col else px_unit
         gv = g[col].to_numpy(float)
         gw = g["edge_weight"].to_numpy(float) if "edge_weight" in g else None
         d = describe_sizes(gv, gw, unit=u, n_boot=500, seed=seed)
@@ -184,16 +204,18 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> dict
     # plots
     plots_dir = run_dir / "plots"
     figures = []
-    label = f"ECD ({unit})"
+    name_of = {"ecd": "ECD", "feret_max": "Feret max", "feret_min": "Feret min", "area": "Area"}[measure]
+    label = f"{name_of} ({unit})"
+    bin_rule = int(bins) if str(bins).isdigit() else bins
     if x.size >= 2:
-        figures.append((_save(plots.size_histogram(x, w, dist, label), plots_dir, "ecd_histogram"),
-                        f"ECD histogram (Freedman-Diaconis bins) with log-normal and normal fits; edge mode {edge_mode}"))
-        figures.append((_save(plots.cumulative(x, w, label), plots_dir, "ecd_cumulative"),
+        figures.append((_save(plots.size_histogram(x, w, dist, label, bins=bin_rule, log_bins=log_bins), plots_dir, f"{measure}_histogram"),
+                        f"{name_of} histogram (bins: {bins}{', log' if log_bins else ''}) with log-normal and normal fits; edge mode {edge_mode}"))
+        figures.append((_save(plots.cumulative(x, w, label), plots_dir, f"{measure}_cumulative"),
                         "Cumulative distributions Q0 (number), Q2 (area), Q3 (volume)"))
     if len(particles):
-        vcol = column if column in particles else "ecd_px"
-        figures.append((_save(plots.violins(particles, vcol, f"ECD ({'nm' if vcol == 'ecd_nm' else 'px'})"), plots_dir, "ecd_violin_per_image"),
-                        "ECD per image"))
+        vcol = column if column in particles else px_col
+        figures.append((_save(plots.violins(particles, vcol, f"{name_of} ({unit if vcol == column else px_unit})"), plots_dir, f"{measure}_violin_per_image"),
+                        f"{name_of} per image"))
         figures.append((_save(plots.feret_angle_kde(particles["feret_angle_deg"]), plots_dir, "feret_angle_kde"),
                         "Feret angle density (axial, wrapped at 0/180 deg)"))
         if len(particles) >= 3:
@@ -205,7 +227,8 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> dict
         figures.append((_save(plots.ripley_plot(rip, name, u), plots_dir, f"ripley_{name}"), f"{name}: Ripley's L(r) - r"))
 
     summary = {
-        "run": str(run_dir), "edge_particles": edge_mode, "size_measure": "ecd", "unit": unit,
+        "run": str(run_dir), "edge_particles": edge_mode, "size_measure": measure, "unit": unit,
+        "histogram_bins": str(bins), "log_bins": log_bins,
         "pooled": dist.to_dict(), "pooled_area_weighted": weighted.get("area").to_dict() if weighted else None,
         "pooled_volume_weighted": weighted.get("volume").to_dict() if weighted else None,
         "per_image": per_image, "spatial": spatial_rows, "warnings": warnings,
@@ -213,11 +236,11 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> dict
     }
     write_json(summary, run_dir / "summary.json")
     _write(run_dir / "report.html", lambda p: p.write_text(
-        _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit), encoding="utf-8"))
+        _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit, name_of), encoding="utf-8"))
     return summary
 
 
-def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit) -> str:
+def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit, name_of="ECD") -> str:
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>emparticles report</title>"
             f"<style>{CSS}</style></head><body><h1>Particle analysis report</h1>"
             f"<p>{html.escape(str(len(images)))} image(s); updated {html.escape(run.get('updated', ''))}; "
@@ -257,7 +280,7 @@ def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures
         rows.append(("best fit (AIC)", dist.best_fit))
         for target, n in dist.n_for_d50_precision.items():
             rows.append((f"particles needed for D50 +-{target}", n))
-        tab = pd.DataFrame(rows, columns=["ECD (" + unit + ")", "value"])
+        tab = pd.DataFrame(rows, columns=[f"{name_of} ({unit})", "value"])
         body = _table(tab)
     else:
         body = "<p>No particles to describe.</p>"

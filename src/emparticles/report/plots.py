@@ -17,10 +17,10 @@ from ..stats.distribution import SizeDistribution, histogram_edges, weighted_qua
 SHAPE_COLUMNS = ["area_px", "solidity", "circularity", "compactness", "roundness", "feret_angle_deg"]
 
 
-def size_histogram(x, w, dist: SizeDistribution, label: str, log_bins: bool = False):
-    """Histogram (Freedman-Diaconis bins) as number density with the fitted curves."""
+def size_histogram(x, w, dist: SizeDistribution, label: str, bins="fd", log_bins: bool = False):
+    """Histogram (Freedman-Diaconis bins by default) as number density with the fitted curves."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    edges = histogram_edges(x, "fd", log=log_bins)
+    edges = histogram_edges(x, bins, log=log_bins)
     ax.hist(x, bins=edges, weights=w, density=True, color="#8fb8de", edgecolor="#2b5d8a", label="particles")
     grid = np.linspace(max(edges[0], 1e-9), edges[-1], 400)
     for name, fit in dist.fits.items():
@@ -127,7 +127,7 @@ def d50_trend(rows: pd.DataFrame, unit: str):
         ax.set_xticks(x, rows["sample"], rotation=30, ha="right")
     else:
         ax.set_xlabel("time")
-    ax.set_ylabel(f"D50 of ECD ({unit})")
+    ax.set_ylabel(f"D50 ({unit})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
