@@ -30,7 +30,7 @@ PixelSizeOpt = Annotated[
     str | None,
     typer.Option("--pixel-size", help="Pixel size with unit, overriding the file's metadata: 2.5nm, 25A, 0.3um, 300pm."),
 ]
-ModelOpt = Annotated[str, typer.Option("--model", help="Model name (see 'emparticles models') or a model folder.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name (see 'emparticles models'; default: the first listed) or a model folder.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (trained models only).")]
 
 
@@ -67,7 +67,7 @@ def analyze(
     paths: Annotated[list[str], typer.Argument(help="Images, folders of images, or glob patterns.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
     pixel_size: PixelSizeOpt = None,
-    model: ModelOpt = "classical",
+    model: ModelOpt = None,
     device: DeviceOpt = "auto",
     edge_particles: Annotated[str, typer.Option("--edge-particles", help="Particles cut by the image border or the info bar: exclude (default; their size is unknown), keep, or miles-lantuejoul (excluded, and the others weighted to remove the bias against large particles).")] = "exclude",
     keep_edge_particles: Annotated[bool, typer.Option("--keep-edge-particles", help="Same as --edge-particles keep.")] = False,
@@ -96,10 +96,12 @@ def analyze(
         mode = "keep" if keep_edge_particles else edge_particles
         if mode not in EDGE_MODES:
             raise InputError(None, f"--edge-particles '{edge_particles}' is not a mode", f"use one of {', '.join(EDGE_MODES)}")
-        settings = AnalysisSettings(model=model, pixel_size_nm=ps, crop_bottom=crop_bottom,
+        from .models.registry import DEFAULT_MODEL
+
+        settings = AnalysisSettings(model=model or DEFAULT_MODEL, pixel_size_nm=ps, crop_bottom=crop_bottom,
                                     detect_infobar=not no_infobar, edge_particles=mode,
                                     min_area=min_area, device=device)
-        segmenter = load_model(model, device)
+        segmenter = load_model(settings.model, device)
         run = AnalyzeRun(output, settings, overwrite=overwrite)
     except EmparticlesError as exc:
         _fail(exc)
@@ -141,7 +143,7 @@ def analyze(
 def segment(
     paths: Annotated[list[str], typer.Argument(help="Images, folders of images, or glob patterns.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder for <stem>.png label images.")],
-    model: ModelOpt = "classical",
+    model: ModelOpt = None,
     device: DeviceOpt = "auto",
     crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar.")] = None,
     no_infobar: Annotated[bool, typer.Option("--no-infobar", help="Do not look for an info bar.")] = False,
@@ -316,6 +318,86 @@ def compare(
     fig.savefig(output / "d50.png", dpi=110)
     fig.savefig(output / "d50.svg")
     out.print(f"-> {output}")
+
+
+@app.command()
+def train(
+    images: Annotated[Path, typer.Option("--images", help="Folder of micrographs.")],
+    masks: Annotated[Path, typer.Option("--masks", help="Folder of instance masks (16-bit labels, same file stems).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder; the best model ends in OUTPUT/best.")],
+    arch: Annotated[str, typer.Option("--arch", help="compact-unet, unet-resnet18, unet-resnet34 or deeplabv3-resnet50.")] = "compact-unet",
+    epochs: Annotated[int, typer.Option("--epochs")] = 40,
+    steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, one-cycle cosine).")] = 3e-3,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Images held out for validation (by a hash of the name).")] = 0.15,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt.")] = False,
+) -> None:
+    """Train a 3-class (background/particle/border) network on your annotated images."""
+    from .models.networks import ARCHITECTURES
+    from .train.loop import TrainConfig
+    from .train.loop import train as run_training
+
+    if arch not in ARCHITECTURES:
+        _fail(InputError(None, f"unknown architecture '{arch}'", f"use one of {', '.join(ARCHITECTURES)}"))
+    cfg = TrainConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
+                      val_fraction=val_fraction, device=device)
+    try:
+        best = run_training(images, masks, output, cfg, resume=resume, log=lambda m: out.print(m, highlight=False))
+    except EmparticlesError as exc:
+        _fail(exc)
+    out.print(f"best model -> {best}  (use it with --model {best})")
+
+
+@app.command()
+def evaluate(
+    gt: Annotated[Path, typer.Option("--gt", help="Folder of true instance labels.")],
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted labels (from 'emparticles segment'), same stems.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
+) -> None:
+    """Score predicted particles against ground truth: F1/PQ at IoU 0.5 and 0.5:0.95, IoU, Dice, COCO and
+    VOC AP, matched Dice, and D10/D50/D90, KS and count agreement of the size distribution."""
+    import json as _json
+
+    import numpy as np
+
+    from .evaluate import evaluate_dataset
+    from .io.writers import read_labels, write_json
+    from .pipeline import find_images
+
+    gt_files, problems = find_images([str(gt)])
+    pred_files = {p.stem: p for p in find_images([str(pred)])[0]}
+    if problems or not gt_files:
+        _fail(InputError(gt, "holds no label images", "pass the folder of true masks"))
+    gts, preds, scores, missing = [], [], [], []
+    for g in gt_files:
+        p = pred_files.get(g.stem)
+        if p is None:
+            missing.append(g.stem)
+            continue
+        try:
+            gl, _ = read_labels(g)
+            pl, _ = read_labels(p)
+        except EmparticlesError as exc:
+            _fail(exc)
+        side = p.with_suffix(".json")
+        sc = np.ones(int(pl.max()))
+        if side.exists():
+            s = _json.loads(side.read_text()).get("scores", {})
+            sc = np.array([s.get(str(i), 1.0) for i in range(1, int(pl.max()) + 1)], float)
+        gts.append(gl)
+        preds.append(pl)
+        scores.append(sc)
+    if missing:
+        err.print(f"[yellow]warning:[/yellow] no prediction for {len(missing)} image(s): {', '.join(missing[:10])}", highlight=False)
+    if not gts:
+        _fail(InputError(pred, "has no prediction matching the ground-truth names", "segment the same images"))
+    metrics = evaluate_dataset(gts, preds, scores)
+    for k, v in metrics.items():
+        out.print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}", highlight=False)
+    if json_out is not None:
+        write_json(metrics, json_out)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -29,12 +30,33 @@ class Segmenter(Protocol):
         """Both steps at once."""
 
 
+#: Model folders shipped inside the package.
+SHIPPED_DIR = Path(__file__).parent / "weights"
+
+
+def _shipped_models() -> dict[str, tuple[Callable[[str], Segmenter], str]]:
+    found = {}
+    if SHIPPED_DIR.is_dir():
+        for folder in sorted(p for p in SHIPPED_DIR.iterdir() if (p / "config.json").is_file()):
+            desc = json.loads((folder / "config.json").read_text()).get("description", "trained network")
+            found[folder.name] = (lambda device, f=folder: _cnn(f, device), desc)
+    return found
+
+
+def _cnn(folder: Path, device: str) -> Segmenter:
+    from .cnn import CNNSegmenter
+
+    return CNNSegmenter(folder, device)
+
+
 #: name -> (builder taking a device string, one-line description)
 MODELS: dict[str, tuple[Callable[[str], Segmenter], str]] = {
+    **_shipped_models(),
     "classical": (lambda device: ClassicalSegmenter(), "Otsu threshold + distance watershed; no training, CPU"),
 }
 
-DEFAULT_MODEL = "classical"
+#: The shipped trained model when there is one, else the classical baseline.
+DEFAULT_MODEL = next(iter(MODELS))
 
 
 def available_models() -> dict[str, str]:
@@ -53,6 +75,8 @@ def load_model(name_or_path: str | None = None, device: str = "auto") -> Segment
     if name in MODELS:
         return MODELS[name][0](device)
     path = Path(name)
+    if path.is_dir():
+        return _cnn(path, device)
     if path.exists():
-        raise InputError(path, "is not a model folder this version can load", "pass a registered model name; see 'emparticles models'")
+        raise InputError(path, "is not a model folder", "pass a folder with config.json and weights.safetensors")
     raise InputError(None, f"unknown model '{name}'", f"choose one of: {', '.join(MODELS)}, or a model folder path")

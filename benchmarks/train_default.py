@@ -1,0 +1,38 @@
+"""Train the default model on EMPS (../shared/data/emps-train) and print its validation figures.
+
+    python benchmarks/train_default.py OUT_DIR [--epochs 24] [--steps 60] [--resume]
+
+Resumable: re-run with --resume after an interruption. The best model folder ends in OUT_DIR/best.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from emparticles.train.loop import TrainConfig, train
+
+EMPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "emps-train"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--arch", default="compact-unet")
+    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size, lr=args.lr)
+    best = train(EMPS / "images", EMPS / "segmaps", args.out, cfg, resume=args.resume, log=lambda m: print(m, flush=True))
+    print(f"best model: {best}")
+
+
+if __name__ == "__main__":
+    main()

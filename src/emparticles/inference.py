@@ -1,0 +1,98 @@
+"""Tiled prediction with mirror padding and tapered blending, for images of any size."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def taper_window(size: int, margin: int) -> np.ndarray:
+    """(size, size) blending weights: 1 in the middle, a raised-cosine ramp over ``margin`` pixels
+    at each border, never exactly 0 (so that image borders are still covered)."""
+    ramp = np.ones(size, np.float32)
+    if margin > 0:
+        t = (np.arange(margin, dtype=np.float32) + 0.5) / margin
+        ramp[:margin] = 0.5 - 0.5 * np.cos(np.pi * t)
+        ramp[-margin:] = ramp[:margin][::-1]
+    return np.outer(ramp, ramp)
+
+
+def _tile_starts(length: int, tile: int, step: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, step)) + [length - tile]
+    return sorted(set(starts))
+
+
+@torch.inference_mode()
+def predict_tiled(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    tile: int = 1024,
+    overlap: int = 64,
+    batch_size: int = 2,
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+    flips: bool = False,
+) -> np.ndarray:
+    """Class probabilities of a normalised (H, W) float32 image: (C, H, W) float32.
+
+    The image is mirror-padded by ``overlap // 2`` (so that no tile sees an artificial edge) and to
+    a multiple of the network's stride, cut into ``tile``-sized tiles overlapping by ``overlap``,
+    and the tiles' softmax outputs are blended with a tapered window. ``flips`` averages over the
+    four flips (test-time augmentation). channels_last speeds up CPU inference; bf16 autocast helps
+only on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs.
+    """
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    multiple = int(getattr(net, "multiple", 32))
+    h, w = image.shape
+    pad = overlap // 2
+    tile = max(multiple, (tile // multiple) * multiple)
+    ph = max(h + 2 * pad, tile)
+    pw = max(w + 2 * pad, tile)
+    ph += (-ph) % multiple
+    pw += (-pw) % multiple
+    mode = "reflect" if min(h, w) > max(ph - h, pw - w) else "symmetric"
+    padded = np.pad(image, ((pad, ph - h - pad), (pad, pw - w - pad)), mode=mode).astype(np.float32)
+    th, tw = min(tile, ph), min(tile, pw)
+    window = torch.from_numpy(taper_window(max(th, tw), overlap)[:th, :tw]).to(dev)
+    ys = _tile_starts(ph, th, th - overlap)
+    xs = _tile_starts(pw, tw, tw - overlap)
+    coords = [(y, x) for y in ys for x in xs]
+    acc = None
+    weight = torch.zeros((ph, pw), dtype=torch.float32, device=dev)
+    src = torch.from_numpy(padded).to(dev)
+    use_bf16 = bf16 and dev.type == "cpu"
+    for i in range(0, len(coords), batch_size):
+        chunk = coords[i : i + batch_size]
+        x = torch.stack([src[y : y + th, x0 : x0 + tw] for y, x0 in chunk])[:, None]
+        x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
+        variants = [(False, False)] + ([(True, False), (False, True), (True, True)] if flips else [])
+        probs = 0
+        for fy, fx in variants:
+            xi = x
+            dims = [d for d, f in ((2, fy), (3, fx)) if f]
+            if dims:
+                xi = torch.flip(xi, dims)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = net(xi)
+            p = F.softmax(logits.float(), dim=1)
+            if dims:
+                p = torch.flip(p, dims)
+            probs = probs + p
+        probs = probs / len(variants)
+        if acc is None:
+            acc = torch.zeros((probs.shape[1], ph, pw), dtype=torch.float32, device=dev)
+        for (y, x0), p in zip(chunk, probs):
+            acc[:, y : y + th, x0 : x0 + tw] += p * window
+            weight[y : y + th, x0 : x0 + tw] += window
+    out = (acc / weight.clamp_min(1e-6))[:, pad : pad + h, pad : pad + w]
+    return out.cpu().numpy()

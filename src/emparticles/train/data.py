@@ -1,0 +1,74 @@
+"""Annotated images for training: pairs of micrographs and instance masks, crops and augmentation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..preprocess import normalise
+from .targets import three_class_target
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def find_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
+    """Image/mask pairs matched by file stem (masks: 16-bit instance labels, 0 = background)."""
+    from ..io.images import IMAGE_SUFFIXES
+
+    images = {p.stem: p for p in sorted(Path(images_dir).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    masks = {p.stem: p for p in sorted(Path(masks_dir).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    pairs = [(images[k], masks[k]) for k in sorted(images) if k in masks]
+    if not pairs:
+        raise InputError(images_dir, f"no image has a mask of the same name in {masks_dir}", "name each mask like its image")
+    return pairs
+
+
+def split_validation(pairs: list, fraction: float = 0.15) -> tuple[list, list]:
+    """Deterministic split by a hash of the file stem (stable when images are added)."""
+    train, val = [], []
+    for pair in pairs:
+        h = int(hashlib.sha1(pair[0].stem.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (val if h < fraction else train).append(pair)
+    return train, val
+
+
+def load_pair(image_path: Path, mask_path: Path):
+    """(normalised image (H, W) float32, instance labels (H, W) int32)."""
+    from ..io.images import read_micrograph
+    from ..io.writers import read_labels
+
+    img = normalise(read_micrograph(image_path).pixels)
+    labels, _ = read_labels(mask_path)
+    if labels.shape != img.shape:
+        raise InputError(mask_path, f"mask is {labels.shape} but image is {img.shape}", "masks must match their images")
+    return img, labels
+
+
+def augmented_sample(aug, img: np.ndarray, labels: np.ndarray, border_width: int):
+    """One augmented crop: (image (h, w) float32, 3-class target (h, w) int64). The target is made
+    after scaling, so the border keeps its width in pixels at every scale."""
+    out = aug(image=img, mask=labels.astype(np.int32))
+    return out["image"].astype(np.float32), three_class_target(out["mask"], border_width).astype(np.int64)
+
+
+def augmenter(crop: int, scale_range=(0.5, 2.0)):
+    """albumentations pipeline: scale, flips, rotations, elastic/grid/optical distortion,
+    brightness/contrast, gamma, blur and noise, then a random crop of ``crop`` pixels."""
+    import albumentations as A
+    import cv2
+
+    return A.Compose([
+        A.RandomScale(scale_limit=(scale_range[0] - 1, scale_range[1] - 1), interpolation=cv2.INTER_LINEAR,
+                      mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+        A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_REFLECT_101),
+        A.RandomCrop(crop, crop),
+        A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90(),
+        A.OneOf([A.ElasticTransform(alpha=20, sigma=5), A.GridDistortion(), A.OpticalDistortion()], p=0.2),
+        A.RandomBrightnessContrast(0.2, 0.3, p=0.7),
+        A.RandomGamma((70, 150), p=0.3),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08))], p=0.4),
+    ])

@@ -1,0 +1,204 @@
+"""The training loop: random augmented crops, weighted cross-entropy + Dice, AdamW with cosine
+annealing, bf16 on CPU (CUDA when present), validation on instance F1 every epoch, best model kept,
+resumable from its checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..evaluate import matching
+from ..inference import pick_device, predict_tiled
+from ..instances import instances_from_borders
+from ..models.cnn import DEFAULT_THRESHOLDS, save_model_folder
+from ..models.networks import build_network
+from ..types import THREE_CLASS, ProbabilityMap
+from .data import augmented_sample, augmenter, find_pairs, load_pair, split_validation
+from .targets import class_weights, three_class_target
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run; saved with the model."""
+
+    arch: str = "compact-unet"
+    epochs: int = 40
+    steps_per_epoch: int = 100
+    batch_size: int = 8
+    crop: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    border_width: int = 2
+    dice_weight: float = 1.0
+    val_fraction: float = 0.15
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    tile: int = 1024
+    overlap: int = 64
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss averaged over the foreground (particle + border) and the border map."""
+    p = F.softmax(logits.float(), dim=1)
+    fg_p = p[:, 1] + p[:, 2]
+    fg_t = (target > 0).float()
+    br_p, br_t = p[:, 2], (target == 2).float()
+    loss = 0.0
+    for a, b in ((fg_p, fg_t), (br_p, br_t)):
+        inter = (a * b).sum()
+        loss = loss + 1 - (2 * inter + 1) / (a.sum() + b.sum() + 1)
+    return loss / 2
+
+
+def validate(net, val_data, cfg: TrainConfig, device, thresholds=None) -> dict:
+    """Instance F1 at IoU 0.5 pooled over the validation images, plus foreground IoU."""
+    net.eval()
+    t = thresholds or DEFAULT_THRESHOLDS
+    tp = n_true = n_pred = 0
+    inter = union = 0
+    probs = []
+    for img, labels in val_data:
+        p = predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap, device=device, bf16=cfg.bf16)
+        probs.append(p)
+        inst = instances_from_borders(ProbabilityMap(p, THREE_CLASS, "val"), t["foreground_threshold"],
+                                      t["seed_threshold"], int(t["min_size_px"]), int(t["min_seed_px"]))
+        m = matching(labels, inst.labels, 0.5)
+        tp, n_true, n_pred = tp + m.tp, n_true + m.n_true, n_pred + m.n_pred
+        fg_t, fg_p = labels > 0, inst.labels > 0
+        inter += int((fg_t & fg_p).sum())
+        union += int((fg_t | fg_p).sum())
+    f1 = 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0
+    return {"f1": f1, "precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_true if n_true else 0.0,
+            "count_ratio": n_pred / n_true if n_true else math.nan, "foreground_iou": inter / union if union else 1.0,
+            "_probs": probs}
+
+
+def tune_thresholds(probs, val_data) -> tuple[dict, float]:
+    """Grid search of the foreground and seed thresholds for the best pooled F1."""
+    best, best_f1 = dict(DEFAULT_THRESHOLDS), -1.0
+    for fg in (0.3, 0.4, 0.5, 0.6):
+        for seed in (0.2, 0.35, 0.5, 0.65, 0.8):
+            tp = nt = npred = 0
+            for p, (_, labels) in zip(probs, val_data):
+                inst = instances_from_borders(ProbabilityMap(p, THREE_CLASS, "val"), fg, seed, 9, 4)
+                m = matching(labels, inst.labels, 0.5)
+                tp, nt, npred = tp + m.tp, nt + m.n_true, npred + m.n_pred
+            f1 = 2 * tp / (nt + npred) if nt + npred else 0.0
+            if f1 > best_f1:
+                best_f1 = f1
+                best = {**DEFAULT_THRESHOLDS, "foreground_threshold": fg, "seed_threshold": seed}
+    return best, best_f1
+
+
+def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False,
+          log=print) -> Path:
+    """Train, validate every epoch, keep the best model folder in ``out_dir/best`` and a resumable
+    checkpoint in ``out_dir/checkpoint.pt``. Returns the best model folder."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    pairs = find_pairs(images_dir, masks_dir)
+    train_pairs, val_pairs = split_validation(pairs, cfg.val_fraction)
+    log(f"{len(train_pairs)} training and {len(val_pairs)} validation images")
+    train_data = [load_pair(i, m) for i, m in train_pairs]
+    val_data = [load_pair(i, m) for i, m in val_pairs]
+    (out_dir / "split.json").write_text(json.dumps({"train": [p[0].stem for p in train_pairs],
+                                                    "validation": [p[0].stem for p in val_pairs]}, indent=1))
+    weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in train_data])).to(device)
+    net = build_network(cfg.arch, 3).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * cfg.steps_per_epoch
+    start_epoch, best_f1 = 0, -1.0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["opt"])
+        start_epoch, best_f1 = int(ckpt["epoch"]) + 1, float(ckpt["best_f1"])
+    # The one-cycle schedule is rebuilt at the resumed step, so a resumed run may also ask for
+    # more epochs than the first.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.05,
+                                                anneal_strategy="cos",
+                                                last_epoch=start_epoch * cfg.steps_per_epoch - 1)
+    if start_epoch:
+        rng = np.random.default_rng(cfg.seed + start_epoch)
+        log(f"resumed after epoch {start_epoch} (best F1 {best_f1:.3f})")
+    aug = augmenter(cfg.crop, (cfg.scale_min, cfg.scale_max))
+    metrics_path = out_dir / "metrics.csv"
+    use_bf16 = cfg.bf16 and device.type == "cpu"
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        t0, losses = time.perf_counter(), []
+        for _ in range(cfg.steps_per_epoch):
+            batch = [augmented_sample(aug, *train_data[rng.integers(len(train_data))], cfg.border_width)
+                     for _ in range(cfg.batch_size)]
+            x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
+            x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, weight=weights) + cfg.dice_weight * dice_loss(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        train_s = time.perf_counter() - t0
+        val = validate(net, val_data, cfg, device)
+        val.pop("_probs")
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+               "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
+        new = not metrics_path.exists()
+        with metrics_path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} val F1 {val['f1']:.3f} "
+            f"IoU {val['foreground_iou']:.3f} count {val['count_ratio']:.2f} ({train_s:.0f} s)")
+        if val["f1"] > best_f1:
+            best_f1 = val["f1"]
+            save_model_folder(net, out_dir / "best", _model_config(cfg, epoch + 1, val))
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best_f1": best_f1}, ckpt_path)
+    return finalise(out_dir, cfg, val_data, device, log)
+
+
+def _model_config(cfg: TrainConfig, epoch: int, val: dict) -> dict:
+    return {"name": out_name(cfg), "arch": cfg.arch, "classes": 3, "channels": list(THREE_CLASS),
+            "normalisation": "percentile 0.5-99.5 to [0, 1], then (x - 0.5) / 0.25", "tile": cfg.tile,
+            "overlap": cfg.overlap, "bf16": cfg.bf16, "border_width": cfg.border_width, "epoch": epoch,
+            "validation": {k: v for k, v in val.items() if not k.startswith("_")}, "train_config": asdict(cfg)}
+
+
+def out_name(cfg: TrainConfig) -> str:
+    return f"{cfg.arch}-3class"
+
+
+def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print) -> Path:
+    """Tune the post-processing thresholds of the best model on the validation images."""
+    from ..models.cnn import load_network
+
+    best = out_dir / "best"
+    net, config, _ = load_network(best, device)
+    val = validate(net, val_data, cfg, device)
+    thresholds, _ = tune_thresholds(val.pop("_probs"), val_data)
+    (best / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+    tuned = validate(net, val_data, cfg, device, thresholds)
+    tuned.pop("_probs")
+    config["validation_tuned"] = tuned
+    (best / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    log(f"thresholds {thresholds}: validation F1 {tuned['f1']:.3f} (untuned {val['f1']:.3f})")
+    return best

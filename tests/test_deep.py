@@ -1,0 +1,155 @@
+"""Targets, networks, tiled inference, border-aware instances, model folders and evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from emparticles.cli import app
+from emparticles.evaluate import evaluate_dataset, voc_ap50
+from emparticles.inference import predict_tiled, taper_window
+from emparticles.instances import instances_from_borders
+from emparticles.models import load_model
+from emparticles.models.cnn import CNNSegmenter, load_network, save_model_folder
+from emparticles.models.networks import ARCHITECTURES, build_network
+from emparticles.train.targets import BORDER, PARTICLE, class_weights, three_class_target
+from emparticles.types import THREE_CLASS, ProbabilityMap
+
+from .conftest import GRID_CENTRES, disks_image
+
+
+def test_border_class_marks_outlines_and_seams():
+    lab = np.zeros((12, 20), int)
+    lab[2:10, 2:9] = 1
+    lab[2:10, 9:16] = 2  # touching at columns 8|9
+    t = three_class_target(lab, border_width=1)
+    assert t[5, 8] == BORDER and t[5, 9] == BORDER  # the seam
+    assert t[5, 5] == PARTICLE and t[5, 12] == PARTICLE
+    assert t[2, 5] == BORDER and t[0, 0] == 0
+    assert (three_class_target(lab, 2) == BORDER).sum() > (t == BORDER).sum()
+    w = class_weights([t])
+    assert w.mean() == pytest.approx(1.0) and w[BORDER] > w[PARTICLE]
+
+
+@pytest.mark.parametrize("arch", ["compact-unet", "unet-resnet18"])
+def test_network_contract(arch, tmp_path):
+    torch.manual_seed(0)
+    net = build_network(arch)
+    x = torch.randn(2, 1, 64, 96)
+    y = net(x)
+    assert y.shape == (2, 3, 64, 96)
+    y.mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    net.eval()
+    folder = save_model_folder(net, tmp_path / "m", {"arch": arch, "classes": 3, "name": "t"})
+    again, config, thresholds = load_network(folder)
+    with torch.no_grad():
+        assert torch.allclose(net(x), again(x), atol=1e-4)  # channels_last changes summation order
+    assert config["arch"] == arch and "seed_threshold" in thresholds
+
+
+def test_unknown_architecture_lists_valid_ones():
+    with pytest.raises(KeyError, match="compact-unet"):
+        build_network("resnet9000")
+    assert {"unet-resnet18", "unet-resnet34", "deeplabv3-resnet50", "compact-unet"} <= set(ARCHITECTURES)
+
+
+class PixelWise(torch.nn.Module):
+    """No spatial context: tiling must not change anything."""
+
+    multiple = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (130, 170), (300, 90)])
+def test_tiling_is_seamless(shape):
+    torch.manual_seed(0)
+    net = PixelWise().eval()
+    img = np.random.default_rng(0).random(shape).astype(np.float32)
+    whole = predict_tiled(net, img, tile=512, overlap=16)
+    tiled = predict_tiled(net, img, tile=64, overlap=16, batch_size=3)
+    assert tiled.shape == (3, *shape)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    np.testing.assert_allclose(tiled.sum(0), 1.0, atol=1e-5)
+    flipped = predict_tiled(net, img, tile=64, overlap=16, flips=True)
+    np.testing.assert_allclose(flipped, whole, atol=1e-5)
+    assert taper_window(64, 16).min() > 0
+
+
+def test_border_aware_instances_split_touching_particles():
+    h, w = 40, 60
+    particle = np.zeros((h, w), np.float32)
+    border = np.zeros((h, w), np.float32)
+    particle[10:30, 10:50] = 1.0
+    border[10:30, 29:31] = 1.0  # predicted seam
+    particle[10:30, 29:31] = 0.0
+    bg = 1 - particle - border
+    inst = instances_from_borders(ProbabilityMap(np.stack([bg, particle, border]), THREE_CLASS, "t"))
+    assert inst.count == 2
+    assert (inst.labels[10:30, 10:50] > 0).all()  # the seam is given back to the particles
+    assert inst.labels[20, 15] != inst.labels[20, 45]
+
+
+def test_cnn_segmenter_from_a_folder(tmp_path):
+    torch.manual_seed(0)
+    folder = save_model_folder(build_network("compact-unet").eval(), tmp_path / "m", {"arch": "compact-unet", "classes": 3, "name": "tiny"})
+    seg = load_model(str(folder), "cpu")
+    assert isinstance(seg, CNNSegmenter) and seg.model_id == "tiny"
+    img, _ = disks_image(GRID_CENTRES, shape=(128, 176))
+    inst, prob = seg.segment(img)
+    assert prob.probabilities.shape == (3, 128, 176) and inst.labels.shape == (128, 176)
+
+
+def test_evaluate_perfect_and_ranked():
+    _, truth = disks_image(GRID_CENTRES, shape=(128, 176))
+    m = evaluate_dataset([truth], [truth])
+    for key in ("f1_iou50", "panoptic_quality_iou50", "f1_iou50_95", "foreground_iou", "foreground_dice",
+                "pixel_accuracy", "matched_dice", "coco_ap", "coco_ap50", "coco_ap75", "voc_ap50_11pt", "count_ratio"):
+        assert m[key] == pytest.approx(1.0), key
+    assert m["d50_rel_error"] == 0 and m["ks_statistic"] == 0
+    pred = truth.copy()
+    pred[pred == 4] = 0  # one missed particle
+    assert voc_ap50([truth], [pred], [np.ones(12)]) < 1.0
+    assert evaluate_dataset([truth], [pred])["recall_iou50"] == pytest.approx(11 / 12)
+
+
+def test_evaluate_command(tmp_path):
+    _, truth = disks_image(GRID_CENTRES, shape=(128, 176))
+    for d in ("gt", "pred"):
+        (tmp_path / d).mkdir()
+        Image.fromarray(truth.astype(np.uint16)).save(tmp_path / d / "a.png")
+    r = CliRunner().invoke(app, ["evaluate", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "pred"),
+                                 "--json", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "m.json").read_text())["f1_iou50"] == 1.0
+
+
+def test_training_runs_resumes_and_tunes(tmp_path):
+    from emparticles.train.loop import TrainConfig, train
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "mask").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        centres = [(rng.uniform(10, 86), rng.uniform(10, 86)) for _ in range(4)]
+        img, lab = disks_image(centres, radius=8, shape=(96, 96), seed=k)
+        Image.fromarray(img).save(tmp_path / "img" / f"s{k}.png")
+        Image.fromarray(lab.astype(np.uint16)).save(tmp_path / "mask" / f"s{k}.png")
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=2, crop=64, tile=128, overlap=16, val_fraction=0.3, device="cpu")
+    best = train(tmp_path / "img", tmp_path / "mask", tmp_path / "run", cfg, log=lambda m: None)
+    assert (best / "weights.safetensors").exists() and (best / "thresholds.json").exists()
+    assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 3
+    cfg.epochs = 3
+    train(tmp_path / "img", tmp_path / "mask", tmp_path / "run", cfg, resume=True, log=lambda m: None)
+    assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 4
+    config = json.loads((best / "config.json").read_text())
+    assert config["arch"] == "compact-unet" and "validation_tuned" in config
