@@ -73,6 +73,7 @@ def analyze(
     keep_edge_particles: Annotated[bool, typer.Option("--keep-edge-particles", help="Same as --edge-particles keep.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html, summary.json and plots/.")] = True,
     min_area: Annotated[str, typer.Option("--min-area", help="Drop particles smaller than this: pixels (20) or an area (100nm2).")] = "0",
+    particle_size: Annotated[str | None, typer.Option("--particle-size", help="Typical particle diameter (20nm or 15px) to resample the image for the network; automatic when not given.")] = None,
     crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar (no detection).")] = None,
     no_infobar: Annotated[bool, typer.Option("--no-infobar", help="The images have no info bar: analyse every row.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already finished in OUTPUT.")] = False,
@@ -100,7 +101,7 @@ def analyze(
 
         settings = AnalysisSettings(model=model or DEFAULT_MODEL, pixel_size_nm=ps, crop_bottom=crop_bottom,
                                     detect_infobar=not no_infobar, edge_particles=mode,
-                                    min_area=min_area, device=device)
+                                    min_area=min_area, device=device, particle_size=particle_size)
         segmenter = load_model(settings.model, device)
         run = AnalyzeRun(output, settings, overwrite=overwrite)
     except EmparticlesError as exc:

@@ -27,7 +27,7 @@ from .measure import empty_particle_table, measure_labels
 from .models.registry import Segmenter
 from .stats.edges import edge_weights
 from .types import Micrograph
-from .units import parse_area_px
+from .units import parse_area_px, parse_length_nm
 
 
 @dataclass
@@ -44,6 +44,7 @@ class AnalysisSettings:
         ``miles-lantuejoul`` (excluded, the others weighted; see :mod:`emparticles.stats.edges`).
     min_area : smallest particle kept: pixels (``"20"``) or an area (``"100nm2"``).
     device : ``auto``, ``cpu`` or ``cuda``.
+    particle_size : typical particle diameter hint (``"20nm"`` or ``"15px"``), or None (automatic).
     """
 
     model: str = "classical"
@@ -53,6 +54,7 @@ class AnalysisSettings:
     edge_particles: str = "exclude"
     min_area: str = "0"
     device: str = "auto"
+    particle_size: str | None = None
 
     def fingerprint(self) -> str:
         """Short hash of the settings; a finished image is reused only if this matches."""
@@ -90,7 +92,26 @@ def locate_infobar(mg: Micrograph, crop_bottom: int | None = None, detect: bool 
     return mg.with_(infobar_rows=rows, infobar_source="detected" if rows else "none found")
 
 
-def segment_micrograph(mg: Micrograph, model: Segmenter) -> tuple[Instances, np.ndarray]:
+def particle_size_px(hint: str | None, pixel_size_nm: float | None, path=None) -> float | None:
+    """A ``--particle-size`` hint in pixels: ``"15px"`` as is, a length via the pixel size."""
+    if not hint:
+        return None
+    text = str(hint).strip().lower()
+    if text.endswith("px"):
+        try:
+            value = float(text[:-2])
+        except ValueError:
+            raise InputError(None, f"--particle-size '{hint}' is not a size", "write e.g. 15px or 20nm") from None
+        if value <= 0:
+            raise InputError(None, f"--particle-size '{hint}' must be positive", "write e.g. 15px or 20nm")
+        return value
+    nm = parse_length_nm(hint, "--particle-size")
+    if pixel_size_nm is None:
+        raise InputError(path, f"--particle-size {hint} needs the pixel size, which is unknown", "give it in px, or give --pixel-size")
+    return nm / pixel_size_nm
+
+
+def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | None = None) -> tuple[Instances, np.ndarray]:
     """Segment the analysed field (info bar excluded).
 
     Returns the instances of the field and the (H, W) label image at the full input size, with 0
@@ -103,7 +124,7 @@ def segment_micrograph(mg: Micrograph, model: Segmenter) -> tuple[Instances, np.
             f"image is uniform (every pixel = {field_pixels.flat[0]}), nothing to segment",
             "check the exposure/detector settings or the export",
         )
-    instances, _ = model.segment(field_pixels)
+    instances, _ = model.segment(field_pixels, particle_size_px(particle_size, mg.pixel_size_nm, mg.path))
     full = np.zeros(mg.shape, np.int32)
     full[: field_pixels.shape[0]] = instances.labels
     return instances, full
@@ -112,7 +133,7 @@ def segment_micrograph(mg: Micrograph, model: Segmenter) -> tuple[Instances, np.
 def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSettings) -> ImageResult:
     """Segment and measure one prepared micrograph (info bar already located)."""
     warnings: list[str] = list(mg.notes)
-    instances, full = segment_micrograph(mg, model)
+    instances, full = segment_micrograph(mg, model, settings.particle_size)
     table = measure_labels(instances.labels, mg.analysed_pixels, mg.pixel_size_nm, image_name=mg.stem,
                            ultimate_points=True)
     if len(table):

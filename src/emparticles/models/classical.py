@@ -91,6 +91,11 @@ class ClassicalSegmenter:
     def instances(self, prob: ProbabilityMap) -> Instances:
         return instances_from_foreground(prob, 0.5, self.min_size_px, self.h)
 
-    def segment(self, pixels: np.ndarray) -> tuple[Instances, ProbabilityMap]:
+    def segment(self, pixels: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
+        """Threshold and split; ``particle_size_px`` sets the watershed seed height to a fifth of
+        the typical radius when given."""
+        if particle_size_px:
+            prob = self.predict(pixels)
+            return instances_from_foreground(prob, 0.5, self.min_size_px, max(1.0, particle_size_px / 10)), prob
         prob = self.predict(pixels)
         return self.instances(prob), prob

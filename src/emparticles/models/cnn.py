@@ -70,9 +70,15 @@ class CNNSegmenter:
         self.model_id = self.config.get("name", self.folder.name)
         self.flips = flips
 
-    def predict(self, pixels: np.ndarray) -> ProbabilityMap:
+    #: Median particle diameter (px) the network handles best, and the range left alone.
+    TARGET_ECD_PX = 30.0
+    GOOD_ECD_RANGE_PX = (12.0, 90.0)
+
+    def predict(self, pixels: np.ndarray, scale: float = 1.0) -> ProbabilityMap:
+        """Probabilities at the input's size; ``scale`` resamples the image first (e.g. 2.0 to
+        enlarge small particles into the range the network was trained on)."""
         img = normalise(pixels)
-        scale = float(self.config.get("input_scale", 1.0))
+        scale = scale * float(self.config.get("input_scale", 1.0))
         if scale != 1.0:
             img = _resize(img, scale)
         probs = predict_tiled(self.net, img, tile=int(self.config.get("tile", 1024)),
@@ -87,9 +93,40 @@ class CNNSegmenter:
         return instances_from_borders(prob, t["foreground_threshold"], t["seed_threshold"],
                                       int(t["min_size_px"]), int(t["min_seed_px"]))
 
-    def segment(self, pixels: np.ndarray) -> tuple[Instances, ProbabilityMap]:
+    def segment(self, pixels: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
+        """Segment at the scale where particles look like the training data.
+
+        With ``particle_size_px`` (a typical diameter given by the user) the image is resampled
+        once. Otherwise a first pass at the native scale estimates the median particle diameter,
+        and if it lies outside :attr:`GOOD_ECD_RANGE_PX` the image is segmented again after
+        resampling towards :attr:`TARGET_ECD_PX` (by at most 4x either way).
+        """
+        if particle_size_px:
+            scale = float(np.clip(self.TARGET_ECD_PX / particle_size_px, 0.25, 4.0))
+            prob = self.predict(pixels, scale)
+            return self.instances(prob), prob
         prob = self.predict(pixels)
-        return self.instances(prob), prob
+        inst = self.instances(prob)
+        median = _median_ecd(inst.labels)
+        lo, hi = self.GOOD_ECD_RANGE_PX
+        if median and not lo <= median <= hi:
+            scale = float(np.clip(self.TARGET_ECD_PX / median, 0.25, 4.0))
+            prob = self.predict(pixels, scale)
+            inst = self.instances(prob)
+        return inst, prob
+
+
+def _median_ecd(labels: np.ndarray) -> float | None:
+    """Median equivalent diameter (px) of the particles not cut by the border; None if < 3."""
+    n = int(labels.max())
+    if n < 3:
+        return None
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(float)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    keep = np.ones(n, bool)
+    keep[edge[edge > 0] - 1] = False
+    areas = areas[keep & (areas > 0)]
+    return float(np.median(np.sqrt(4 * areas / np.pi))) if areas.size >= 3 else None
 
 
 def _resize(img: np.ndarray, scale_or_shape) -> np.ndarray:

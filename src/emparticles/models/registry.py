@@ -26,8 +26,8 @@ class Segmenter(Protocol):
     def instances(self, prob: ProbabilityMap) -> Instances:
         """Probabilities -> particle instances with scores."""
 
-    def segment(self, pixels: np.ndarray) -> tuple[Instances, ProbabilityMap]:
-        """Both steps at once."""
+    def segment(self, pixels: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
+        """Both steps at once; ``particle_size_px`` is an optional typical particle diameter."""
 
 
 #: Model folders shipped inside the package.
