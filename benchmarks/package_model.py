@@ -1,0 +1,77 @@
+"""Copy a trained model folder into the package (as a registered, offline model) with its card.
+
+    python benchmarks/package_model.py RUN/best NAME [--metrics metrics.json] [--description TEXT]
+
+Writes src/emparticles/models/weights/NAME/{config.json, weights.safetensors, thresholds.json,
+MODEL_CARD.md}. Refuses weights above 30 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "emparticles" / "models" / "weights"
+
+
+def card(name: str, config: dict, metrics: dict | None) -> str:
+    tc = config.get("train_config", {})
+    lines = [
+        f"# {name}",
+        "",
+        (f"Architecture `{config['arch']}`, 3 classes (background / particle / particle border), one grey input "
+        f"channel normalised per image ({config.get('normalisation', '')}). Random initialisation; no pretrained weights."),
+        "",
+        "## Training data",
+        ("EMPS training split (366 electron micrographs with hand-drawn instance masks; Yildirim & Cole, "
+        "J. Chem. Inf. Model. 61 (2021) 1136, MIT licence), of which a hash-based 15% was held out for validation "
+        "(never trained on). Mostly TEM figure crops; no SEM agglomerates, no info bars."),
+        "",
+        "## Training",
+        (f"{tc.get('epochs')} epochs x {tc.get('steps_per_epoch')} steps, batch {tc.get('batch_size')} random "
+        f"{tc.get('crop')}x{tc.get('crop')} crops, scale augmentation {tc.get('scale_min')}-{tc.get('scale_max')}x, flips, "
+        "rotations, elastic/grid/optical distortion, brightness/contrast/gamma, blur, noise; weighted cross-entropy + Dice; "
+        f"AdamW one-cycle (peak lr {tc.get('lr')}); border width {config.get('border_width')} px; best epoch {config.get('epoch')} "
+        "chosen on validation instance F1 at IoU 0.5. CPU only (2 cores)."),
+        "",
+        "## Validation figures (held-out EMPS images)",
+    ]
+    val = config.get("validation_tuned") or config.get("validation") or {}
+    for k, v in val.items():
+        lines.append(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}")
+    if metrics:
+        lines += ["", "Full evaluation (`benchmarks/bench_segment.py`):"]
+        for k, v in metrics.items():
+            lines.append(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}")
+    lines += ["", "## Limits", ("Trained on TEM-like figure crops: SEM images of agglomerates, very small (< 8 px) or "
+              "very large particles, and strongly textured substrates are outside its training data.")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("name")
+    parser.add_argument("--metrics", type=Path, default=None)
+    parser.add_argument("--description", default="3-class network trained on EMPS")
+    args = parser.parse_args()
+    size = (args.folder / "weights.safetensors").stat().st_size
+    if size > 30 * 2**20:
+        raise SystemExit(f"weights are {size / 2**20:.1f} MB; the package ships at most 30 MB")
+    dest = WEIGHTS / args.name
+    dest.mkdir(parents=True, exist_ok=True)
+    config = json.loads((args.folder / "config.json").read_text())
+    config["name"] = args.name
+    config["description"] = args.description
+    for f in ("weights.safetensors", "thresholds.json"):
+        shutil.copy2(args.folder / f, dest / f)
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+    (dest / "MODEL_CARD.md").write_text(card(args.name, config, metrics))
+    print(f"packaged {args.name}: {size / 2**20:.1f} MB -> {dest}")
+
+
+if __name__ == "__main__":
+    main()
