@@ -1,6 +1,7 @@
 """The command line end to end on small synthetic images, good and bad."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from .test_infobar import sem_frame, zeiss_like
 from .test_io import _bad_files
 
 runner = CliRunner()
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nanorods_tem.png"
 
 
 def run(*args):
@@ -37,7 +39,7 @@ def images(tmp_path):
 def test_analyze_writes_every_output(images, tmp_path):
     d, truth = images
     out = tmp_path / "out"
-    r = run("analyze", d, "-o", out, "--keep-edge-particles")
+    r = run("analyze", d, "-o", out, "--keep-edge-particles", "--model", "classical")
     assert r.exit_code == 0, r.output
     imgs = pd.read_csv(out / "images.csv").set_index("image")
     assert imgs.loc["grid", "particles_detected"] == 12
@@ -62,7 +64,7 @@ def test_infobar_rows_hold_no_particle(tmp_path):
     img = zeiss_like(frame, 60)
     tifffile.imwrite(tmp_path / "sem.tif", img)
     out = tmp_path / "out"
-    r = run("analyze", tmp_path / "sem.tif", "-o", out, "--pixel-size", "3nm")
+    r = run("analyze", tmp_path / "sem.tif", "-o", out, "--pixel-size", "3nm", "--model", "classical")
     assert r.exit_code == 0, r.output
     row = pd.read_csv(out / "images.csv").iloc[0]
     assert row.infobar_rows == 60 and row.infobar_source == "detected" and row.pixel_size_source == "user"
@@ -78,7 +80,7 @@ def test_bad_inputs_do_not_stop_the_batch(images, tmp_path):
     tifffile.imwrite(d / "black.tif", np.zeros((64, 64), np.uint8))
     tifffile.imwrite(d / "nan.tif", np.full((64, 64), np.nan, np.float32))
     out = tmp_path / "out"
-    r = run("analyze", d, d / "missing.tif", "-o", out)
+    r = run("analyze", d, d / "missing.tif", "-o", out, "--model", "classical")
     assert r.exit_code == 1
     for name in [n for n in expected if n != "missing.tif"] + ["black.tif", "nan.tif"]:
         assert name in r.output, name
@@ -92,19 +94,19 @@ def test_bad_inputs_do_not_stop_the_batch(images, tmp_path):
 def test_rerun_skips_finished_images_unless_overwrite(images, tmp_path):
     d, _ = images
     out = tmp_path / "out"
-    assert run("analyze", d / "grid.png", "-o", out).exit_code == 0
+    assert run("analyze", d / "grid.png", "-o", out, "--model", "classical").exit_code == 0
     stamp = (out / "labels" / "grid.tif").stat().st_mtime_ns
-    assert run("analyze", d / "grid.png", "-o", out).exit_code == 0
+    assert run("analyze", d / "grid.png", "-o", out, "--model", "classical").exit_code == 0
     assert (out / "labels" / "grid.tif").stat().st_mtime_ns == stamp
     assert "reused" in (out / "run.json").read_text()
-    assert run("analyze", d / "grid.png", "-o", out, "--overwrite").exit_code == 0
+    assert run("analyze", d / "grid.png", "-o", out, "--overwrite", "--model", "classical").exit_code == 0
     assert (out / "labels" / "grid.tif").stat().st_mtime_ns != stamp
 
 
 def test_image_without_particles_is_reported(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.normal(128, 3, (96, 96)).clip(0, 255).astype(np.uint8)).save(tmp_path / "flat.png")
-    r = run("analyze", tmp_path / "flat.png", "-o", tmp_path / "out", "--min-area", "50")
+    r = run("analyze", tmp_path / "flat.png", "-o", tmp_path / "out", "--min-area", "50", "--model", "classical")
     assert r.exit_code == 1
     assert "flat.png" in r.output
 
@@ -128,7 +130,7 @@ def test_option_errors(images, tmp_path):
 def test_segment_then_measure_round_trip(images, tmp_path):
     d, truth = images
     seg = tmp_path / "seg"
-    r = run("segment", d / "grid.png", "-o", seg)
+    r = run("segment", d / "grid.png", "-o", seg, "--model", "classical")
     assert r.exit_code == 0, r.output
     labels = np.array(Image.open(seg / "grid.png"))
     assert labels.dtype == np.uint16 and labels.shape == truth.shape and labels.max() == 12
@@ -162,3 +164,24 @@ def test_models_and_help():
     assert r.exit_code == 0 and "classical" in r.output
     r = run("analyze", "--help")
     assert r.exit_code == 0 and "--pixel-size" in r.output
+
+
+def test_default_model_loads_offline_and_segments(tmp_path):
+    from emparticles.models.registry import DEFAULT_MODEL
+
+    r = run("segment", EXAMPLE, "-o", tmp_path / "seg")
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "seg" / "nanorods_tem.json").read_text())
+    assert info["model"] == DEFAULT_MODEL and len(info["scores"]) > 20
+
+
+def test_shipped_network_segments_the_example(tmp_path):
+    from emparticles.models.registry import available_models
+
+    shipped = [m for m in available_models() if m != "classical"]
+    if not shipped:
+        pytest.skip("no trained model shipped")
+    r = run("segment", EXAMPLE, "-o", tmp_path / "seg", "--model", shipped[0], "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    labels = np.array(Image.open(tmp_path / "seg" / "nanorods_tem.png"))
+    assert labels.shape == (512, 518) and labels.max() > 20

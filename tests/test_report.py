@@ -33,7 +33,8 @@ def two_image_run(tmp_path_factory):
         img, _ = disks_image(centres, radius=int(5 + 2 * k), shape=(200, 260), seed=k)
         tifffile.imwrite(tmp / f"img{k}.tif", img, imagej=True, resolution=(1 / 1.5, 1 / 1.5), metadata={"unit": "nm"})
     out = tmp / "out"
-    r = run("analyze", tmp / "img0.tif", tmp / "img1.tif", "-o", out, "--edge-particles", "miles-lantuejoul")
+    r = run("analyze", tmp / "img0.tif", tmp / "img1.tif", "-o", out, "--edge-particles", "miles-lantuejoul",
+            "--model", "classical")
     assert r.exit_code == 0, r.output
     return out
 

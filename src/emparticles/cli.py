@@ -334,6 +334,7 @@ def train(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Images held out for validation (by a hash of the name).")] = 0.15,
     device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt.")] = False,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
 ) -> None:
     """Train a 3-class (background/particle/border) network on your annotated images."""
     from .models.networks import ARCHITECTURES
@@ -343,7 +344,18 @@ def train(
     if arch not in ARCHITECTURES:
         _fail(InputError(None, f"unknown architecture '{arch}'", f"use one of {', '.join(ARCHITECTURES)}"))
     cfg = TrainConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
-                      val_fraction=val_fraction, device=device)
+                      val_fraction=val_fraction, device=device, init_from=str(init_from or ""))
+    if init_from is not None:
+        from .models.registry import MODELS, SHIPPED_DIR
+
+        if str(init_from) in MODELS and not init_from.exists():
+            cfg.init_from = str(SHIPPED_DIR / str(init_from))
+        import json as _json
+
+        arch_of = _json.loads((Path(cfg.init_from) / "config.json").read_text()).get("arch") if (Path(cfg.init_from) / "config.json").exists() else None
+        if arch_of is None:
+            _fail(InputError(init_from, "is not a model folder", "pass a folder with config.json and weights.safetensors"))
+        cfg.arch = arch_of
     try:
         best = run_training(images, masks, output, cfg, resume=resume, log=lambda m: out.print(m, highlight=False))
     except EmparticlesError as exc:

@@ -97,7 +97,8 @@ class CNNSegmenter:
         """Segment at the scale where particles look like the training data.
 
         With ``particle_size_px`` (a typical diameter given by the user) the image is resampled
-        once. Otherwise a first pass at the native scale estimates the median particle diameter,
+        once. Otherwise, if the model's config enables ``auto_rescale`` (it relies on a model that
+        does not over-segment), a first pass at the native scale estimates the median diameter,
         and if it lies outside :attr:`GOOD_ECD_RANGE_PX` the image is segmented again after
         resampling towards :attr:`TARGET_ECD_PX` (by at most 4x either way).
         """
@@ -107,6 +108,8 @@ class CNNSegmenter:
             return self.instances(prob), prob
         prob = self.predict(pixels)
         inst = self.instances(prob)
+        if not self.config.get("auto_rescale", False):
+            return inst, prob
         median = _median_ecd(inst.labels)
         lo, hi = self.GOOD_ECD_RANGE_PX
         if median and not lo <= median <= hi:

@@ -55,8 +55,9 @@ MODELS: dict[str, tuple[Callable[[str], Segmenter], str]] = {
     "classical": (lambda device: ClassicalSegmenter(), "Otsu threshold + distance watershed; no training, CPU"),
 }
 
-#: The shipped trained model when there is one, else the classical baseline.
-DEFAULT_MODEL = next(iter(MODELS))
+#: A shipped model whose config says ``"default": true``, else the classical baseline.
+DEFAULT_MODEL = next((name for name in MODELS if name != "classical"
+                      and json.loads((SHIPPED_DIR / name / "config.json").read_text()).get("default")), "classical")
 
 
 def available_models() -> dict[str, str]:

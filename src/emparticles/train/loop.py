@@ -46,6 +46,7 @@ class TrainConfig:
     bf16: bool = False
     tile: int = 1024
     overlap: int = 64
+    init_from: str = ""  # model folder whose weights start the training (fine-tuning)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,13 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
     (out_dir / "split.json").write_text(json.dumps({"train": [p[0].stem for p in train_pairs],
                                                     "validation": [p[0].stem for p in val_pairs]}, indent=1))
     weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in train_data])).to(device)
-    net = build_network(cfg.arch, 3).to(device).to(memory_format=torch.channels_last)
+    net = build_network(cfg.arch, 3)
+    if cfg.init_from:
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(Path(cfg.init_from) / "weights.safetensors")))
+        log(f"starting from the weights of {cfg.init_from}")
+    net = net.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
     start_epoch, best_f1 = 0, -1.0
