@@ -176,12 +176,7 @@ def test_default_model_loads_offline_and_segments(tmp_path):
 
 
 def test_shipped_network_segments_the_example(tmp_path):
-    from emparticles.models.registry import available_models
-
-    shipped = [m for m in available_models() if m != "classical"]
-    if not shipped:
-        pytest.skip("no trained model shipped")
-    r = run("segment", EXAMPLE, "-o", tmp_path / "seg", "--model", shipped[0], "--device", "cpu")
+    r = run("segment", EXAMPLE, "-o", tmp_path / "seg", "--model", "emps-compact-unet-v0", "--device", "cpu")
     assert r.exit_code == 0, r.output
     labels = np.array(Image.open(tmp_path / "seg" / "nanorods_tem.png"))
     assert labels.shape == (512, 518) and labels.max() > 20

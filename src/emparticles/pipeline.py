@@ -62,6 +62,15 @@ class AnalysisSettings:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+#: Columns ``analyze`` adds to a measured particle table (see PARTICLE_COLUMNS for the rest).
+ANALYSIS_COLUMNS: dict[str, tuple[str, str]] = {
+    "score": ("", "model confidence: mean foreground probability of the particle"),
+    "edge_weight": ("", "weight in the size statistics (0 = excluded; >1 = Miles-Lantuejoul correction)"),
+    "edge_mode": ("", "edge-particle handling: exclude, keep or miles-lantuejoul"),
+    "included": ("", "used in the statistics (all_particles.csv only)"),
+}
+
+
 @dataclass
 class ImageResult:
     """What one analysed image produced."""

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..stats.distribution import SizeDistribution, histogram_edges, weighted_quantile
+from ..stats.distribution import SizeDistribution, histogram_edges
 
 SHAPE_COLUMNS = ["area_px", "solidity", "circularity", "compactness", "roundness", "feret_angle_deg"]
 
@@ -131,7 +131,3 @@ def d50_trend(rows: pd.DataFrame, unit: str):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def weighted_median(x, w) -> float:
-    return float(weighted_quantile(x, 0.5, w))
