@@ -25,11 +25,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"))
+    parser.add_argument("--border-width", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size, lr=args.lr)
+    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      crop=args.crop, scale_min=args.scale[0], scale_max=args.scale[1], border_width=args.border_width)
     best = train(EMPS / "images", EMPS / "segmaps", args.out, cfg, resume=args.resume, log=lambda m: print(m, flush=True))
     print(f"best model: {best}")
 
