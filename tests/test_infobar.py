@@ -92,3 +92,18 @@ def test_never_cuts_annotated_particles_in_emps():
         if rows:
             truth = np.array(Image.open(EMPS / "segmaps" / f"{i}.png"))
             assert not truth[-rows:].any(), i
+
+
+def test_black_bar_under_dark_substrate_is_found():
+    """A black Zeiss-style bar under a dark SEM frame has no sharp full-width edge; the bar's
+    uniform background still gives it away."""
+    rng = np.random.default_rng(3)
+    frame = np.clip(rng.normal(40, 12, (400, 512)), 0, 255).astype(np.uint8)
+    band = Image.new("L", (512, 44), 8)
+    d = ImageDraw.Draw(band)
+    d.text((10, 12), "100 nm    EHT = 2.00 kV    WD = 3.1 mm", fill=255)
+    d.rectangle((10, 30, 110, 33), fill=255)
+    img = np.vstack([frame, np.array(band)])
+    assert detect_infobar(img) == 44
+    # the same dark frame without a bar has none
+    assert detect_infobar(frame) == 0

@@ -64,7 +64,28 @@ def detect_infobar(pixels: np.ndarray) -> int:
         if above.size and _flatness(above) >= 0.95 and _flatness(band) < 0.95:
             continue
         return int(h - y)
-    return 0
+    return _uniform_band(levels, start, min_rows)
+
+
+def _uniform_band(levels: np.ndarray, start: int, min_rows: int) -> int:
+    """Second test, for bars that are not much darker or brighter than the image (a black bar
+    under a dark SEM substrate): the bottom rows are mostly one exact grey level (the bar's
+    background, text aside), and the rows just above the run are not."""
+    h = levels.shape[0]
+    bottom = levels[-min_rows:]
+    level = int(np.argmax(np.bincount(bottom.ravel(), minlength=256)))
+    near = (np.abs(levels[start:].astype(np.int16) - level) <= 2).mean(axis=1)
+    bar_like = near >= 0.5
+    if not bar_like[-1]:
+        return 0
+    run = int(np.argmin(bar_like[::-1])) if not bar_like.all() else bar_like.size
+    top = h - run
+    if run < min_rows or top <= start:
+        return 0
+    above = near[top - start - min(5, top - start) : top - start]
+    if above.size == 0 or above.max() >= 0.3 or _flatness(levels[top:]) < FLATNESS:
+        return 0
+    return run
 
 
 def fei_infobar_rows(metadata: dict, height: int) -> int | None:
