@@ -180,3 +180,31 @@ def test_shipped_network_segments_the_example(tmp_path):
     assert r.exit_code == 0, r.output
     labels = np.array(Image.open(tmp_path / "seg" / "nanorods_tem.png"))
     assert labels.shape == (512, 518) and labels.max() > 20
+
+
+def test_synth_then_annotations_round_trip(tmp_path):
+    res = run("synth", "-n", "2", "-o", tmp_path / "set", "--width", "192", "--height", "160", "--seed", "4")
+    assert res.exit_code == 0, res.output
+    masks = sorted((tmp_path / "set" / "masks").glob("*.png"))
+    assert [m.stem for m in masks] == ["synth_0004_00000", "synth_0004_00001"]
+    res = run("annotations", "export", tmp_path / "set" / "masks", "-o", tmp_path / "gt.json")
+    assert res.exit_code == 0, res.output
+    res = run("annotations", "import", tmp_path / "gt.json", "-o", tmp_path / "back")
+    assert res.exit_code == 0, res.output
+    from emparticles.io.writers import read_labels
+
+    for m in masks:
+        assert np.array_equal(read_labels(m)[0], read_labels(tmp_path / "back" / m.name)[0])
+
+
+def test_synth_and_import_refuse_bad_input(tmp_path):
+    res = run("synth", "-n", "0", "-o", tmp_path / "x")
+    assert res.exit_code != 0 and "-n must be" in res.output
+    res = run("synth", "-n", "1", "-o", tmp_path / "x", "--paste-images", tmp_path)
+    assert res.exit_code != 0 and "go together" in res.output
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    (tmp_path / "good.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "g.png", "height": 8, "width": 8}],
+                                                    "annotations": [], "categories": []}))
+    res = run("annotations", "import", tmp_path / "bad.json", tmp_path / "good.json", "-o", tmp_path / "m")
+    assert res.exit_code == 1 and "bad.json" in res.output and "1 mask(s)" in res.output
+    assert (tmp_path / "m" / "g.png").exists()

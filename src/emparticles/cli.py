@@ -423,5 +423,97 @@ def models() -> None:
         out.print(f"{name}{mark}: {desc}", highlight=False)
 
 
+@app.command()
+def synth(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for images/ and masks/ (a training set).")],
+    count: Annotated[int, typer.Option("-n", "--count", help="Number of images.")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same images.")] = 0,
+    width: Annotated[int, typer.Option("--width")] = 1024,
+    height: Annotated[int, typer.Option("--height")] = 768,
+    info_bar: Annotated[float, typer.Option("--info-bar", help="Fraction of images with a microscope info bar.")] = 0.5,
+    paste_images: Annotated[Path | None, typer.Option("--paste-images", help="Annotated images to cut agglomerates from.")] = None,
+    paste_masks: Annotated[Path | None, typer.Option("--paste-masks", help="Their instance masks.")] = None,
+    paste_fraction: Annotated[float, typer.Option("--paste-fraction", help="Fraction of images made by pasting agglomerates on empty backgrounds.")] = 0.3,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redraw images that already exist.")] = False,
+) -> None:
+    """Generate synthetic SEM micrographs of agglomerated particles with exact instance masks."""
+    from .io.datasets import write_synth_set
+    from .synth import SynthSettings
+
+    if count < 1 or width < 64 or height < 64:
+        _fail(InputError(None, "-n must be >= 1 and --width/--height >= 64", "pass larger values"))
+    if (paste_images is None) != (paste_masks is None):
+        _fail(InputError(paste_images or paste_masks, "--paste-images and --paste-masks go together", "give both folders"))
+    settings = SynthSettings(width=width, height=height, info_bar_probability=info_bar)
+    paste = (paste_images, paste_masks) if paste_images is not None else None
+    try:
+        with _progress() as progress:
+            task = progress.add_task("drawing", total=count)
+            write_synth_set(output, count, seed, settings, paste, paste_fraction if paste else 0.0, overwrite,
+                            progress=lambda: progress.advance(task))
+    except EmparticlesError as exc:
+        _fail(exc)
+    out.print(f"{count} image(s) -> {output}/images, masks -> {output}/masks")
+
+
+annotations_app = typer.Typer(help="Bring annotations from other tools in, and take them out, as COCO JSON.",
+                              no_args_is_help=True)
+app.add_typer(annotations_app, name="annotations")
+
+
+@annotations_app.command("import")
+def annotations_import(
+    files: Annotated[list[Path], typer.Argument(help="COCO instance JSON (CVAT, Label Studio, ...), labelme JSON or VIA JSON files.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for 16-bit instance masks named like the images.")],
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of the annotated images (needed for VIA files).")] = None,
+) -> None:
+    """Write one instance mask per annotated image, ready for 'emparticles train --masks'."""
+    from .io.datasets import read_annotations
+    from .io.writers import write_label_png
+
+    written, failures = 0, 0
+    for f in files:
+        try:
+            for name, labels in read_annotations(f, images).items():
+                write_label_png(labels, output / f"{Path(name).stem}.png")
+                written += 1
+        except EmparticlesError as exc:
+            failures += 1
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        except (KeyError, ValueError, TypeError) as exc:
+            failures += 1
+            err.print(f"[red]error:[/red] {f}: unexpected content ({exc}); export as COCO 1.0 instances", highlight=False)
+    out.print(f"{written} mask(s) -> {output}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@annotations_app.command("export")
+def annotations_export(
+    masks: Annotated[list[str], typer.Argument(help="Instance label images or folders of them.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="COCO instance JSON to write.")],
+) -> None:
+    """Write instance masks as one COCO instance JSON (RLE), e.g. to correct them in CVAT."""
+    from .io.exports import write_coco
+    from .io.writers import read_labels
+    from .pipeline import find_images
+
+    files, problems = find_images(masks)
+    for item, message in problems:
+        err.print(f"[red]error:[/red] {item}: {message}", highlight=False)
+    labels = {}
+    for f in files:
+        try:
+            labels[f.name] = read_labels(f)[0]
+        except EmparticlesError as exc:
+            problems.append((str(f), str(exc)))
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    if labels:
+        write_coco(labels, output)
+    out.print(f"{len(labels)} image(s) -> {output}")
+    if problems or not labels:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     app()
