@@ -34,7 +34,7 @@ def test_border_class_marks_outlines_and_seams():
     assert w.mean() == pytest.approx(1.0) and w[BORDER] > w[PARTICLE]
 
 
-@pytest.mark.parametrize("arch", ["compact-unet", "unet-resnet18"])
+@pytest.mark.parametrize("arch", ["compact-unet", "strided-unet", "unet-resnet18"])
 def test_network_contract(arch, tmp_path):
     torch.manual_seed(0)
     net = build_network(arch)
@@ -152,4 +152,4 @@ def test_training_runs_resumes_and_tunes(tmp_path):
     train(tmp_path / "img", tmp_path / "mask", tmp_path / "run", cfg, resume=True, log=lambda m: None)
     assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 4
     config = json.loads((best / "config.json").read_text())
-    assert config["arch"] == "compact-unet" and "validation_tuned" in config
+    assert config["arch"] == "strided-unet" and "validation_tuned" in config

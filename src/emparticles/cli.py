@@ -326,23 +326,35 @@ def train(
     images: Annotated[Path, typer.Option("--images", help="Folder of micrographs.")],
     masks: Annotated[Path, typer.Option("--masks", help="Folder of instance masks (16-bit labels, same file stems).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder; the best model ends in OUTPUT/best.")],
-    arch: Annotated[str, typer.Option("--arch", help="compact-unet, unet-resnet18, unet-resnet34 or deeplabv3-resnet50.")] = "compact-unet",
+    arch: Annotated[str, typer.Option("--arch", help="strided-unet, compact-unet, unet-resnet18, unet-resnet34, deeplabv3-resnet50, maskrcnn-resnet18-fpn or maskrcnn-resnet50-fpn.")] = "strided-unet",
     epochs: Annotated[int, typer.Option("--epochs")] = 40,
     steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch")] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, one-cycle cosine).")] = 3e-3,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, one-cycle cosine; Mask R-CNN: SGD, try 1e-3).")] = 3e-3,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Images held out for validation (by a hash of the name).")] = 0.15,
     device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt.")] = False,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
 ) -> None:
-    """Train a 3-class (background/particle/border) network on your annotated images."""
+    """Train a 3-class (background/particle/border) network, or a Mask R-CNN, on your annotated images."""
+    from .models.maskrcnn import MASKRCNN_ARCHITECTURES
     from .models.networks import ARCHITECTURES
     from .train.loop import TrainConfig
     from .train.loop import train as run_training
 
-    if arch not in ARCHITECTURES:
-        _fail(InputError(None, f"unknown architecture '{arch}'", f"use one of {', '.join(ARCHITECTURES)}"))
+    if arch not in ARCHITECTURES and arch not in MASKRCNN_ARCHITECTURES:
+        _fail(InputError(None, f"unknown architecture '{arch}'", f"use one of {', '.join([*ARCHITECTURES, *MASKRCNN_ARCHITECTURES])}"))
+    if arch in MASKRCNN_ARCHITECTURES:
+        from .train.maskrcnn import MaskRCNNConfig, train_maskrcnn
+
+        mcfg = MaskRCNNConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+                              lr=lr, val_fraction=val_fraction, device=device, lr_drop_epoch=max(1, int(0.75 * epochs)))
+        try:
+            best = train_maskrcnn(images, masks, output, mcfg, resume=resume, log=lambda m: out.print(m, highlight=False))
+        except EmparticlesError as exc:
+            _fail(exc)
+        out.print(f"best model -> {best}  (use it with --model {best})")
+        return
     cfg = TrainConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
                       val_fraction=val_fraction, device=device, init_from=str(init_from or ""))
     if init_from is not None:

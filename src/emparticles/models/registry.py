@@ -16,15 +16,10 @@ from .classical import ClassicalSegmenter
 
 
 class Segmenter(Protocol):
-    """What every segmentation model offers the pipeline."""
+    """What every segmentation model offers the pipeline (semantic models also have
+    ``predict(pixels) -> ProbabilityMap`` and ``instances(prob) -> Instances``)."""
 
     model_id: str
-
-    def predict(self, pixels: np.ndarray) -> ProbabilityMap:
-        """(H, W) grey image -> class probabilities (C, H, W)."""
-
-    def instances(self, prob: ProbabilityMap) -> Instances:
-        """Probabilities -> particle instances with scores."""
 
     def segment(self, pixels: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
         """Both steps at once; ``particle_size_px`` is an optional typical particle diameter."""
@@ -44,6 +39,12 @@ def _shipped_models() -> dict[str, tuple[Callable[[str], Segmenter], str]]:
 
 
 def _cnn(folder: Path, device: str) -> Segmenter:
+    """A model folder: a Mask R-CNN when its config says so, else a semantic network."""
+    config = folder / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("kind") == "maskrcnn":
+        from .maskrcnn import MaskRCNNSegmenter
+
+        return MaskRCNNSegmenter(folder, device)
     from .cnn import CNNSegmenter
 
     return CNNSegmenter(folder, device)

@@ -29,7 +29,7 @@ from .targets import class_weights, three_class_target
 class TrainConfig:
     """Settings of a training run; saved with the model."""
 
-    arch: str = "compact-unet"
+    arch: str = "strided-unet"
     epochs: int = 40
     steps_per_epoch: int = 100
     batch_size: int = 8
@@ -168,12 +168,7 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
         val.pop("_probs")
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
-        new = not metrics_path.exists()
-        with metrics_path.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_metrics(metrics_path, row)
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} val F1 {val['f1']:.3f} "
             f"IoU {val['foreground_iou']:.3f} count {val['count_ratio']:.2f} ({train_s:.0f} s)")
         if val["f1"] > best_f1:
@@ -181,6 +176,16 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
             save_model_folder(net, out_dir / "best", _model_config(cfg, epoch + 1, val))
         torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best_f1": best_f1}, ckpt_path)
     return finalise(out_dir, cfg, val_data, device, log)
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    """Append one epoch's row to a metrics CSV (header written with the first row)."""
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def _model_config(cfg: TrainConfig, epoch: int, val: dict) -> dict:

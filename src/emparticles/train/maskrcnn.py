@@ -1,0 +1,131 @@
+"""Training a particle Mask R-CNN: heads first, then the whole network; SGD with momentum 0.9,
+learning rate 1e-3 then 1e-4, weight decay 1e-4, gradient clipping at 5; validation on
+instance F1 each epoch, best model kept, resumable from its checkpoint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..evaluate import matching
+from ..inference import pick_device
+from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, build_maskrcnn, instance_targets
+from .data import augmenter, find_pairs, load_pair, split_validation
+from .loop import append_metrics
+
+
+@dataclass
+class MaskRCNNConfig:
+    """Settings of a Mask R-CNN training run; saved with the model."""
+
+    arch: str = "maskrcnn-resnet18-fpn"
+    epochs: int = 20
+    heads_epochs: int = 2  # backbone body frozen for these first epochs
+    lr_drop_epoch: int = 15  # learning rate x0.1 from this epoch on
+    steps_per_epoch: int = 100
+    batch_size: int = 2
+    crop: int = 512
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    clip: float = 5.0
+    val_fraction: float = 0.15
+    scale_min: float = 0.6
+    scale_max: float = 1.8
+    tile: int = 512
+    overlap: int = 96
+    seed: int = 0
+    device: str = "auto"
+    max_val_images: int = 0  # 0 = all
+
+
+def _save(net, folder: Path, cfg: MaskRCNNConfig, epoch: int, val: dict) -> Path:
+    from ..models.cnn import save_model_folder
+
+    config = {"kind": "maskrcnn", "name": cfg.arch, "arch": cfg.arch, "classes": 2, "tile": cfg.tile,
+              "overlap": cfg.overlap, "detections": 3000, "score_threshold": 0.5, "mask_threshold": 0.5,
+              "epoch": epoch, "validation": val, "train_config": asdict(cfg),
+              "description": MASKRCNN_ARCHITECTURES[cfg.arch][1]}
+    return save_model_folder(net, folder, config)
+
+
+def validate_maskrcnn(folder: Path, val_data, device) -> dict:
+    """Pooled instance F1 at IoU 0.5 of a saved model folder on (image, labels) pairs."""
+    from ..models.maskrcnn import MaskRCNNSegmenter
+
+    seg = MaskRCNNSegmenter(folder, str(device))
+    tp = nt = npred = 0
+    for img, labels in val_data:
+        inst = seg.detect(img)
+        m = matching(labels, inst.labels, 0.5)
+        tp, nt, npred = tp + m.tp, nt + m.n_true, npred + m.n_pred
+    return {"f1": 2 * tp / (nt + npred) if nt + npred else 1.0, "precision": tp / npred if npred else 0.0,
+            "recall": tp / nt if nt else 0.0, "count_ratio": npred / nt if nt else float("nan")}
+
+
+def train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRCNNConfig, resume: bool = False,
+                   log=print) -> Path:
+    """Train; the best model folder ends in ``out_dir/best``, the checkpoint in ``out_dir/checkpoint.pt``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    train_pairs, val_pairs = split_validation(find_pairs(images_dir, masks_dir), cfg.val_fraction)
+    if cfg.max_val_images:
+        val_pairs = val_pairs[: cfg.max_val_images]
+    log(f"{len(train_pairs)} training and {len(val_pairs)} validation images")
+    train_data = [load_pair(i, m) for i, m in train_pairs]
+    val_data = [load_pair(i, m) for i, m in val_pairs]
+    net = build_maskrcnn(cfg.arch).to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start_epoch, best_f1 = 0, -1.0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["opt"])
+        start_epoch, best_f1 = int(ckpt["epoch"]) + 1, float(ckpt["best_f1"])
+        rng = np.random.default_rng(cfg.seed + start_epoch)
+        log(f"resumed after epoch {start_epoch} (best F1 {best_f1:.3f})")
+    aug = augmenter(cfg.crop, (cfg.scale_min, cfg.scale_max))
+    for epoch in range(start_epoch, cfg.epochs):
+        heads_only = epoch < cfg.heads_epochs
+        for p in net.backbone.body.parameters():
+            p.requires_grad_(not heads_only)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * (0.1 if epoch >= cfg.lr_drop_epoch else 1.0)
+        net.train()
+        t0, losses = time.perf_counter(), []
+        for _ in range(cfg.steps_per_epoch):
+            images, targets = [], []
+            for _ in range(cfg.batch_size):
+                img, lab = train_data[rng.integers(len(train_data))]
+                out = aug(image=img, mask=lab.astype(np.int32))
+                images.append(torch.from_numpy(out["image"].astype(np.float32))[None].to(device))
+                targets.append({k: v.to(device) for k, v in instance_targets(out["mask"]).items()})
+            loss = sum(net(images, targets).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg.clip)
+            opt.step()
+            losses.append(float(loss.item()))
+        train_s = time.perf_counter() - t0
+        last = _save(net, out_dir / "last", cfg, epoch + 1, {})
+        val = validate_maskrcnn(last, val_data, device)
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+               "heads_only": heads_only, "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
+        append_metrics(out_dir / "metrics.csv", row)
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} val F1 {val['f1']:.3f} "
+            f"count {val['count_ratio']:.2f} ({train_s:.0f} s)")
+        if val["f1"] > best_f1:
+            best_f1 = val["f1"]
+            _save(net, out_dir / "best", cfg, epoch + 1, val)
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best_f1": best_f1}, ckpt_path)
+    log(f"best validation F1 {best_f1:.3f} -> {out_dir / 'best'}")
+    return out_dir / "best"
