@@ -1,10 +1,13 @@
-"""Accuracy and speed of a segmentation model on the EMPS validation split (or any annotated set).
+"""Accuracy and speed of segmentation models on the EMPS validation split or any annotated set.
 
-    python benchmarks/bench_segment.py MODEL [--split runs/compact1/split.json] [--runs 3]
+    python benchmarks/bench_segment.py MODEL [MODEL ...] [--split runs/x/split.json] [--runs 3]
+    python benchmarks/bench_segment.py MODEL ... --images DIR --masks DIR [--markdown table.md]
 
-MODEL is a registered name (``emparticles models``) or a model folder. Prints every metric of
-``emparticles evaluate`` on the validation images and the median seconds per image (model +
-instance separation), with the classical baseline timed in the same process as reference.
+MODEL is a registered name (``emparticles models``) or a model folder. Every image goes the road
+of ``emparticles segment`` (info bar found and left out, labels at full size). Prints every metric
+of ``emparticles evaluate`` and the median seconds per image (segmentation and instance
+separation), with the classical baseline timed in the same process as reference; with several
+models, also a Markdown table (F1, PQ, COCO AP, IoU, count ratio, s/image).
 """
 
 from __future__ import annotations
@@ -16,56 +19,85 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from emparticles.evaluate import evaluate_dataset
 from emparticles.io import read_labels, read_micrograph
 from emparticles.models import load_model
+from emparticles.pipeline import locate_infobar, segment_micrograph
 from emparticles.train.data import find_pairs, split_validation
 
 EMPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "emps-train"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--split", type=Path, default=None, help="split.json of a training run (default: hash split)")
-    parser.add_argument("--runs", type=int, default=3, help="timing repetitions per image")
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N validation images")
-    args = parser.parse_args()
-    pairs = find_pairs(EMPS / "images", EMPS / "segmaps")
-    if args.split:
-        names = set(json.loads(args.split.read_text())["validation"])
-        val = [p for p in pairs if p[0].stem in names]
+def annotated_set(args) -> list[tuple[Path, Path]]:
+    if args.images:
+        pairs = find_pairs(args.images, args.masks)
     else:
-        val = split_validation(pairs)[1]
-    if args.limit:
-        val = val[: args.limit]
-    model = load_model(args.model, "cpu")
+        pairs = find_pairs(EMPS / "images", EMPS / "segmaps")
+        if args.split:
+            names = set(json.loads(args.split.read_text())["validation"])
+            pairs = [p for p in pairs if p[0].stem in names]
+        else:
+            pairs = split_validation(pairs)[1]
+    return pairs[: args.limit] if args.limit else pairs
+
+
+def bench(model_name: str, pairs, runs: int) -> tuple[dict, float, float]:
+    """(metrics, median s/image, median s/image of the classical model in the same process)."""
+    model = load_model(model_name, "cpu")
     baseline = load_model("classical", "cpu")
     gts, preds, scores, times, ref_times = [], [], [], [], []
-    for image_path, mask_path in val:
-        pixels = read_micrograph(image_path).pixels
+    for image_path, mask_path in pairs:
+        mg = locate_infobar(read_micrograph(image_path))
         truth, _ = read_labels(mask_path)
-        model.segment(pixels)  # warm-up
+        segment_micrograph(mg, model)  # warm-up
         ts = []
-        for _ in range(args.runs):
+        for _ in range(runs):
             t = time.perf_counter()
-            inst, _ = model.segment(pixels)
+            inst, full = segment_micrograph(mg, model)
             ts.append(time.perf_counter() - t)
         t = time.perf_counter()
-        baseline.segment(pixels)
+        segment_micrograph(mg, baseline)
         ref_times.append(time.perf_counter() - t)
         times.append(statistics.median(ts))
         gts.append(truth)
-        preds.append(inst.labels)
+        preds.append(full)
         scores.append(inst.scores)
-    metrics = evaluate_dataset(gts, preds, scores)
-    print(f"model {args.model} on {len(val)} validation images")
-    for k, v in metrics.items():
-        print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
-    print(f"  seconds per image (median)   {statistics.median(times):.3f}  "
-          f"(classical {statistics.median(ref_times):.3f}, ratio {statistics.median(times) / statistics.median(ref_times):.2f})")
-    print(f"  mean image size              {np.mean([g.size for g in gts]) / 1e6:.2f} MP")
+    return evaluate_dataset(gts, preds, scores), statistics.median(times), statistics.median(ref_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--split", type=Path, default=None, help="split.json of a training run (default: hash split)")
+    parser.add_argument("--images", type=Path, default=None, help="annotated images instead of EMPS")
+    parser.add_argument("--masks", type=Path, default=None)
+    parser.add_argument("--runs", type=int, default=3, help="timing repetitions per image")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N images")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pairs = annotated_set(args)
+    where = f"{args.images}" if args.images else "EMPS validation"
+    rows = []
+    for name in args.models:
+        metrics, sec, ref = bench(name, pairs, args.runs)
+        print(f"model {name} on {len(pairs)} images ({where})")
+        for k, v in metrics.items():
+            print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+        print(f"  seconds per image (median)   {sec:.3f}  (classical {ref:.3f}, ratio {sec / ref:.2f})")
+        rows.append(f"| {Path(name).name} | {metrics['f1_iou50']:.3f} | {metrics['panoptic_quality_iou50']:.3f} | {metrics['coco_ap']:.3f} | "
+                    f"{metrics['coco_ap50']:.3f} | {metrics['foreground_iou']:.3f} | {metrics['count_ratio']:.2f} | {sec:.2f} |")
+    mp = np.mean([read_labels(m)[0].size for _, m in pairs]) / 1e6
+    table = "\n".join([f"{len(pairs)} images ({where}), mean {mp:.2f} MP, 2 CPU threads", "",
+                       "| model | F1@0.5 | PQ | COCO AP | AP50 | fg IoU | count ratio | s/image |",
+                       "|---|---|---|---|---|---|---|---|", *rows, ""])
+    print(table)
+    if args.markdown:
+        with args.markdown.open("a") as fh:
+            fh.write(table + "\n")
 
 
 if __name__ == "__main__":

@@ -153,3 +153,13 @@ def test_training_runs_resumes_and_tunes(tmp_path):
     assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 4
     config = json.loads((best / "config.json").read_text())
     assert config["arch"] == "strided-unet" and "validation_tuned" in config
+
+
+def test_extra_set_share_of_crops():
+    from emparticles.train.loop import pick_sample
+
+    rng = np.random.default_rng(0)
+    data, extra = [("d", 0)], [("e", 0)]
+    picks = [pick_sample(rng, data, extra, 0.3)[0] for _ in range(4000)]
+    assert picks.count("e") / 4000 == pytest.approx(0.3, abs=0.03)
+    assert {pick_sample(rng, data, [], 0.9)[0] for _ in range(50)} == {"d"}

@@ -334,6 +334,9 @@ def train(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Images held out for validation (by a hash of the name).")] = 0.15,
     device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt.")] = False,
+    extra_images: Annotated[Path | None, typer.Option("--extra-images", help="A second annotated set used for training only, e.g. from 'emparticles synth'.")] = None,
+    extra_masks: Annotated[Path | None, typer.Option("--extra-masks", help="Its masks.")] = None,
+    extra_fraction: Annotated[float, typer.Option("--extra-fraction", help="Share of training crops taken from the extra set.")] = 0.3,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
 ) -> None:
     """Train a 3-class (background/particle/border) network, or a Mask R-CNN, on your annotated images."""
@@ -356,7 +359,10 @@ def train(
         out.print(f"best model -> {best}  (use it with --model {best})")
         return
     cfg = TrainConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
-                      val_fraction=val_fraction, device=device, init_from=str(init_from or ""))
+                      val_fraction=val_fraction, device=device, init_from=str(init_from or ""),
+                      extra_images=str(extra_images or ""), extra_masks=str(extra_masks or ""), extra_fraction=extra_fraction)
+    if (extra_images is None) != (extra_masks is None):
+        _fail(InputError(extra_images or extra_masks, "--extra-images and --extra-masks go together", "give both folders"))
     if init_from is not None:
         from .models.registry import MODELS, SHIPPED_DIR
 

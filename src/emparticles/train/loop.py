@@ -47,6 +47,9 @@ class TrainConfig:
     tile: int = 1024
     overlap: int = 64
     init_from: str = ""  # model folder whose weights start the training (fine-tuning)
+    extra_images: str = ""  # a second annotated set used for training only (e.g. synthetic SEM)
+    extra_masks: str = ""
+    extra_fraction: float = 0.3  # share of training crops drawn from the extra set
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -116,6 +119,10 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
     log(f"{len(train_pairs)} training and {len(val_pairs)} validation images")
     train_data = [load_pair(i, m) for i, m in train_pairs]
     val_data = [load_pair(i, m) for i, m in val_pairs]
+    extra_data = []
+    if cfg.extra_images:
+        extra_data = [load_pair(i, m) for i, m in find_pairs(Path(cfg.extra_images), Path(cfg.extra_masks))]
+        log(f"{len(extra_data)} extra training images from {cfg.extra_images} ({cfg.extra_fraction:.0%} of crops)")
     (out_dir / "split.json").write_text(json.dumps({"train": [p[0].stem for p in train_pairs],
                                                     "validation": [p[0].stem for p in val_pairs]}, indent=1))
     weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in train_data])).to(device)
@@ -150,7 +157,7 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
         net.train()
         t0, losses = time.perf_counter(), []
         for _ in range(cfg.steps_per_epoch):
-            batch = [augmented_sample(aug, *train_data[rng.integers(len(train_data))], cfg.border_width)
+            batch = [augmented_sample(aug, *pick_sample(rng, train_data, extra_data, cfg.extra_fraction), cfg.border_width)
                      for _ in range(cfg.batch_size)]
             x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
             x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
@@ -176,6 +183,12 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
             save_model_folder(net, out_dir / "best", _model_config(cfg, epoch + 1, val))
         torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best_f1": best_f1}, ckpt_path)
     return finalise(out_dir, cfg, val_data, device, log)
+
+
+def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fraction: float):
+    """One (image, labels) pair: from ``extra`` with probability ``extra_fraction``, else from ``data``."""
+    source = extra if extra and rng.random() < extra_fraction else data
+    return source[rng.integers(len(source))]
 
 
 def append_metrics(path: Path, row: dict) -> None:
