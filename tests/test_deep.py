@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from emparticles.cli import app
 from emparticles.evaluate import evaluate_dataset, voc_ap50
 from emparticles.inference import predict_tiled, taper_window
-from emparticles.instances import instances_from_borders
+from emparticles.instances import instances_from_borders, instances_with
 from emparticles.models import load_model
 from emparticles.models.cnn import CNNSegmenter, load_network, save_model_folder
 from emparticles.models.networks import ARCHITECTURES, build_network
@@ -97,6 +97,23 @@ def test_border_aware_instances_split_touching_particles():
     assert inst.count == 2
     assert (inst.labels[10:30, 10:50] > 0).all()  # the seam is given back to the particles
     assert inst.labels[20, 15] != inst.labels[20, 45]
+
+
+def test_instance_filters_drop_weak_and_tiny_pieces():
+    h, w = 60, 80
+    particle = np.zeros((h, w), np.float32)
+    particle[5:25, 5:25] = 0.95  # 400 px
+    particle[30:50, 40:60] = 0.9  # 400 px
+    particle[5:9, 60:64] = 0.95  # 16 px fragment: 4% of the median area
+    particle[40:50, 5:15] = 0.55  # 100 px, weak (score 0.55)
+    prob = ProbabilityMap(np.stack([1 - particle, particle, np.zeros_like(particle)]), THREE_CLASS, "t")
+    assert instances_from_borders(prob).count == 4
+    by_score = instances_from_borders(prob, min_score=0.6)
+    assert by_score.count == 3 and by_score.scores.min() >= 0.9
+    by_area = instances_from_borders(prob, min_relative_area=0.1)
+    assert sorted(np.bincount(by_area.labels.ravel())[1:].tolist()) == [100, 400, 400]
+    both = instances_with(prob, {"min_score": 0.6, "min_relative_area": 0.1})
+    assert both.count == 2 and both.scores.tolist() == pytest.approx([0.95, 0.9])
 
 
 def test_cnn_segmenter_from_a_folder(tmp_path):

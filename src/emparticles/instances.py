@@ -91,13 +91,18 @@ def instances_from_borders(
     seed_threshold: float = 0.5,
     min_size_px: int = 9,
     min_seed_px: int = 4,
+    min_score: float = 0.0,
+    min_relative_area: float = 0.0,
 ) -> Instances:
     """Particles from a 3-class map (background / particle / boundary).
 
     Seeds are connected regions where P(particle) - P(boundary) exceeds ``seed_threshold`` (the
     particle bodies, cut apart by the predicted borders); each seed grows by watershed on
     -P(particle) within the foreground P(particle) + P(boundary) > ``foreground_threshold``.
-    Foreground pieces without a seed become particles of their own.
+    Foreground pieces without a seed become particles of their own. Particles under
+    ``min_size_px`` pixels, with a mean foreground probability (their score) under ``min_score``,
+    or smaller than ``min_relative_area`` times the median particle area of the image (debris and
+    fragments next to the real particles) are dropped.
     """
     particle = prob.channel("particle")
     border = prob.channel("boundary")
@@ -112,10 +117,26 @@ def instances_from_borders(
     orphans, n_orphans = ndi.label(fg & (labels == 0))
     if n_orphans:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
-    if min_size_px > 1:
-        sizes = np.bincount(labels.ravel())
-        small = sizes < min_size_px
-        small[0] = False
-        labels = np.where(small[labels], 0, labels)
-    labels = relabel_consecutive(labels)
-    return Instances(labels, mean_probability(labels, particle + border))
+    foreground = particle + border
+    sizes = np.bincount(labels.ravel())
+    drop = sizes < min_size_px
+    if min_score > 0 and sizes.size > 1:
+        drop[1:] |= mean_probability(labels, foreground) < min_score
+    if min_relative_area > 0 and (~drop[1:]).any():
+        drop[1:] |= sizes[1:] < min_relative_area * np.median(sizes[1:][~drop[1:]])
+    drop[0] = False
+    labels = relabel_consecutive(np.where(drop[labels], 0, labels))
+    return Instances(labels, mean_probability(labels, foreground))
+
+
+#: Post-processing settings of :func:`instances_from_borders` used when a model has none tuned.
+DEFAULT_THRESHOLDS = {"foreground_threshold": 0.5, "seed_threshold": 0.5, "min_size_px": 9, "min_seed_px": 4,
+                      "min_score": 0.0, "min_relative_area": 0.0}
+
+
+def instances_with(prob: ProbabilityMap, thresholds: dict) -> Instances:
+    """:func:`instances_from_borders` with the settings of a ``thresholds.json`` (missing keys default)."""
+    t = {**DEFAULT_THRESHOLDS, **thresholds}
+    return instances_from_borders(prob, float(t["foreground_threshold"]), float(t["seed_threshold"]),
+                                  int(t["min_size_px"]), int(t["min_seed_px"]), float(t["min_score"]),
+                                  float(t["min_relative_area"]))

@@ -15,12 +15,12 @@ import torch
 
 from ..errors import InputError
 from ..inference import pick_device, predict_tiled
-from ..instances import Instances, instances_from_borders
+from ..instances import DEFAULT_THRESHOLDS, Instances, instances_with
 from ..preprocess import normalise
 from ..types import THREE_CLASS, ProbabilityMap
 from .networks import build_network
 
-DEFAULT_THRESHOLDS = {"foreground_threshold": 0.5, "seed_threshold": 0.5, "min_size_px": 9, "min_seed_px": 4}
+__all__ = ["DEFAULT_THRESHOLDS", "CNNSegmenter", "load_network", "save_model_folder"]
 
 
 def save_model_folder(net: torch.nn.Module, folder: Path, config: dict, thresholds: dict | None = None,
@@ -89,9 +89,7 @@ class CNNSegmenter:
         return ProbabilityMap(probs.astype(np.float32), THREE_CLASS, self.model_id)
 
     def instances(self, prob: ProbabilityMap) -> Instances:
-        t = self.thresholds
-        return instances_from_borders(prob, t["foreground_threshold"], t["seed_threshold"],
-                                      int(t["min_size_px"]), int(t["min_seed_px"]))
+        return instances_with(prob, self.thresholds)
 
     def segment(self, pixels: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
         """Segment at the scale where particles look like the training data.

@@ -17,8 +17,8 @@ from torch.nn import functional as F
 
 from ..evaluate import matching
 from ..inference import pick_device, predict_tiled
-from ..instances import instances_from_borders
-from ..models.cnn import DEFAULT_THRESHOLDS, save_model_folder
+from ..instances import DEFAULT_THRESHOLDS, instances_with
+from ..models.cnn import save_model_folder
 from ..models.networks import build_network
 from ..types import THREE_CLASS, ProbabilityMap
 from .data import augmented_sample, augmenter, find_pairs, load_pair, split_validation
@@ -75,8 +75,7 @@ def validate(net, val_data, cfg: TrainConfig, device, thresholds=None) -> dict:
     for img, labels in val_data:
         p = predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap, device=device, bf16=cfg.bf16)
         probs.append(p)
-        inst = instances_from_borders(ProbabilityMap(p, THREE_CLASS, "val"), t["foreground_threshold"],
-                                      t["seed_threshold"], int(t["min_size_px"]), int(t["min_seed_px"]))
+        inst = instances_with(ProbabilityMap(p, THREE_CLASS, "val"), t)
         m = matching(labels, inst.labels, 0.5)
         tp, n_true, n_pred = tp + m.tp, n_true + m.n_true, n_pred + m.n_pred
         fg_t, fg_p = labels > 0, inst.labels > 0
@@ -88,20 +87,36 @@ def validate(net, val_data, cfg: TrainConfig, device, thresholds=None) -> dict:
             "_probs": probs}
 
 
+def pooled_f1(probs, val_data, thresholds: dict) -> float:
+    """F1 at IoU 0.5 pooled over validation images for one post-processing setting."""
+    tp = nt = npred = 0
+    for p, (_, labels) in zip(probs, val_data):
+        m = matching(labels, instances_with(ProbabilityMap(p, THREE_CLASS, "val"), thresholds).labels, 0.5)
+        tp, nt, npred = tp + m.tp, nt + m.n_true, npred + m.n_pred
+    return 2 * tp / (nt + npred) if nt + npred else 0.0
+
+
+#: Values tried by :func:`tune_thresholds`: first the two thresholds together, then each filter.
+TUNING_GRID = {
+    ("foreground_threshold", "seed_threshold"): [(fg, seed) for fg in (0.3, 0.4, 0.5, 0.6, 0.7)
+                                                 for seed in (0.2, 0.35, 0.5, 0.65, 0.8)],
+    ("min_score",): [(v,) for v in (0.0, 0.5, 0.6, 0.7, 0.8)],
+    ("min_relative_area",): [(v,) for v in (0.0, 0.05, 0.1, 0.2, 0.3)],
+    ("min_size_px",): [(v,) for v in (9, 16, 30, 60)],
+}
+
+
 def tune_thresholds(probs, val_data) -> tuple[dict, float]:
-    """Grid search of the foreground and seed thresholds for the best pooled F1."""
-    best, best_f1 = dict(DEFAULT_THRESHOLDS), -1.0
-    for fg in (0.3, 0.4, 0.5, 0.6):
-        for seed in (0.2, 0.35, 0.5, 0.65, 0.8):
-            tp = nt = npred = 0
-            for p, (_, labels) in zip(probs, val_data):
-                inst = instances_from_borders(ProbabilityMap(p, THREE_CLASS, "val"), fg, seed, 9, 4)
-                m = matching(labels, inst.labels, 0.5)
-                tp, nt, npred = tp + m.tp, nt + m.n_true, npred + m.n_pred
-            f1 = 2 * tp / (nt + npred) if nt + npred else 0.0
-            if f1 > best_f1:
-                best_f1 = f1
-                best = {**DEFAULT_THRESHOLDS, "foreground_threshold": fg, "seed_threshold": seed}
+    """Post-processing settings with the best pooled F1 on the validation images, searched one
+    group of settings at a time (the thresholds jointly, then each filter given the rest)."""
+    best = dict(DEFAULT_THRESHOLDS)
+    best_f1 = pooled_f1(probs, val_data, best)
+    for keys, values in TUNING_GRID.items():
+        for vals in values:
+            trial = {**best, **dict(zip(keys, vals))}
+            f1 = pooled_f1(probs, val_data, trial)
+            if f1 > best_f1 + 1e-9:
+                best, best_f1 = trial, f1
     return best, best_f1
 
 

@@ -1,0 +1,42 @@
+"""Tune the post-processing of a trained run's best model again on its validation images.
+
+    python benchmarks/retune.py RUN_DIR [--images DIR --masks DIR]
+
+Reads RUN_DIR/split.json (written by training) and RUN_DIR/best, searches the settings of
+``emparticles.train.loop.TUNING_GRID`` for the best pooled F1 at IoU 0.5, and rewrites
+RUN_DIR/best/thresholds.json and the validation figures in RUN_DIR/best/config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from emparticles.inference import pick_device
+from emparticles.train.data import find_pairs, load_pair
+from emparticles.train.loop import TrainConfig, finalise
+
+EMPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "emps-train"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--images", type=Path, default=EMPS / "images")
+    parser.add_argument("--masks", type=Path, default=EMPS / "segmaps")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = set(json.loads((args.run / "split.json").read_text())["validation"])
+    val = [load_pair(i, m) for i, m in find_pairs(args.images, args.masks) if i.stem in names]
+    config = json.loads((args.run / "best" / "config.json").read_text())
+    cfg = TrainConfig(**{k: v for k, v in config["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+    finalise(args.run, cfg, val, pick_device("cpu"), log=print)
+    print((args.run / "best" / "thresholds.json").read_text())
+
+
+if __name__ == "__main__":
+    main()
