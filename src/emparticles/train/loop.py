@@ -98,7 +98,7 @@ def pooled_f1(probs, val_data, thresholds: dict) -> float:
 
 #: Values tried by :func:`tune_thresholds`: first the two thresholds together, then each filter.
 TUNING_GRID = {
-    ("foreground_threshold", "seed_threshold"): [(fg, seed) for fg in (0.3, 0.4, 0.5, 0.6, 0.7)
+    ("foreground_threshold", "seed_threshold"): [(fg, seed) for fg in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
                                                  for seed in (0.2, 0.35, 0.5, 0.65, 0.8)],
     ("min_score",): [(v,) for v in (0.0, 0.5, 0.6, 0.7, 0.8)],
     ("min_relative_area",): [(v,) for v in (0.0, 0.05, 0.1, 0.2, 0.3)],

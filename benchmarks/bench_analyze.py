@@ -1,0 +1,65 @@
+"""End-to-end ``analyze`` time for one 1280x960 SEM image, in process (imports and model loading
+excluded, as in a batch).
+
+    python benchmarks/bench_analyze.py [--model NAME] [--runs 7]
+
+The image is a synthetic SEM micrograph (``emparticles synth``, seed 0) with an info bar. Times
+one image through read, info bar, segmentation, measurement and every per-image output
+(labels, overlay, ROI set, tables), then the run's combined tables, with and without the HTML
+report; prints the median of ``--runs`` runs and the ratio to the classical model timed in the
+same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from emparticles.io.datasets import write_training_pair
+from emparticles.models import load_model
+from emparticles.pipeline import AnalysisSettings, AnalyzeRun, analyse_path
+from emparticles.synth import SynthSettings, synth_sem
+
+
+def one_run(path: Path, model, out: Path, report: bool) -> float:
+    t = time.perf_counter()
+    run = AnalyzeRun(out, AnalysisSettings(), overwrite=True)
+    result = analyse_path(path, model, run.settings)
+    run.save_image(path.stem, result)
+    run.combine()
+    run.finish(report=report)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="default: the default model")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        s = synth_sem(np.random.default_rng(0), SynthSettings(width=1280, height=960, info_bar_probability=1.0))
+        path, _ = write_training_pair(s.image, s.labels, tmp / "set", "sem_1280x960", s.pixel_size_nm)
+        results = {}
+        for name in (args.model, "classical"):
+            model = load_model(name, "cpu")
+            one_run(path, model, tmp / "warm", report=False)  # warm-up (numba, allocations)
+            for report in (False, True):
+                times = [one_run(path, model, tmp / f"out{r}", report) for r in range(args.runs)]
+                results[(model.model_id, report)] = statistics.median(times)
+        ref = {rep: t for (mid, rep), t in results.items() if mid == "classical"}
+        for (mid, rep), t in results.items():
+            print(f"{mid:28s} report={'yes' if rep else 'no ':3s}  median {t:.3f} s  (ratio to classical {t / ref[rep]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
