@@ -1,6 +1,6 @@
 """Copy a trained model folder into the package (as a registered, offline model) with its card.
 
-    python benchmarks/package_model.py RUN/best NAME [--metrics metrics.json] [--description TEXT]
+    python benchmarks/package_model.py RUN/best NAME [--metrics metrics.json] [--description TEXT] [--default]
 
 Writes src/emparticles/models/weights/NAME/{config.json, weights.safetensors, thresholds.json,
 MODEL_CARD.md}. Refuses weights above 30 MB.
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--metrics", type=Path, default=None)
     parser.add_argument("--description", default="3-class network trained on EMPS")
+    parser.add_argument("--default", action="store_true", help="make it the default model of analyze/segment")
     args = parser.parse_args()
     size = (args.folder / "weights.safetensors").stat().st_size
     if size > 30 * 2**20:
@@ -65,6 +66,7 @@ def main() -> None:
     config = json.loads((args.folder / "config.json").read_text())
     config["name"] = args.name
     config["description"] = args.description
+    config["default"] = bool(args.default)
     for f in ("weights.safetensors", "thresholds.json"):
         shutil.copy2(args.folder / f, dest / f)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -175,11 +175,27 @@ def test_default_model_loads_offline_and_segments(tmp_path):
     assert info["model"] == DEFAULT_MODEL and len(info["scores"]) > 20
 
 
-def test_shipped_network_segments_the_example(tmp_path):
-    r = run("segment", EXAMPLE, "-o", tmp_path / "seg", "--model", "emps-compact-unet-v0", "--device", "cpu")
+#: EMPS images held out of the default model's training (its validation split).
+HELD_OUT = ["01ac659240", "065d8e352c", "08549eb98f", "1206963ed7", "15a3ba1c51", "1cb46bfdd5", "1ecd5c901c", "2242820128"]
+
+
+def test_default_model_finds_annotated_particles_on_held_out_images(tmp_path):
+    """Accuracy check of the shipped weights through 'segment' on 8 EMPS images never trained on:
+    pooled F1 at IoU 0.5 was 0.79 when the model was packaged (vs 0.25 for 'classical')."""
+    from emparticles.evaluate import matching
+    from emparticles.io.writers import read_labels
+
+    from .conftest import EMPS, need
+
+    images = need(EMPS / "images")
+    r = run("segment", *[images / f"{n}.png" for n in HELD_OUT], "-o", tmp_path / "seg", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    labels = np.array(Image.open(tmp_path / "seg" / "nanorods_tem.png"))
-    assert labels.shape == (512, 518) and labels.max() > 20
+    tp = n_true = n_pred = 0
+    for n in HELD_OUT:
+        m = matching(read_labels(EMPS / "segmaps" / f"{n}.png")[0], read_labels(tmp_path / "seg" / f"{n}.png")[0], 0.5)
+        tp, n_true, n_pred = tp + m.tp, n_true + m.n_true, n_pred + m.n_pred
+    assert 2 * tp / (n_true + n_pred) >= 0.75
+    assert 0.8 <= n_pred / n_true <= 1.25
 
 
 def test_synth_then_annotations_round_trip(tmp_path):
