@@ -38,3 +38,19 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+def write_disk_set(folder: Path, count: int, disks: int, radius: int, margin: int, shape=(96, 96)) -> tuple[Path, Path]:
+    """A small annotated training set of random disk images: (folder/img, folder/mask)."""
+    from PIL import Image
+
+    img_dir, mask_dir = folder / "img", folder / "mask"
+    img_dir.mkdir(parents=True)
+    mask_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        centres = [(rng.uniform(margin, shape[0] - margin), rng.uniform(margin, shape[1] - margin)) for _ in range(disks)]
+        img, lab = disks_image(centres, radius=radius, shape=shape, seed=k)
+        Image.fromarray(img).save(img_dir / f"s{k}.png")
+        Image.fromarray(lab.astype(np.uint16)).save(mask_dir / f"s{k}.png")
+    return img_dir, mask_dir

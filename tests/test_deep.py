@@ -18,7 +18,7 @@ from emparticles.models.networks import ARCHITECTURES, build_network
 from emparticles.train.targets import BORDER, PARTICLE, class_weights, three_class_target
 from emparticles.types import THREE_CLASS, ProbabilityMap
 
-from .conftest import GRID_CENTRES, disks_image
+from .conftest import GRID_CENTRES, disks_image, write_disk_set
 
 
 def test_border_class_marks_outlines_and_seams():
@@ -153,14 +153,7 @@ def test_evaluate_command(tmp_path):
 def test_training_runs_resumes_and_tunes(tmp_path):
     from emparticles.train.loop import TrainConfig, train
 
-    (tmp_path / "img").mkdir()
-    (tmp_path / "mask").mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(8):
-        centres = [(rng.uniform(10, 86), rng.uniform(10, 86)) for _ in range(4)]
-        img, lab = disks_image(centres, radius=8, shape=(96, 96), seed=k)
-        Image.fromarray(img).save(tmp_path / "img" / f"s{k}.png")
-        Image.fromarray(lab.astype(np.uint16)).save(tmp_path / "mask" / f"s{k}.png")
+    write_disk_set(tmp_path, count=8, disks=4, radius=8, margin=10)
     cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=2, crop=64, tile=128, overlap=16, val_fraction=0.3, device="cpu")
     best = train(tmp_path / "img", tmp_path / "mask", tmp_path / "run", cfg, log=lambda m: None)
     assert (best / "weights.safetensors").exists() and (best / "thresholds.json").exists()

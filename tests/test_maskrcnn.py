@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from emparticles.models import load_model
 from emparticles.models.maskrcnn import (
@@ -16,7 +15,7 @@ from emparticles.models.maskrcnn import (
     merge_detections,
 )
 
-from .conftest import disks_image
+from .conftest import disks_image, write_disk_set
 
 
 def test_instance_targets_from_labels():
@@ -73,14 +72,7 @@ def test_architecture_settings():
 def test_train_save_load_and_segment(tmp_path):
     from emparticles.train.maskrcnn import MaskRCNNConfig, train_maskrcnn
 
-    (tmp_path / "img").mkdir()
-    (tmp_path / "mask").mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(6):
-        centres = [(rng.uniform(12, 84), rng.uniform(12, 84)) for _ in range(3)]
-        img, lab = disks_image(centres, radius=9, shape=(96, 96), seed=k)
-        Image.fromarray(img).save(tmp_path / "img" / f"s{k}.png")
-        Image.fromarray(lab.astype(np.uint16)).save(tmp_path / "mask" / f"s{k}.png")
+    write_disk_set(tmp_path, count=6, disks=3, radius=9, margin=12)
     torch.manual_seed(0)
     cfg = MaskRCNNConfig(epochs=2, heads_epochs=1, lr_drop_epoch=1, steps_per_epoch=1, batch_size=1, crop=64,
                          tile=64, overlap=16, val_fraction=0.3, device="cpu")
