@@ -147,4 +147,6 @@ def write_overlay(
         for i, x, y, c in zip(ids, cx, cy, counts):
             if c:
                 draw.text((float(x) - 3, float(y) - 5), str(i), fill=(255, 255, 0))
-    return _write(path, lambda p: image.save(p, format="PNG"))
+    # Fast zlib level: the default level took 0.42 s for a 1280x960 overlay, level 1 is ~5x faster
+    # for files ~20% larger.
+    return _write(path, lambda p: image.save(p, format="PNG", compress_level=1))
