@@ -175,6 +175,7 @@ class MaskRCNNSegmenter:
 
     @torch.inference_mode()
     def detect(self, pixels: np.ndarray) -> Instances:
+        """Particles of an (H, W) grey image: overlapping tiles, detections merged by score."""
         img = normalise(pixels)
         h, w = img.shape
         tile, overlap = int(self.config.get("tile", 512)), int(self.config.get("overlap", 96))
@@ -187,6 +188,8 @@ class MaskRCNNSegmenter:
         return merge_detections((h, w), found, float(self.config.get("mask_threshold", 0.5)))
 
     def segment(self, pixels: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
+        """Instances and their foreground map. ``particle_size_px`` is not used: the anchors
+        (8-96 px) cover the size range, and the image is never resampled."""
         inst = self.detect(pixels)
         fg = (inst.labels > 0).astype(np.float32)
         return inst, ProbabilityMap(np.stack([1 - fg, fg]), TWO_CLASS, self.model_id)

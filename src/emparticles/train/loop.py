@@ -150,13 +150,8 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
     net = net.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
-    start_epoch, best_f1 = 0, -1.0
     ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        net.load_state_dict(ckpt["net"])
-        opt.load_state_dict(ckpt["opt"])
-        start_epoch, best_f1 = int(ckpt["epoch"]) + 1, float(ckpt["best_f1"])
+    start_epoch, best_f1 = load_checkpoint(ckpt_path, net, opt, device) if resume else (0, -1.0)
     # The one-cycle schedule is rebuilt at the resumed step, so a resumed run may also ask for
     # more epochs than the first.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.05,
@@ -196,8 +191,24 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
         if val["f1"] > best_f1:
             best_f1 = val["f1"]
             save_model_folder(net, out_dir / "best", _model_config(cfg, epoch + 1, val))
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best_f1": best_f1}, ckpt_path)
+        save_checkpoint(ckpt_path, net, opt, epoch, best_f1)
     return finalise(out_dir, cfg, val_data, device, log)
+
+
+def save_checkpoint(path: Path, net, opt, epoch: int, best_f1: float) -> None:
+    """Weights, optimiser state, last finished epoch (0-based) and best validation F1."""
+    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best_f1": best_f1}, path)
+
+
+def load_checkpoint(path: Path, net, opt, device) -> tuple[int, float]:
+    """Restore a :func:`save_checkpoint` file (tensors only: ``weights_only=True``) into ``net`` and
+    ``opt``; returns (first epoch to run, best F1), or (0, -1.0) when there is no checkpoint."""
+    if not path.exists():
+        return 0, -1.0
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    net.load_state_dict(ckpt["net"])
+    opt.load_state_dict(ckpt["opt"])
+    return int(ckpt["epoch"]) + 1, float(ckpt["best_f1"])
 
 
 def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fraction: float):

@@ -15,7 +15,7 @@ from ..evaluate import matching
 from ..inference import pick_device
 from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, build_maskrcnn, instance_targets
 from .data import augmenter, find_pairs, load_pair, split_validation
-from .loop import append_metrics
+from .loop import append_metrics, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -84,13 +84,9 @@ def train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRC
     net = build_maskrcnn(cfg.arch).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start_epoch, best_f1 = 0, -1.0
     ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        net.load_state_dict(ckpt["net"])
-        opt.load_state_dict(ckpt["opt"])
-        start_epoch, best_f1 = int(ckpt["epoch"]) + 1, float(ckpt["best_f1"])
+    start_epoch, best_f1 = load_checkpoint(ckpt_path, net, opt, device) if resume else (0, -1.0)
+    if start_epoch:
         rng = np.random.default_rng(cfg.seed + start_epoch)
         log(f"resumed after epoch {start_epoch} (best F1 {best_f1:.3f})")
     aug = augmenter(cfg.crop, (cfg.scale_min, cfg.scale_max))
@@ -126,6 +122,6 @@ def train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRC
         if val["f1"] > best_f1:
             best_f1 = val["f1"]
             _save(net, out_dir / "best", cfg, epoch + 1, val)
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best_f1": best_f1}, ckpt_path)
+        save_checkpoint(ckpt_path, net, opt, epoch, best_f1)
     log(f"best validation F1 {best_f1:.3f} -> {out_dir / 'best'}")
     return out_dir / "best"
