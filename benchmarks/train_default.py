@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"))
     parser.add_argument("--border-width", type=int, default=2)
+    parser.add_argument("--class-weighting", default="border", choices=["border", "tempered"])
     parser.add_argument("--extra-images", default="", help="a second set for training only (e.g. synthetic SEM)")
     parser.add_argument("--extra-masks", default="")
     parser.add_argument("--extra-fraction", type=float, default=0.3)
@@ -39,7 +40,7 @@ def main() -> None:
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size, lr=args.lr,
                       crop=args.crop, scale_min=args.scale[0], scale_max=args.scale[1], border_width=args.border_width,
                       extra_images=args.extra_images, extra_masks=args.extra_masks, extra_fraction=args.extra_fraction,
-                      init_from=args.init_from)
+                      init_from=args.init_from, class_weighting=args.class_weighting)
     best = train(EMPS / "images", EMPS / "segmaps", args.out, cfg, resume=args.resume, log=lambda m: print(m, flush=True))
     print(f"best model: {best}")
 

@@ -32,6 +32,14 @@ def test_border_class_marks_outlines_and_seams():
     assert (three_class_target(lab, 2) == BORDER).sum() > (t == BORDER).sum()
     w = class_weights([t])
     assert w.mean() == pytest.approx(1.0) and w[BORDER] > w[PARTICLE]
+    assert w[0] == pytest.approx(w[PARTICLE])  # background weighs as much as particle
+    counts = np.bincount(t.ravel(), minlength=3)
+    ratio = np.sqrt(counts[:2].mean() / counts[BORDER])
+    assert w[BORDER] / w[PARTICLE] == pytest.approx(ratio)
+    wt = class_weights([t], scheme="tempered")
+    assert wt == pytest.approx(np.sqrt(counts.sum() / counts) / np.sqrt(counts.sum() / counts).mean())
+    with pytest.raises(ValueError, match="tempered"):
+        class_weights([t], scheme="inverse")
 
 
 @pytest.mark.parametrize("arch", ["compact-unet", "strided-unet", "unet-resnet18"])

@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     border_width: int = 2
     dice_weight: float = 1.0
+    class_weighting: str = "border"  # "border" (background = particle) or "tempered" (all classes)
     val_fraction: float = 0.15
     scale_min: float = 0.5
     scale_max: float = 2.0
@@ -140,13 +141,18 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
         log(f"{len(extra_data)} extra training images from {cfg.extra_images} ({cfg.extra_fraction:.0%} of crops)")
     (out_dir / "split.json").write_text(json.dumps({"train": [p[0].stem for p in train_pairs],
                                                     "validation": [p[0].stem for p in val_pairs]}, indent=1))
-    weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in train_data])).to(device)
+    weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in train_data],
+                                             scheme=cfg.class_weighting)).to(device)
     net = build_network(cfg.arch, 3)
+    val_thresholds = None  # validation of a fresh network uses the default post-processing
     if cfg.init_from:
         from safetensors.torch import load_file
 
         net.load_state_dict(load_file(str(Path(cfg.init_from) / "weights.safetensors")))
         log(f"starting from the weights of {cfg.init_from}")
+        tuned = Path(cfg.init_from) / "thresholds.json"
+        if tuned.exists():  # a fine-tuned network is judged with the settings it starts from
+            val_thresholds = {**DEFAULT_THRESHOLDS, **json.loads(tuned.read_text())}
     net = net.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
@@ -181,7 +187,7 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
             sched.step()
             losses.append(loss.item())
         train_s = time.perf_counter() - t0
-        val = validate(net, val_data, cfg, device)
+        val = validate(net, val_data, cfg, device, val_thresholds)
         val.pop("_probs")
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}

@@ -27,12 +27,23 @@ def three_class_target(labels: np.ndarray, border_width: int = 2) -> np.ndarray:
     return target
 
 
-def class_weights(targets: list[np.ndarray], classes: int = 3) -> np.ndarray:
-    """Inverse-frequency class weights (normalised to mean 1) against class imbalance."""
+def class_weights(targets: list[np.ndarray], classes: int = 3, scheme: str = "border") -> np.ndarray:
+    """(classes,) float32 cross-entropy weights against class imbalance, normalised to mean 1.
+
+    ``"tempered"``: square root of the inverse frequency of every class. Background, the most
+    frequent class, then weighs least, which pushes the network to over-predict particles.
+    ``"border"``: background and particle weigh the same; only the rare border class is up-weighted
+    by the tempered ratio of its frequency to theirs.
+    """
     counts = np.zeros(classes)
     for t in targets:
         counts += np.bincount(t.ravel(), minlength=classes)[:classes]
-    freq = counts / counts.sum()
-    w = 1.0 / np.maximum(freq, 1e-6)
-    w = np.sqrt(w)  # tempered: full inverse frequency over-predicts borders
+    freq = np.maximum(counts / counts.sum(), 1e-6)
+    if scheme == "tempered":
+        w = np.sqrt(1.0 / freq)  # tempered: full inverse frequency over-predicts borders
+    elif scheme == "border":
+        w = np.ones(classes)
+        w[BORDER] = np.sqrt(freq[:BORDER].mean() / freq[BORDER])
+    else:
+        raise ValueError(f"unknown class weighting {scheme!r}; use 'border' or 'tempered'")
     return (w / w.mean()).astype(np.float32)
