@@ -136,3 +136,24 @@ def test_report_for_another_measure_and_bins(two_image_run):
     assert (two_image_run / "plots" / "feret_max_histogram.png").exists()
     assert run("report", two_image_run, "--measure", "volume").exit_code == 2
     assert run("report", two_image_run).exit_code == 0  # back to ECD for the other tests
+
+
+def test_coco_runs_match_pycocotools_per_particle():
+    from emparticles.io.exports import coco_instances
+
+    lab = np.zeros((9, 7), np.int32)
+    lab[0, 0] = 4  # first pixel in column order
+    lab[-1, -1] = 9  # last pixel
+    lab[2:6, 1:4] = 2  # runs in three columns with gaps between them
+    lab[3, 5] = 2  # a second piece of the same label
+    lab[6:9, 2] = 7
+    coco = coco_instances({"a": lab}, {"a": np.linspace(0, 1, 9)})
+    anns = {a["particle_label"]: a for a in coco["annotations"]}
+    assert sorted(anns) == [2, 4, 7, 9]
+    for label, a in anns.items():
+        ref = mask_utils.encode(np.asfortranarray((lab == label).astype(np.uint8)))
+        assert a["segmentation"]["counts"] == ref["counts"].decode()
+        assert a["area"] == (lab == label).sum() and a["bbox"] == mask_utils.toBbox(ref).tolist()
+        assert a["score"] == pytest.approx(np.linspace(0, 1, 9)[label - 1])
+    empty = coco_instances({"b": np.zeros((4, 4), np.int32)})
+    assert empty["annotations"] == [] and empty["images"][0]["width"] == 4

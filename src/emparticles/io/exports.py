@@ -16,9 +16,40 @@ def write_parquet(df: pd.DataFrame, path: Path) -> Path:
     return _write(path, lambda p: df.to_parquet(p, index=False))
 
 
+def label_rles(labels: np.ndarray) -> dict[int, list[int]]:
+    """Uncompressed COCO run lengths of every particle of an (H, W) label image, in one pass.
+
+    COCO masks run down the columns (Fortran order) and alternate background / particle counts,
+    starting with background. Encoding each particle's full-size mask with pycocotools costs one
+    H*W comparison and copy per particle (0.3 s for 113 particles in a 1280x960 image); here the
+    runs of the whole image are found once and grouped by label.
+    """
+    flat = np.asarray(labels).ravel(order="F")
+    if flat.size == 0:
+        return {}
+    starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1])
+    lengths = np.diff(np.concatenate([starts, [flat.size]]))
+    values = flat[starts]
+    fg = values > 0
+    starts, lengths, values = starts[fg], lengths[fg], values[fg]
+    if not values.size:
+        return {}
+    order = np.argsort(values, kind="stable")  # runs of one label stay in image order
+    starts, lengths, values = starts[order], lengths[order], values[order]
+    bounds = np.flatnonzero(np.diff(values)) + 1
+    out = {}
+    for s, n, v in zip(np.split(starts, bounds), np.split(lengths, bounds), values[np.concatenate([[0], bounds])]):
+        ends = s + n
+        gaps = s - np.concatenate([[0], ends[:-1]])
+        counts = np.empty(2 * len(s) + 1, np.int64)
+        counts[0:-1:2], counts[1::2], counts[-1] = gaps, n, flat.size - ends[-1]
+        out[int(v)] = counts[:-1].tolist() if counts[-1] == 0 else counts.tolist()  # as pycocotools
+    return out
+
+
 def coco_instances(labels_by_image: dict[str, np.ndarray], scores_by_image: dict[str, np.ndarray] | None = None) -> dict:
     """COCO instance-segmentation dict: one image entry per label image, one annotation per
-    particle with an RLE mask, its area, [x, y, w, h] bounding box and its score."""
+    particle with a compressed RLE mask, its area, [x, y, w, h] bounding box and its score."""
     from pycocotools import mask as mask_utils
 
     images, annotations = [], []
@@ -27,13 +58,16 @@ def coco_instances(labels_by_image: dict[str, np.ndarray], scores_by_image: dict
         h, w = labels.shape
         images.append({"id": image_id, "file_name": name, "width": int(w), "height": int(h)})
         scores = None if scores_by_image is None else scores_by_image.get(name)
-        for label in np.unique(labels[labels > 0]):
-            m = np.asfortranarray((labels == label).astype(np.uint8))
-            rle = mask_utils.encode(m)
-            x, y, bw, bh = mask_utils.toBbox(rle).tolist()
+        runs = label_rles(labels)
+        if not runs:
+            continue
+        rles = mask_utils.frPyObjects([{"counts": c, "size": [h, w]} for c in runs.values()], h, w)
+        boxes = mask_utils.toBbox(rles).tolist()
+        areas = [sum(c[1::2]) for c in runs.values()]  # (pycocotools' area() of a list fails on numpy 2)
+        for label, rle, box, area in zip(runs, rles, boxes, areas):
             ann = {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                   "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                   "area": float(mask_utils.area(rle)), "bbox": [x, y, bw, bh], "particle_label": int(label)}
+                   "segmentation": {"size": [int(h), int(w)], "counts": rle["counts"].decode("ascii")},
+                   "area": float(area), "bbox": box, "particle_label": label}
             if scores is not None and label - 1 < len(scores):
                 ann["score"] = float(scores[label - 1])
             annotations.append(ann)
