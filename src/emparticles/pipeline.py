@@ -304,6 +304,11 @@ class AnalyzeRun:
             raise InputError(self.out, f"output folder cannot be written ({exc.strerror})", "choose another -o folder or fix its permissions") from None
         self.report = BatchReport()
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        # Tables of the images analysed in this process, so that combining after every image does
+        # not read every earlier image's parts back from disk; images reused from an earlier run
+        # are read from their parts.
+        self._tables: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+        self._combined = False  # the combined tables include every image recorded so far
 
     def is_done(self, name: str) -> bool:
         meta = self.parts / f"{name}.json"
@@ -319,6 +324,7 @@ class AnalyzeRun:
         info = json.loads((self.parts / f"{name}.json").read_text())
         self.report.statuses[name] = {"path": str(path), "status": "ok", "message": "reused from an earlier run",
                                       "warnings": info.get("warnings", [])}
+        self._combined = False
 
     def save_image(self, name: str, result: ImageResult) -> None:
         mg = result.micrograph
@@ -331,6 +337,7 @@ class AnalyzeRun:
         everything = result.all_particles.copy()
         everything["image"] = name
         write_csv(everything, self.parts / f"{name}.all.csv")
+        self._tables[name] = (particles, everything)
         write_imagej_rois(result.full_labels, self.out / "rois" / f"{name}.zip")
         summary = {**result.summary, "image": name}
         status = "ok" if result.summary["particles_measured"] > 0 else "no particles"
@@ -339,9 +346,12 @@ class AnalyzeRun:
                    self.parts / f"{name}.json")
         self.report.statuses[name] = {"path": str(mg.path), "status": status,
                                       "message": "; ".join(result.warnings), "warnings": result.warnings}
+        self._combined = False
 
     def save_failure(self, name: str, path: Path, message: str) -> None:
         self.report.statuses[name] = {"path": str(path), "status": "failed", "message": message, "warnings": []}
+        self._tables.pop(name, None)
+        self._combined = False
         write_json({"fingerprint": self.settings.fingerprint(), "status": "failed", "message": message,
                     "summary": {"image": name, "path": str(path)}}, self.parts / f"{name}.json")
 
@@ -359,9 +369,12 @@ class AnalyzeRun:
             row["message"] = self.report.statuses[name].get("message", "")
             rows.append(row)
             if info.get("status") in ("ok", "no particles"):
-                for suffix, into in (("particles", tables), ("all", everything)):
+                for k, (suffix, into) in enumerate((("particles", tables), ("all", everything))):
                     part = self.parts / f"{name}.{suffix}.csv"
-                    df = pd.read_csv(part) if part.exists() else None
+                    if name in self._tables:
+                        df = self._tables[name][k]
+                    else:
+                        df = pd.read_csv(part) if part.exists() else None
                     if df is not None and len(df):
                         into.append(df)
         empty = empty_particle_table(True, ultimate_points=True)
@@ -385,13 +398,15 @@ class AnalyzeRun:
             "images": self.report.statuses,
             "failed": len(self.report.failed),
         }, self.out / "run.json")
+        self._combined = True
+        self._particles = particles
 
 
     def finish(self, report: bool = True) -> None:
         """Combined tables, exports (Parquet, COCO JSON) and, unless told not to, the report."""
-        self.combine()
-        particles = pd.read_csv(self.out / "particles.csv")
-        write_parquet(particles, self.out / "particles.parquet")
+        if not self._combined:
+            self.combine()
+        write_parquet(self._particles, self.out / "particles.parquet")
         labels, scores = {}, {}
         for name, st in self.report.statuses.items():
             path = self.out / "labels" / f"{name}.tif"
