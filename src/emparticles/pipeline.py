@@ -5,6 +5,7 @@ Only this module, :mod:`emparticles.io` and the CLI touch the disk.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -252,17 +253,22 @@ def unique_stems(paths: list[Path]) -> list[str]:
     return names
 
 
-def software_versions() -> dict[str, str]:
-    """Versions of the software that made a result (read from package metadata, no imports)."""
+@functools.cache
+def _package_versions() -> tuple[tuple[str, str], ...]:
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"emparticles": __version__, "python": platform.python_version()}
+    found = []
     for package in ("numpy", "scipy", "scikit-image", "tifffile", "pandas", "numba", "torch"):
         try:
-            versions[package] = version(package)
+            found.append((package, version(package)))
         except PackageNotFoundError:  # pragma: no cover
             pass
-    return versions
+    return tuple(found)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the software that made a result (read from package metadata once, no imports)."""
+    return {"emparticles": __version__, "python": platform.python_version(), **dict(_package_versions())}
 
 
 @dataclass

@@ -104,6 +104,21 @@ def read_labels(path: str | Path) -> tuple[np.ndarray, float | None]:
     return arr.astype(np.int32), mg.pixel_size_nm
 
 
+def inner_boundaries(labels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: particle pixels with a 4-neighbour of another label (background or another
+    particle), as ``skimage.segmentation.find_boundaries(mode="inner")``, from four shifted
+    comparisons instead of a dilation and an erosion (half the time)."""
+    labels = np.asarray(labels)
+    edge = np.zeros(labels.shape, bool)
+    dx = labels[:, 1:] != labels[:, :-1]
+    dy = labels[1:] != labels[:-1]
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge[1:] |= dy
+    edge[:-1] |= dy
+    return edge & (labels > 0)
+
+
 def write_overlay(
     pixels: np.ndarray,
     labels: np.ndarray,
@@ -118,7 +133,6 @@ def write_overlay(
     bar is shaded red.
     """
     from PIL import Image, ImageDraw
-    from skimage.segmentation import find_boundaries
 
     from ..preprocess import normalise
 
@@ -128,23 +142,26 @@ def write_overlay(
         bar = rgb[-infobar_rows:].astype(np.float32)
         bar[..., 0] = 0.6 * bar[..., 0] + 0.4 * 255
         rgb[-infobar_rows:] = bar.astype(np.uint8)
-    edges = find_boundaries(labels, mode="inner")
+    labels = np.asarray(labels)
+    edges = inner_boundaries(labels)
+    n = int(labels.max()) if labels.size else 0
     if measured is not None:
-        ok = np.isin(labels, np.fromiter(measured, dtype=np.int64, count=len(measured)))
+        ok = np.zeros(n + 1, bool)
+        ok[[m for m in measured if 0 < m <= n]] = True
+        ok = ok[labels]
         rgb[edges & ok] = (0, 255, 255)
         rgb[edges & ~ok] = (255, 140, 0)
     else:
         rgb[edges] = (0, 255, 255)
     image = Image.fromarray(rgb)
-    n = int(labels.max()) if labels.size else 0
     if draw_ids and 0 < n <= 3000:
         draw = ImageDraw.Draw(image)
-        ids = np.arange(1, n + 1)
-        counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-        ys, xs = np.indices(labels.shape)
-        cy = np.bincount(labels.ravel(), weights=ys.ravel(), minlength=n + 1)[1:] / np.maximum(counts, 1)
-        cx = np.bincount(labels.ravel(), weights=xs.ravel(), minlength=n + 1)[1:] / np.maximum(counts, 1)
-        for i, x, y, c in zip(ids, cx, cy, counts):
+        where = np.flatnonzero(labels.ravel())
+        lab = labels.ravel()[where]
+        counts = np.bincount(lab, minlength=n + 1)[1:]
+        cy = np.bincount(lab, weights=where // labels.shape[1], minlength=n + 1)[1:] / np.maximum(counts, 1)
+        cx = np.bincount(lab, weights=where % labels.shape[1], minlength=n + 1)[1:] / np.maximum(counts, 1)
+        for i, x, y, c in zip(range(1, n + 1), cx, cy, counts):
             if c:
                 draw.text((float(x) - 3, float(y) - 5), str(i), fill=(255, 255, 0))
     # Fast zlib level: the default level took 0.42 s for a 1280x960 overlay, level 1 is ~5x faster
