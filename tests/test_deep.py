@@ -132,6 +132,71 @@ def test_cnn_segmenter_from_a_folder(tmp_path):
     img, _ = disks_image(GRID_CENTRES, shape=(128, 176))
     inst, prob = seg.segment(img)
     assert prob.probabilities.shape == (3, 128, 176) and inst.labels.shape == (128, 176)
+    inst, prob = seg.segment(img, particle_size_px=120.0)  # resampled by 0.5 and back
+    assert prob.probabilities.shape == (3, 128, 176) and inst.labels.shape == (128, 176)
+    assert inst.count == int(inst.labels.max()) == len(inst.scores)
+
+
+class _ScoredAtScale(CNNSegmenter):
+    """A segmenter whose particles score best at one scale (no network): one square particle
+    whose score falls with the distance (in octaves) of the scale from ``peak``."""
+
+    def __init__(self, peak: float, search: dict):
+        self.config, self.peak, self.calls = {"scale_search": search}, peak, []
+
+    def at_scale(self, img, scale):
+        from emparticles.instances import Instances
+        from emparticles.models.cnn import _scaled_shape
+        from emparticles.types import THREE_CLASS, ProbabilityMap
+
+        self.calls.append((scale, img.shape))
+        lab = np.zeros(_scaled_shape(img.shape, scale), np.int32)
+        lab[2:6, 2:6] = 1
+        score = 1.0 - 0.1 * abs(np.log2(scale / self.peak))
+        return Instances(lab, np.array([score], np.float32)), ProbabilityMap(np.zeros((3, *lab.shape), np.float32), THREE_CLASS, "x")
+
+
+@pytest.mark.parametrize("peak, chosen, tried", [
+    (2.0, 2.0, [0.7, 1.0, 1.4, 2.0]),  # climbs up while the score improves
+    (1.4, 1.4, [0.7, 1.0, 1.4, 2.0]),  # stops after the first scale that scores worse
+    (1.0, 1.0, [0.7, 1.0, 1.4]),
+    (0.35, 0.5, [0.7, 1.0, 0.5]),  # climbs down when the smaller start scale wins
+])
+def test_scale_search_climbs_towards_the_best_score(peak, chosen, tried):
+    seg = _ScoredAtScale(peak, {"start": [0.7, 1.0], "up": [1.4, 2.0], "down": [0.5], "max_pixels": 10_000})
+    best, results = seg.choose_scale(np.zeros((40, 60), np.float32))
+    assert best == chosen and [c[0] for c in seg.calls] == tried and set(results) == set(tried)
+    # segment() reuses the chosen result and returns labels at the input's size
+    seg.calls.clear()
+    inst, prob = seg.segment(np.random.default_rng(0).random((40, 60)))
+    assert inst.labels.shape == (40, 60) and prob.probabilities.shape == (3, 40, 60)
+    assert [c[0] for c in seg.calls] == tried
+
+
+def test_scale_search_on_a_crop_of_a_large_image():
+    seg = _ScoredAtScale(2.0, {"start": [1.0], "up": [2.0], "max_pixels": 2_000})
+    inst, _ = seg.segment(np.random.default_rng(0).random((100, 300)))
+    assert [c[0] for c in seg.calls] == [1.0, 2.0, 2.0]  # search on the crop, then the whole image
+    h, w = seg.calls[0][1]
+    assert h * w <= 2_000 and abs(w / h - 3) < 0.2 and seg.calls[-1][1] == (100, 300)
+    assert inst.labels.shape == (100, 300)
+
+
+def test_instances_back_to_the_input_size():
+    from emparticles.instances import Instances
+    from emparticles.models.cnn import _instances_to_shape
+
+    small = np.zeros((6, 8), np.int32)
+    small[1:3, 1:3], small[3:6, 4:6], small[5, 7] = 1, 2, 3  # numbered in raster order
+    up = _instances_to_shape(Instances(small, np.array([0.9, 0.8, 0.7], np.float32)), (12, 16))
+    np.testing.assert_array_equal(up.labels, np.kron(small, np.ones((2, 2), np.int32)))
+    assert up.scores.tolist() == pytest.approx([0.9, 0.8, 0.7])
+    big = np.kron(small, np.ones((2, 2), np.int32))
+    big[10:12, 14:16] = 0
+    big[11, 15] = 3  # particle 3 now one pixel of the large image: lost when halved
+    down = _instances_to_shape(Instances(big, np.array([0.9, 0.8, 0.7], np.float32)), (6, 8))
+    assert down.count == 2 and down.scores.tolist() == pytest.approx([0.9, 0.8])
+    assert (down.labels == 2).sum() == 6 and (down.labels == 1).sum() == 4
 
 
 def test_evaluate_perfect_and_ranked():

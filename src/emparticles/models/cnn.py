@@ -70,71 +70,130 @@ class CNNSegmenter:
         self.model_id = self.config.get("name", self.folder.name)
         self.flips = flips
 
-    #: Median particle diameter (px) the network handles best, and the range left alone.
-    TARGET_ECD_PX = 30.0
-    GOOD_ECD_RANGE_PX = (12.0, 90.0)
+    #: Median particle diameter (px) the network handles best: with a ``--particle-size`` hint the
+    #: image is resampled to bring it there (measured on EMPS validation images: the scale that
+    #: gave the best F1 put the median particle at 28-148 px, 57 px weighted by particle count).
+    TARGET_ECD_PX = 60.0
 
     def predict(self, pixels: np.ndarray, scale: float = 1.0) -> ProbabilityMap:
         """Probabilities at the input's size; ``scale`` resamples the image first (e.g. 2.0 to
         enlarge small particles into the range the network was trained on)."""
-        img = normalise(pixels)
+        probs = self._probabilities(normalise(pixels), scale)
+        if probs.shape[1:] != pixels.shape:
+            probs = np.stack([_resize(p, pixels.shape) for p in probs])
+        return ProbabilityMap(probs, THREE_CLASS, self.model_id)
+
+    def _probabilities(self, img: np.ndarray, scale: float) -> np.ndarray:
+        """(3, h, w) float32 probabilities of a normalised image resampled by ``scale``."""
         scale = scale * float(self.config.get("input_scale", 1.0))
         if scale != 1.0:
             img = _resize(img, scale)
         probs = predict_tiled(self.net, img, tile=int(self.config.get("tile", 1024)),
                               overlap=int(self.config.get("overlap", 64)), device=self.device,
                               bf16=bool(self.config.get("bf16", False)), flips=self.flips)
-        if scale != 1.0:
-            probs = np.stack([_resize(p, pixels.shape) for p in probs])
-        return ProbabilityMap(probs.astype(np.float32), THREE_CLASS, self.model_id)
+        return probs.astype(np.float32, copy=False)
 
     def instances(self, prob: ProbabilityMap) -> Instances:
         return instances_with(prob, self.thresholds)
+
+    def at_scale(self, img: np.ndarray, scale: float) -> tuple[Instances, ProbabilityMap]:
+        """Instances and probabilities of a normalised (H, W) image segmented after resampling by
+        ``scale``, both at the resampled size (the post-processing thresholds, in pixels, apply
+        where the network worked)."""
+        prob = ProbabilityMap(self._probabilities(img, scale), THREE_CLASS, self.model_id)
+        return self.instances(prob), prob
+
+    def choose_scale(self, img: np.ndarray) -> tuple[float, dict[float, tuple[Instances, ProbabilityMap]]]:
+        """Pick the resampling of a normalised image at which the network is most confident.
+
+        Each tried scale is scored by the mean score of its particles (their mean foreground
+        probability): a network that sees particles too small merges them, one that sees them too
+        large breaks them into fragments along texture, and both give weak, uncertain particles.
+        The search (``config["scale_search"]``) tries the ``start`` scales, then climbs ``up`` (if
+        the largest start scale won) or ``down`` while the score improves. On EMPS validation
+        images this lifted F1 at IoU 0.5 from 0.725 (scale 1 only) to 0.867 (best single-scale
+        oracle per image: 0.893). Images over ``max_pixels`` choose on a centred crop of that size.
+        Returns the chosen scale and the results of the tried scales (on the crop if one was used).
+        """
+        search = self.config.get("scale_search") or {}
+        max_pixels = int(search.get("max_pixels", 400_000))
+        h, w = img.shape
+        if h * w > max_pixels:
+            ch = min(h, int(round((max_pixels * h / w) ** 0.5)))
+            cw = min(w, max_pixels // max(ch, 1))
+            y0, x0 = (h - ch) // 2, (w - cw) // 2
+            img = img[y0:y0 + ch, x0:x0 + cw]
+        tried: dict[float, tuple[Instances, ProbabilityMap]] = {}
+
+        def score(scale: float) -> float:
+            if scale not in tried:
+                tried[scale] = self.at_scale(img, scale)
+            sc = tried[scale][0].scores
+            return float(sc.mean()) if sc.size else 0.0
+
+        start = [float(v) for v in search.get("start", [1.0])]
+        best = max(start, key=score)
+        if best == max(start):
+            climb = [float(v) for v in search.get("up", [])]
+        elif best == min(start):
+            climb = [float(v) for v in search.get("down", [])]
+        else:
+            climb = []
+        for scale in climb:
+            if score(scale) > score(best):
+                best = scale
+            else:
+                break
+        return best, tried
 
     def segment(self, pixels: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
         """Segment at the scale where particles look like the training data.
 
         With ``particle_size_px`` (a typical diameter given by the user) the image is resampled
-        once. Otherwise, if the model's config enables ``auto_rescale`` (it relies on a model that
-        does not over-segment), a first pass at the native scale estimates the median diameter,
-        and if it lies outside :attr:`GOOD_ECD_RANGE_PX` the image is segmented again after
-        resampling towards :attr:`TARGET_ECD_PX` (by at most 4x either way).
+        once to bring it to :attr:`TARGET_ECD_PX`. Otherwise, if the model's config has a
+        ``scale_search``, :meth:`choose_scale` picks the resampling; else the image is segmented
+        as it is. Labels come back at the input's size (nearest-neighbour), numbered 1..N.
         """
+        img = normalise(pixels)
         if particle_size_px:
             scale = float(np.clip(self.TARGET_ECD_PX / particle_size_px, 0.25, 4.0))
-            prob = self.predict(pixels, scale)
-            return self.instances(prob), prob
-        prob = self.predict(pixels)
-        inst = self.instances(prob)
-        if not self.config.get("auto_rescale", False):
+            inst, prob = self.at_scale(img, scale)
+        elif self.config.get("scale_search"):
+            scale, tried = self.choose_scale(img)
+            whole = tried[scale][0].labels.shape == _scaled_shape(img.shape, scale)  # not chosen on a crop
+            inst, prob = tried[scale] if whole else self.at_scale(img, scale)
+        else:
+            scale = 1.0
+            inst, prob = self.at_scale(img, scale)
+        if inst.labels.shape == pixels.shape:
             return inst, prob
-        median = _median_ecd(inst.labels)
-        lo, hi = self.GOOD_ECD_RANGE_PX
-        if median and not lo <= median <= hi:
-            scale = float(np.clip(self.TARGET_ECD_PX / median, 0.25, 4.0))
-            prob = self.predict(pixels, scale)
-            inst = self.instances(prob)
-        return inst, prob
+        return _instances_to_shape(inst, pixels.shape), ProbabilityMap(
+            np.stack([_resize(p, pixels.shape) for p in prob.probabilities]), prob.channels, prob.model_id)
 
 
-def _median_ecd(labels: np.ndarray) -> float | None:
-    """Median equivalent diameter (px) of the particles not cut by the border; None if < 3."""
-    n = int(labels.max())
-    if n < 3:
-        return None
-    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(float)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    keep = np.ones(n, bool)
-    keep[edge[edge > 0] - 1] = False
-    areas = areas[keep & (areas > 0)]
-    return float(np.median(np.sqrt(4 * areas / np.pi))) if areas.size >= 3 else None
+def _scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Size of an (H, W) image resampled by ``scale`` (as :func:`_resize` makes it)."""
+    scale = float(scale)
+    return (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
+
+
+def _instances_to_shape(inst: Instances, shape: tuple[int, int]) -> Instances:
+    """Instances resampled to ``shape`` by nearest neighbour; particles that vanish (smaller than
+    a pixel at the new size) are dropped, the rest renumbered 1..N with their scores."""
+    import cv2
+
+    from ..types import relabel_consecutive
+
+    old = cv2.resize(inst.labels.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    new = relabel_consecutive(old)
+    old_of_new = np.zeros(int(new.max()) + 1, np.int64)
+    old_of_new[new.ravel()] = old.ravel()
+    return Instances(new, inst.scores[old_of_new[1:] - 1].astype(np.float32))
 
 
 def _resize(img: np.ndarray, scale_or_shape) -> np.ndarray:
-    from skimage.transform import resize
+    """Bilinear resampling (pixel centres aligned) of a float (H, W) image to a scale or shape."""
+    import cv2
 
-    if isinstance(scale_or_shape, tuple):
-        shape = scale_or_shape
-    else:
-        shape = (max(1, round(img.shape[0] * scale_or_shape)), max(1, round(img.shape[1] * scale_or_shape)))
-    return resize(img, shape, order=1, preserve_range=True, anti_aliasing=False).astype(np.float32)
+    shape = scale_or_shape if isinstance(scale_or_shape, tuple) else _scaled_shape(img.shape, scale_or_shape)
+    return cv2.resize(np.asarray(img, np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
