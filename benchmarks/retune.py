@@ -3,8 +3,10 @@
     python benchmarks/retune.py RUN_DIR [--images DIR --masks DIR]
 
 Reads RUN_DIR/split.json (written by training) and RUN_DIR/best, searches the settings of
-``emparticles.train.loop.TUNING_GRID`` for the best pooled F1 at IoU 0.5, and rewrites
-RUN_DIR/best/thresholds.json and the validation figures in RUN_DIR/best/config.json.
+``emparticles.train.loop.TUNING_GRID`` for the best pooled F1 at IoU 0.5 (at scale 1, then at
+the scale each image chooses), and rewrites RUN_DIR/best/thresholds.json and the validation
+figures in RUN_DIR/best/config.json. A model trained without a resampling search gets the
+standard one (``SCALE_SEARCH``) unless ``--no-scale-search``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from emparticles.inference import pick_device
 from emparticles.train.data import find_pairs, load_pair
-from emparticles.train.loop import TrainConfig, finalise
+from emparticles.train.loop import SCALE_SEARCH, TrainConfig, finalise
 
 EMPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "emps-train"
 
@@ -28,11 +30,17 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=EMPS / "images")
     parser.add_argument("--masks", type=Path, default=EMPS / "segmaps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-scale-search", action="store_true", help="tune for segmentation at scale 1 only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = set(json.loads((args.run / "split.json").read_text())["validation"])
     val = [load_pair(i, m) for i, m in find_pairs(args.images, args.masks) if i.stem in names]
     config = json.loads((args.run / "best" / "config.json").read_text())
+    if args.no_scale_search:
+        config.pop("scale_search", None)
+    else:
+        config.setdefault("scale_search", SCALE_SEARCH)
+    (args.run / "best" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     cfg = TrainConfig(**{k: v for k, v in config["train_config"].items() if k in TrainConfig.__dataclass_fields__})
     finalise(args.run, cfg, val, pick_device("cpu"), log=print)
     print((args.run / "best" / "thresholds.json").read_text())

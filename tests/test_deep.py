@@ -236,6 +236,8 @@ def test_training_runs_resumes_and_tunes(tmp_path):
     assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 4
     config = json.loads((best / "config.json").read_text())
     assert config["arch"] == "strided-unet" and "validation_tuned" in config
+    assert config["scale_search"]["start"] == [0.7, 1.0]  # the model chooses its resampling
+    assert set(config["validation_tuned"]) >= {"f1", "precision", "recall", "count_ratio", "foreground_iou"}
 
 
 def test_extra_set_share_of_crops():

@@ -146,6 +146,14 @@ class CNNSegmenter:
                 break
         return best, tried
 
+    def searched(self, img: np.ndarray) -> tuple[float, Instances, ProbabilityMap]:
+        """The chosen scale of a normalised image and its instances and probabilities over the
+        whole image, at the resampled size (reused from the search unless it ran on a crop)."""
+        scale, tried = self.choose_scale(img)
+        if tried[scale][0].labels.shape == _scaled_shape(img.shape, scale):
+            return scale, *tried[scale]
+        return scale, *self.at_scale(img, scale)
+
     def segment(self, pixels: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
         """Segment at the scale where particles look like the training data.
 
@@ -154,21 +162,21 @@ class CNNSegmenter:
         ``scale_search``, :meth:`choose_scale` picks the resampling; else the image is segmented
         as it is. Labels come back at the input's size (nearest-neighbour), numbered 1..N.
         """
-        img = normalise(pixels)
+        return self.segment_normalised(normalise(pixels), particle_size_px)
+
+    def segment_normalised(self, img: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
+        """:meth:`segment` of an image already normalised to [0, 1] (as training loads them)."""
         if particle_size_px:
             scale = float(np.clip(self.TARGET_ECD_PX / particle_size_px, 0.25, 4.0))
             inst, prob = self.at_scale(img, scale)
         elif self.config.get("scale_search"):
-            scale, tried = self.choose_scale(img)
-            whole = tried[scale][0].labels.shape == _scaled_shape(img.shape, scale)  # not chosen on a crop
-            inst, prob = tried[scale] if whole else self.at_scale(img, scale)
+            _, inst, prob = self.searched(img)
         else:
-            scale = 1.0
-            inst, prob = self.at_scale(img, scale)
-        if inst.labels.shape == pixels.shape:
+            inst, prob = self.at_scale(img, 1.0)
+        if inst.labels.shape == img.shape:
             return inst, prob
-        return _instances_to_shape(inst, pixels.shape), ProbabilityMap(
-            np.stack([_resize(p, pixels.shape) for p in prob.probabilities]), prob.channels, prob.model_id)
+        return _instances_to_shape(inst, img.shape), ProbabilityMap(
+            np.stack([_resize(p, img.shape) for p in prob.probabilities]), prob.channels, prob.model_id)
 
 
 def _scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:

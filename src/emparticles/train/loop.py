@@ -51,6 +51,13 @@ class TrainConfig:
     extra_images: str = ""  # a second annotated set used for training only (e.g. synthetic SEM)
     extra_masks: str = ""
     extra_fraction: float = 0.3  # share of training crops drawn from the extra set
+    scale_search: bool = True  # the model chooses its resampling per image (SCALE_SEARCH)
+
+
+#: Resampling search saved with trained models (see ``CNNSegmenter.choose_scale``): tried on EMPS
+#: validation images, this climb tries 1.7 to 3.5 times the work of one pass at scale 1 (median
+#: 2.6) and reached F1 0.867, against 0.863 for always trying all five scales (7.7 times the work).
+SCALE_SEARCH = {"start": [0.7, 1.0], "up": [1.4, 2.0], "down": [0.5], "max_pixels": 400_000}
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -89,10 +96,18 @@ def validate(net, val_data, cfg: TrainConfig, device, thresholds=None) -> dict:
 
 
 def pooled_f1(probs, val_data, thresholds: dict) -> float:
-    """F1 at IoU 0.5 pooled over validation images for one post-processing setting."""
+    """F1 at IoU 0.5 pooled over the validation images for one post-processing setting.
+
+    ``probs``: (3, h, w) maps, at the image's size or resampled (then the instances are found at
+    the map's size and brought back to the image's, as the segmenter does)."""
+    from ..models.cnn import _instances_to_shape
+
     tp = nt = npred = 0
     for p, (_, labels) in zip(probs, val_data):
-        m = matching(labels, instances_with(ProbabilityMap(p, THREE_CLASS, "val"), thresholds).labels, 0.5)
+        inst = instances_with(ProbabilityMap(p, THREE_CLASS, "val"), thresholds)
+        if inst.labels.shape != labels.shape:
+            inst = _instances_to_shape(inst, labels.shape)
+        m = matching(labels, inst.labels, 0.5)
         tp, nt, npred = tp + m.tp, nt + m.n_true, npred + m.n_pred
     return 2 * tp / (nt + npred) if nt + npred else 0.0
 
@@ -107,10 +122,11 @@ TUNING_GRID = {
 }
 
 
-def tune_thresholds(probs, val_data) -> tuple[dict, float]:
+def tune_thresholds(probs, val_data, start: dict | None = None) -> tuple[dict, float]:
     """Post-processing settings with the best pooled F1 on the validation images, searched one
-    group of settings at a time (the thresholds jointly, then each filter given the rest)."""
-    best = dict(DEFAULT_THRESHOLDS)
+    group of settings at a time (the thresholds jointly, then each filter given the rest),
+    starting from ``start`` (default: :data:`DEFAULT_THRESHOLDS`)."""
+    best = {**DEFAULT_THRESHOLDS, **(start or {})}
     best_f1 = pooled_f1(probs, val_data, best)
     for keys, values in TUNING_GRID.items():
         for vals in values:
@@ -237,7 +253,8 @@ def _model_config(cfg: TrainConfig, epoch: int, val: dict) -> dict:
     return {"name": out_name(cfg), "arch": cfg.arch, "classes": 3, "channels": list(THREE_CLASS),
             "normalisation": "percentile 0.5-99.5 to [0, 1], then (x - 0.5) / 0.25", "tile": cfg.tile,
             "overlap": cfg.overlap, "bf16": cfg.bf16, "border_width": cfg.border_width, "epoch": epoch,
-            "validation": {k: v for k, v in val.items() if not k.startswith("_")}, "train_config": asdict(cfg)}
+            "validation": {k: v for k, v in val.items() if not k.startswith("_")}, "train_config": asdict(cfg),
+            **({"scale_search": SCALE_SEARCH} if cfg.scale_search else {})}
 
 
 def out_name(cfg: TrainConfig) -> str:
@@ -245,17 +262,43 @@ def out_name(cfg: TrainConfig) -> str:
 
 
 def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print) -> Path:
-    """Tune the post-processing thresholds of the best model on the validation images."""
-    from ..models.cnn import load_network
+    """Tune the post-processing thresholds of the best model on the validation images.
+
+    First at the images' own scale; then, for a model with a resampling search, again on the
+    probability maps at the scale each image chooses, and the validation figures are those of the
+    whole segmentation road (search included)."""
+    from ..models.cnn import CNNSegmenter, load_network
 
     best = out_dir / "best"
     net, config, _ = load_network(best, device)
     val = validate(net, val_data, cfg, device)
     thresholds, _ = tune_thresholds(val.pop("_probs"), val_data)
     (best / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-    tuned = validate(net, val_data, cfg, device, thresholds)
-    tuned.pop("_probs")
+    if config.get("scale_search"):
+        seg = CNNSegmenter(best, device)
+        probs = [seg.searched(img)[2].probabilities for img, _ in val_data]
+        thresholds, _ = tune_thresholds(probs, val_data, start=thresholds)
+        (best / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+        tuned = validate_segmenter(CNNSegmenter(best, device), val_data)
+    else:
+        tuned = validate(net, val_data, cfg, device, thresholds)
+        tuned.pop("_probs")
     config["validation_tuned"] = tuned
     (best / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    log(f"thresholds {thresholds}: validation F1 {tuned['f1']:.3f} (untuned {val['f1']:.3f})")
+    log(f"thresholds {thresholds}: validation F1 {tuned['f1']:.3f} (untuned, scale 1: {val['f1']:.3f})")
     return best
+
+
+def validate_segmenter(seg, val_data) -> dict:
+    """Pooled F1 at IoU 0.5, precision, recall, count ratio and foreground IoU of a segmenter's
+    whole road (resampling search included) on normalised validation images."""
+    tp = n_true = n_pred = inter = union = 0
+    for img, labels in val_data:
+        inst, _ = seg.segment_normalised(img)
+        m = matching(labels, inst.labels, 0.5)
+        tp, n_true, n_pred = tp + m.tp, n_true + m.n_true, n_pred + m.n_pred
+        inter += int(((labels > 0) & (inst.labels > 0)).sum())
+        union += int(((labels > 0) | (inst.labels > 0)).sum())
+    return {"f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0,
+            "precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_true if n_true else 0.0,
+            "count_ratio": n_pred / n_true if n_true else math.nan, "foreground_iou": inter / union if union else 1.0}
