@@ -248,3 +248,15 @@ def test_extra_set_share_of_crops():
     picks = [pick_sample(rng, data, extra, 0.3)[0] for _ in range(4000)]
     assert picks.count("e") / 4000 == pytest.approx(0.3, abs=0.03)
     assert {pick_sample(rng, data, [], 0.9)[0] for _ in range(50)} == {"d"}
+
+
+def test_tuning_prefers_the_right_count_over_f1():
+    from emparticles.train.loop import COUNT_RANGE, tuning_key
+
+    assert COUNT_RANGE[0] < 1 < COUNT_RANGE[1]
+    in_range = tuning_key(80, 100, 100)  # F1 0.80, count ratio 1.00
+    too_few = tuning_key(85, 100, 88)  # F1 0.90 but 12% of particles missing
+    assert in_range == (0.0, pytest.approx(0.8)) and too_few[1] == pytest.approx(170 / 188)
+    assert in_range > too_few
+    assert tuning_key(85, 100, 97) > in_range  # inside the range F1 decides
+    assert tuning_key(50, 100, 90) > tuning_key(60, 100, 80)  # outside, the nearer count wins
