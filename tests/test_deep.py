@@ -260,3 +260,10 @@ def test_tuning_prefers_the_right_count_over_f1():
     assert in_range > too_few
     assert tuning_key(85, 100, 97) > in_range  # inside the range F1 decides
     assert tuning_key(50, 100, 90) > tuning_key(60, 100, 80)  # outside, the nearer count wins
+
+
+def test_scale_search_does_not_enlarge_huge_images(monkeypatch):
+    seg = _ScoredAtScale(2.0, {"start": [0.7, 1.0], "up": [1.4, 2.0], "down": [0.5], "max_pixels": 1_000})
+    monkeypatch.setattr(seg, "MAX_UPSCALED_PIXELS", 60 * 80 * 1.5)  # 1.4x of 60x80 is 1.96x the pixels
+    best, _ = seg.choose_scale(np.zeros((60, 80), np.float32))
+    assert best == 1.0 and [c[0] for c in seg.calls] == [0.7, 1.0]

@@ -75,6 +75,13 @@ class CNNSegmenter:
     #: gave the best F1 put the median particle at 28-148 px, 57 px weighted by particle count).
     TARGET_ECD_PX = 60.0
 
+    #: Enlarging stops where the resampled image would exceed this many pixels (memory and time of
+    #: very large images; shrinking is always allowed).
+    MAX_UPSCALED_PIXELS = 16_000_000
+
+    def _allowed_scale(self, pixels: int):
+        return lambda scale: scale <= 1.0 or scale * scale * pixels <= self.MAX_UPSCALED_PIXELS
+
     def predict(self, pixels: np.ndarray, scale: float = 1.0) -> ProbabilityMap:
         """Probabilities at the input's size; ``scale`` resamples the image first (e.g. 2.0 to
         enlarge small particles into the range the network was trained on)."""
@@ -118,6 +125,7 @@ class CNNSegmenter:
         search = self.config.get("scale_search") or {}
         max_pixels = int(search.get("max_pixels", 400_000))
         h, w = img.shape
+        allowed = self._allowed_scale(h * w)
         if h * w > max_pixels:
             ch = min(h, int(round((max_pixels * h / w) ** 0.5)))
             cw = min(w, max_pixels // max(ch, 1))
@@ -131,10 +139,10 @@ class CNNSegmenter:
             sc = tried[scale][0].scores
             return float(sc.mean()) if sc.size else 0.0
 
-        start = [float(v) for v in search.get("start", [1.0])]
+        start = [float(v) for v in search.get("start", [1.0]) if allowed(float(v))] or [1.0]
         best = max(start, key=score)
         if best == max(start):
-            climb = [float(v) for v in search.get("up", [])]
+            climb = [float(v) for v in search.get("up", []) if allowed(float(v))]
         elif best == min(start):
             climb = [float(v) for v in search.get("down", [])]
         else:
@@ -168,6 +176,8 @@ class CNNSegmenter:
         """:meth:`segment` of an image already normalised to [0, 1] (as training loads them)."""
         if particle_size_px:
             scale = float(np.clip(self.TARGET_ECD_PX / particle_size_px, 0.25, 4.0))
+            if not self._allowed_scale(img.size)(scale):
+                scale = max(1.0, (self.MAX_UPSCALED_PIXELS / img.size) ** 0.5)
             inst, prob = self.at_scale(img, scale)
         elif self.config.get("scale_search"):
             _, inst, prob = self.searched(img)
