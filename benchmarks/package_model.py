@@ -36,6 +36,18 @@ def card(name: str, config: dict, metrics: dict | None) -> str:
         f"AdamW one-cycle (peak lr {tc.get('lr')}); border width {config.get('border_width')} px; best epoch {config.get('epoch')} "
         "chosen on validation instance F1 at IoU 0.5. CPU only (2 cores)."),
         "",
+    ]
+    search = config.get("scale_search")
+    if search:
+        lines += ["", "## Inference", (
+            f"The image is resampled before the network by the scale at which its particles score best (mean "
+            f"foreground probability of the particles found): scales {search.get('start')} first, then climbing "
+            f"through {search.get('up')} or {search.get('down')} while the score improves; images over "
+            f"{search.get('max_pixels')} pixels choose on a centred crop. Particles are separated at the resampled "
+            "size and brought back by nearest neighbour. `--particle-size` replaces the search by one resampling "
+            "that brings the given diameter to 60 px.")]
+    lines += [
+        "",
         "## Validation figures (held-out EMPS images)",
     ]
     val = config.get("validation_tuned") or config.get("validation") or {}

@@ -21,7 +21,7 @@ from emparticles.inference import predict_tiled
 from emparticles.instances import DEFAULT_THRESHOLDS
 from emparticles.models.cnn import CNNSegmenter
 from emparticles.train.data import find_pairs, load_pair
-from emparticles.train.loop import tune_thresholds, validate_segmenter
+from emparticles.train.loop import COUNT_RANGE, tune_thresholds, validate_segmenter
 
 EMPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "emps-train"
 
@@ -59,7 +59,8 @@ def main() -> None:
         single.append(validate_segmenter(seg, test))
         seg.config["scale_search"] = search
         searched1.append(validate_segmenter(seg, test))
-        t2, _ = tune_thresholds([seg.searched(img)[2].probabilities for img, _ in tune_set], tune_set, start=t1)
+        t2, _ = tune_thresholds([seg.searched(img)[2].probabilities for img, _ in tune_set], tune_set, start=t1,
+                                count_range=COUNT_RANGE)
         seg.thresholds = {**DEFAULT_THRESHOLDS, **t2}
         crossed.append(validate_segmenter(seg, test))
         seg.thresholds = own

@@ -260,6 +260,7 @@ def test_tuning_prefers_the_right_count_over_f1():
     assert in_range > too_few
     assert tuning_key(85, 100, 97) > in_range  # inside the range F1 decides
     assert tuning_key(50, 100, 90) > tuning_key(60, 100, 80)  # outside, the nearer count wins
+    assert tuning_key(85, 100, 88, None) > tuning_key(80, 100, 100, None)  # no range: F1 alone
 
 
 def test_scale_search_does_not_enlarge_huge_images(monkeypatch):

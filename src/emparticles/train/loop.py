@@ -125,11 +125,12 @@ def pooled_f1(probs, val_data, thresholds: dict) -> float:
 COUNT_RANGE = (0.95, 1.05)
 
 
-def tuning_key(tp: int, nt: int, npred: int) -> tuple[float, float]:
+def tuning_key(tp: int, nt: int, npred: int, count_range: tuple[float, float] | None = COUNT_RANGE) -> tuple[float, float]:
     """What :func:`tune_thresholds` maximises: first closeness of the count ratio to
-    :data:`COUNT_RANGE` (0 inside it), then F1 at IoU 0.5."""
+    ``count_range`` (0 inside it, always 0 without a range), then F1 at IoU 0.5."""
     ratio = npred / nt if nt else 1.0
-    outside = max(0.0, COUNT_RANGE[0] - ratio, ratio - COUNT_RANGE[1])
+    lo, hi = count_range or (-np.inf, np.inf)
+    outside = max(0.0, lo - ratio, ratio - hi)
     return -outside, (2 * tp / (nt + npred) if nt + npred else 0.0)
 
 
@@ -143,17 +144,20 @@ TUNING_GRID = {
 }
 
 
-def tune_thresholds(probs, val_data, start: dict | None = None) -> tuple[dict, float]:
-    """Post-processing settings with the best pooled F1 on the validation images among those that
-    keep the count ratio within :data:`COUNT_RANGE` (:func:`tuning_key`), searched one group of
-    settings at a time (the thresholds jointly, then each filter given the rest), starting from
-    ``start`` (default: :data:`DEFAULT_THRESHOLDS`). Returns the settings and their F1."""
+def tune_thresholds(probs, val_data, start: dict | None = None,
+                    count_range: tuple[float, float] | None = None) -> tuple[dict, float]:
+    """Post-processing settings with the best pooled F1 on the validation images, searched one
+    group of settings at a time (the thresholds jointly, then each filter given the rest),
+    starting from ``start`` (default: :data:`DEFAULT_THRESHOLDS`). With ``count_range`` a
+    setting must also keep the count ratio in that range, or bring it closer (:func:`tuning_key`);
+    start from settings near it, or the greedy search trades F1 for count early and stays there.
+    Returns the settings and their F1."""
     best = {**DEFAULT_THRESHOLDS, **(start or {})}
-    best_key = tuning_key(*pooled_counts(probs, val_data, best))
+    best_key = tuning_key(*pooled_counts(probs, val_data, best), count_range)
     for keys, values in TUNING_GRID.items():
         for vals in values:
             trial = {**best, **dict(zip(keys, vals))}
-            key = tuning_key(*pooled_counts(probs, val_data, trial))
+            key = tuning_key(*pooled_counts(probs, val_data, trial), count_range)
             if key > (best_key[0], best_key[1] + 1e-9):
                 best, best_key = trial, key
     return best, best_key[1]
@@ -286,9 +290,10 @@ def out_name(cfg: TrainConfig) -> str:
 def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print) -> Path:
     """Tune the post-processing thresholds of the best model on the validation images.
 
-    First at the images' own scale; then, for a model with a resampling search, again on the
-    probability maps at the scale each image chooses, and the validation figures are those of the
-    whole segmentation road (search included)."""
+    First for F1 at the images' own scale; then, for a model with a resampling search, again on
+    the probability maps at the scale each image chooses, keeping the count ratio within
+    :data:`COUNT_RANGE`; the validation figures are those of the whole segmentation road (search
+    included)."""
     from ..models.cnn import CNNSegmenter, load_network
 
     best = out_dir / "best"
@@ -299,7 +304,7 @@ def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print) -> Pa
     if config.get("scale_search"):
         seg = CNNSegmenter(best, device)
         probs = [seg.searched(img)[2].probabilities for img, _ in val_data]
-        thresholds, _ = tune_thresholds(probs, val_data, start=thresholds)
+        thresholds, _ = tune_thresholds(probs, val_data, start=thresholds, count_range=COUNT_RANGE)
         (best / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
         tuned = validate_segmenter(CNNSegmenter(best, device), val_data)
     else:
