@@ -268,3 +268,12 @@ def test_scale_search_does_not_enlarge_huge_images(monkeypatch):
     monkeypatch.setattr(seg, "MAX_UPSCALED_PIXELS", 60 * 80 * 1.5)  # 1.4x of 60x80 is 1.96x the pixels
     best, _ = seg.choose_scale(np.zeros((60, 80), np.float32))
     assert best == 1.0 and [c[0] for c in seg.calls] == [0.7, 1.0]
+
+
+def test_scale_search_enlarges_only_small_images():
+    search = {"start": [0.7, 1.0], "up": [1.4, 2.0], "down": [0.5], "max_pixels": 100_000, "max_upscaled_pixels": 2_000}
+    small = _ScoredAtScale(2.0, search)
+    assert small.choose_scale(np.zeros((20, 25), np.float32))[0] == 2.0  # 2x of 500 px = 2000 px
+    large = _ScoredAtScale(2.0, search)
+    assert large.choose_scale(np.zeros((40, 60), np.float32))[0] == 1.0
+    assert [c[0] for c in large.calls] == [0.7, 1.0]

@@ -79,8 +79,9 @@ class CNNSegmenter:
     #: very large images; shrinking is always allowed).
     MAX_UPSCALED_PIXELS = 16_000_000
 
-    def _allowed_scale(self, pixels: int):
-        return lambda scale: scale <= 1.0 or scale * scale * pixels <= self.MAX_UPSCALED_PIXELS
+    def _allowed_scale(self, pixels: int, limit: int | None = None):
+        limit = min(limit or self.MAX_UPSCALED_PIXELS, self.MAX_UPSCALED_PIXELS)
+        return lambda scale: scale <= 1.0 or scale * scale * pixels <= limit
 
     def predict(self, pixels: np.ndarray, scale: float = 1.0) -> ProbabilityMap:
         """Probabilities at the input's size; ``scale`` resamples the image first (e.g. 2.0 to
@@ -125,7 +126,10 @@ class CNNSegmenter:
         search = self.config.get("scale_search") or {}
         max_pixels = int(search.get("max_pixels", 400_000))
         h, w = img.shape
-        allowed = self._allowed_scale(h * w)
+        # Enlarging multiplies the work by the scale squared: the search enlarges only images that
+        # stay under max_upscaled_pixels (an EMPS figure of 0.35 MP up to 2x; a 1280x960 SEM frame
+        # not at all, which keeps its analysis near one pass); --particle-size may go further.
+        allowed = self._allowed_scale(h * w, int(search.get("max_upscaled_pixels", 2_000_000)))
         if h * w > max_pixels:
             ch = min(h, int(round((max_pixels * h / w) ** 0.5)))
             cw = min(w, max_pixels // max(ch, 1))
