@@ -254,12 +254,12 @@ def test_tuning_prefers_the_right_count_over_f1():
     from emparticles.train.loop import COUNT_RANGE, tuning_key
 
     assert COUNT_RANGE[0] < 1 < COUNT_RANGE[1]
-    in_range = tuning_key(80, 100, 100)  # F1 0.80, count ratio 1.00
-    too_few = tuning_key(85, 100, 88)  # F1 0.90 but 12% of particles missing
+    in_range = tuning_key(80, 100, 100, COUNT_RANGE)  # F1 0.80, count ratio 1.00
+    too_few = tuning_key(85, 100, 88, COUNT_RANGE)  # F1 0.90 but 12% of particles missing
     assert in_range == (0.0, pytest.approx(0.8)) and too_few[1] == pytest.approx(170 / 188)
     assert in_range > too_few
-    assert tuning_key(85, 100, 97) > in_range  # inside the range F1 decides
-    assert tuning_key(50, 100, 90) > tuning_key(60, 100, 80)  # outside, the nearer count wins
+    assert tuning_key(85, 100, 97, COUNT_RANGE) > in_range  # inside the range F1 decides
+    assert tuning_key(50, 100, 90, COUNT_RANGE) > tuning_key(60, 100, 80, COUNT_RANGE)  # outside, the nearer count wins
     assert tuning_key(85, 100, 88, None) > tuning_key(80, 100, 100, None)  # no range: F1 alone
 
 

@@ -315,6 +315,7 @@ class AnalyzeRun:
         # are read from their parts.
         self._tables: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
         self._combined = False  # the combined tables include every image recorded so far
+        self._particles: pd.DataFrame | None = None  # the combined particle table, once combined
 
     def is_done(self, name: str) -> bool:
         meta = self.parts / f"{name}.json"

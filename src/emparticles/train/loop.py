@@ -74,26 +74,32 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss / 2
 
 
-def validate(net, val_data, cfg: TrainConfig, device, thresholds=None) -> dict:
-    """Instance F1 at IoU 0.5 pooled over the validation images, plus foreground IoU."""
-    net.eval()
-    t = thresholds or DEFAULT_THRESHOLDS
-    tp = n_true = n_pred = 0
-    inter = union = 0
-    probs = []
-    for img, labels in val_data:
-        p = predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap, device=device, bf16=cfg.bf16)
-        probs.append(p)
-        inst = instances_with(ProbabilityMap(p, THREE_CLASS, "val"), t)
-        m = matching(labels, inst.labels, 0.5)
+def pooled_figures(pairs) -> dict:
+    """Pooled F1 at IoU 0.5, precision, recall, count ratio and foreground IoU over
+    (true labels, predicted labels) pairs, with the pooled counts (matched, true, predicted)."""
+    tp = n_true = n_pred = inter = union = 0
+    for labels, predicted in pairs:
+        m = matching(labels, predicted, 0.5)
         tp, n_true, n_pred = tp + m.tp, n_true + m.n_true, n_pred + m.n_pred
-        fg_t, fg_p = labels > 0, inst.labels > 0
+        fg_t, fg_p = labels > 0, predicted > 0
         inter += int((fg_t & fg_p).sum())
         union += int((fg_t | fg_p).sum())
-    f1 = 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0
-    return {"f1": f1, "precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_true if n_true else 0.0,
+    return {"f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0,
+            "precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_true if n_true else 0.0,
             "count_ratio": n_pred / n_true if n_true else math.nan, "foreground_iou": inter / union if union else 1.0,
-            "_probs": probs}
+            "matched": tp, "true": n_true, "predicted": n_pred}
+
+
+def validate(net, val_data, cfg: TrainConfig, device, thresholds=None) -> dict:
+    """:func:`pooled_figures` of the network at scale 1 on the validation images, and their
+    probability maps (``_probs``) for tuning."""
+    net.eval()
+    t = thresholds or DEFAULT_THRESHOLDS
+    probs = [predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap, device=device, bf16=cfg.bf16)
+             for img, _ in val_data]
+    figures = pooled_figures((labels, instances_with(ProbabilityMap(p, THREE_CLASS, "val"), t).labels)
+                             for p, (_, labels) in zip(probs, val_data))
+    return {**figures, "_probs": probs}
 
 
 def pooled_counts(probs, val_data, thresholds: dict) -> tuple[int, int, int]:
@@ -126,7 +132,7 @@ def pooled_f1(probs, val_data, thresholds: dict) -> float:
 COUNT_RANGE = (0.95, 1.05)
 
 
-def tuning_key(tp: int, nt: int, npred: int, count_range: tuple[float, float] | None = COUNT_RANGE) -> tuple[float, float]:
+def tuning_key(tp: int, nt: int, npred: int, count_range: tuple[float, float] | None = None) -> tuple[float, float]:
     """What :func:`tune_thresholds` maximises: first closeness of the count ratio to
     ``count_range`` (0 inside it, always 0 without a range), then F1 at IoU 0.5."""
     ratio = npred / nt if nt else 1.0
@@ -318,16 +324,6 @@ def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print) -> Pa
 
 
 def validate_segmenter(seg, val_data) -> dict:
-    """Pooled F1 at IoU 0.5, precision, recall, count ratio and foreground IoU of a segmenter's
-    whole road (resampling search included) on normalised validation images."""
-    tp = n_true = n_pred = inter = union = 0
-    for img, labels in val_data:
-        inst, _ = seg.segment_normalised(img)
-        m = matching(labels, inst.labels, 0.5)
-        tp, n_true, n_pred = tp + m.tp, n_true + m.n_true, n_pred + m.n_pred
-        inter += int(((labels > 0) & (inst.labels > 0)).sum())
-        union += int(((labels > 0) | (inst.labels > 0)).sum())
-    return {"f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0,
-            "precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_true if n_true else 0.0,
-            "count_ratio": n_pred / n_true if n_true else math.nan, "foreground_iou": inter / union if union else 1.0,
-            "matched": tp, "true": n_true, "predicted": n_pred}
+    """:func:`pooled_figures` of a segmenter's whole road (resampling search included) on
+    normalised validation images."""
+    return pooled_figures((labels, seg.segment_normalised(img)[0].labels) for img, labels in val_data)
