@@ -14,7 +14,7 @@ from emparticles.inference import predict_tiled, taper_window
 from emparticles.instances import instances_from_borders, instances_with
 from emparticles.models import load_model
 from emparticles.models.cnn import CNNSegmenter, load_network, save_model_folder
-from emparticles.models.networks import ARCHITECTURES, build_network
+from emparticles.models.networks import ARCHITECTURES, build_network, fold_batchnorm
 from emparticles.train.targets import BORDER, PARTICLE, class_weights, three_class_target
 from emparticles.types import THREE_CLASS, ProbabilityMap
 
@@ -57,6 +57,19 @@ def test_network_contract(arch, tmp_path):
     with torch.no_grad():
         assert torch.allclose(net(x), again(x), atol=1e-4)  # channels_last changes summation order
     assert config["arch"] == arch and "seed_threshold" in thresholds
+    # batch norm folded into the convolutions for inference: same function, no BatchNorm2d after a conv
+    for module in net.modules():  # trained statistics, so that folding has something to fold
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    with torch.no_grad():
+        expected = net(x)
+        folded = fold_batchnorm(net)
+        assert torch.allclose(folded(x), expected, atol=1e-4)
+    if arch != "unet-resnet18":  # its ResNet blocks keep conv and norm as attributes, not in a Sequential
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorm(build_network(arch))
 
 
 def test_unknown_architecture_lists_valid_ones():

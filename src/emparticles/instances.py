@@ -9,6 +9,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import h_maxima, remove_small_objects
 from skimage.segmentation import watershed
 
+from ._watershed import relabel_raster, seeded_watershed
 from .types import ProbabilityMap, relabel_consecutive
 
 
@@ -131,7 +132,7 @@ def instances_from_borders(
     if min_seed_px > 1:
         seeds_mask = remove_small_objects(seeds_mask, max_size=min_seed_px - 1)
     markers, _ = ndi.label(seeds_mask)
-    labels = watershed(-particle, markers, mask=fg) if markers.max() else np.zeros(fg.shape, np.int32)
+    labels = seeded_watershed(-particle, markers, fg)
     orphans, n_orphans = ndi.label(fg & (labels == 0))
     if n_orphans:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
@@ -143,7 +144,7 @@ def instances_from_borders(
     if min_relative_area > 0 and (~drop[1:]).any():
         drop[1:] |= sizes[1:] < min_relative_area * np.median(sizes[1:][~drop[1:]])
     drop[0] = False
-    labels = relabel_consecutive(np.where(drop[labels], 0, labels))
+    labels = relabel_raster(np.where(drop[labels], 0, labels))
     return Instances(labels, mean_probability(labels, foreground))
 
 

@@ -18,7 +18,7 @@ from ..inference import pick_device, predict_tiled
 from ..instances import DEFAULT_THRESHOLDS, Instances, instances_with
 from ..preprocess import normalise
 from ..types import THREE_CLASS, ProbabilityMap
-from .networks import build_network
+from .networks import build_network, fold_batchnorm
 
 __all__ = ["DEFAULT_THRESHOLDS", "CNNSegmenter", "load_network", "save_model_folder"]
 
@@ -66,7 +66,8 @@ class CNNSegmenter:
     def __init__(self, folder: str | Path, device: str = "auto", flips: bool = False):
         self.folder = Path(folder)
         self.device = pick_device(device)
-        self.net, self.config, self.thresholds = load_network(self.folder, self.device)
+        net, self.config, self.thresholds = load_network(self.folder, self.device)
+        self.net = fold_batchnorm(net).to(memory_format=torch.channels_last)
         self.model_id = self.config.get("name", self.folder.name)
         self.flips = flips
 
