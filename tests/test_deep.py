@@ -14,7 +14,7 @@ from emparticles.inference import predict_tiled, taper_window
 from emparticles.instances import instances_from_borders, instances_with
 from emparticles.models import load_model
 from emparticles.models.cnn import CNNSegmenter, load_network, save_model_folder
-from emparticles.models.networks import ARCHITECTURES, build_network, fold_batchnorm
+from emparticles.models.networks import ARCHITECTURES, build_network, fold_batchnorm, prepare_for_inference
 from emparticles.train.targets import BORDER, PARTICLE, class_weights, three_class_target
 from emparticles.types import THREE_CLASS, ProbabilityMap
 
@@ -64,10 +64,12 @@ def test_network_contract(arch, tmp_path):
             module.running_var.uniform_(0.5, 2)
     with torch.no_grad():
         expected = net(x)
-        folded = fold_batchnorm(net)
-        assert torch.allclose(folded(x), expected, atol=1e-4)
+        fast = prepare_for_inference(net)  # + decoder concatenations split into two convolutions
+        assert torch.allclose(fast(x), expected, atol=1e-4)
     if arch != "unet-resnet18":  # its ResNet blocks keep conv and norm as attributes, not in a Sequential
-        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+        assert not any(isinstance(m, torch.nn.Sequential) and isinstance(m[0], torch.nn.Conv2d)
+                       and m[0].in_channels > 2 * m[0].out_channels for m in fast.modules())
     with pytest.raises(ValueError, match="eval"):
         fold_batchnorm(build_network(arch))
 

@@ -139,3 +139,23 @@ def test_relabel_raster_equals_relabel_consecutive():
     labels = rng.choice([0, 0, 3, 7, 12, 40], size=(30, 40))
     assert np.array_equal(relabel_raster(labels), relabel_consecutive(labels))
     assert relabel_raster(np.zeros((0, 3), np.int32)).shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+def test_percentiles_and_normalise_match_numpy(dtype):
+    from emparticles.preprocess import normalise, percentiles
+
+    rng = np.random.default_rng(1)
+    for shape in [(37, 53), (1, 1), (2, 3)]:
+        if np.dtype(dtype).kind == "f":
+            a = rng.normal(100, 20, shape).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            a = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+        for q in [(0.5, 99.5), (0, 100), (50,)]:
+            assert np.allclose(percentiles(a, q), np.percentile(a.astype(np.float64), q), rtol=1e-6, atol=1e-3)
+    img = np.array([[0, 10], [20, 255]], np.uint8)
+    norm = normalise(img, 0, 100)
+    assert norm.dtype == np.float32 and norm.min() == 0 and norm.max() == 1
+    assert np.allclose(norm, img / 255)
+    assert not normalise(np.full((4, 4), 7, dtype)).any()  # a uniform image maps to zeros

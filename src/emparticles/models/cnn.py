@@ -18,7 +18,7 @@ from ..inference import pick_device, predict_tiled
 from ..instances import DEFAULT_THRESHOLDS, Instances, instances_with
 from ..preprocess import normalise
 from ..types import THREE_CLASS, ProbabilityMap
-from .networks import build_network, fold_batchnorm
+from .networks import build_network, prepare_for_inference
 
 __all__ = ["DEFAULT_THRESHOLDS", "CNNSegmenter", "load_network", "save_model_folder"]
 
@@ -67,7 +67,7 @@ class CNNSegmenter:
         self.folder = Path(folder)
         self.device = pick_device(device)
         net, self.config, self.thresholds = load_network(self.folder, self.device)
-        self.net = fold_batchnorm(net).to(memory_format=torch.channels_last)
+        self.net = prepare_for_inference(net)
         self.model_id = self.config.get("name", self.folder.name)
         self.flips = flips
 
