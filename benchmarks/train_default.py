@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--extra-images", default="", help="a second set for training only (e.g. synthetic SEM)")
     parser.add_argument("--extra-masks", default="")
     parser.add_argument("--extra-fraction", type=float, default=0.3)
+    parser.add_argument("--paste-fraction", type=float, default=0.0,
+                        help="share of crops made by pasting training agglomerates on empty backgrounds")
     parser.add_argument("--init-from", default="", help="model folder whose weights start the training")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
@@ -39,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size, lr=args.lr,
                       crop=args.crop, scale_min=args.scale[0], scale_max=args.scale[1], border_width=args.border_width,
-                      extra_images=args.extra_images, extra_masks=args.extra_masks, extra_fraction=args.extra_fraction,
+                      extra_images=args.extra_images, extra_masks=args.extra_masks, extra_fraction=args.extra_fraction, paste_fraction=args.paste_fraction,
                       init_from=args.init_from, class_weighting=args.class_weighting)
     best = train(EMPS / "images", EMPS / "segmaps", args.out, cfg, resume=args.resume, log=lambda m: print(m, flush=True))
     print(f"best model: {best}")

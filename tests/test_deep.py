@@ -265,6 +265,52 @@ def test_extra_set_share_of_crops():
     assert {pick_sample(rng, data, [], 0.9)[0] for _ in range(50)} == {"d"}
 
 
+def test_paste_source_uses_training_images_only_and_keeps_masks_exact():
+    from emparticles.train.data import PasteSource
+    from emparticles.train.loop import pick_sample
+
+    img_a, lab_a = disks_image([(30, 30), (30, 45)], radius=8, shape=(80, 80), seed=1)  # a touching pair
+    img_b, lab_b = disks_image([(40, 40)], radius=10, shape=(80, 80), seed=2)
+    train = [(img_a / 255.0, lab_a)]
+    source = PasteSource(train)
+    assert [len(p) for p in source.pieces] == [1] and source.pieces[0][0].labels.max() == 2
+    assert not PasteSource([(img_b / 255.0, np.zeros_like(lab_b))])  # nothing to cut
+    rng = np.random.default_rng(0)
+    img, labels = source.sample(rng, 200)
+    assert img.shape == labels.shape == (200, 200) and img.dtype == np.float32
+    assert 0.0 <= img.min() and img.max() <= 1.0
+    areas = np.bincount(labels.ravel())[1:]
+    assert labels.max() >= 2 and labels.max() % 2 == 0  # whole pairs, never a half
+    assert set(areas) <= set(np.bincount(lab_a.ravel())[1:])  # every pasted particle keeps its exact area
+    # pick_sample: the share of pasted crops
+    picks = [pick_sample(rng, [("d", 0)], [], 0.0, source, 0.25, 96)[0] for _ in range(400)]
+    assert sum(not isinstance(p, str) for p in picks) / 400 == pytest.approx(0.25, abs=0.07)
+
+
+def test_training_pastes_only_training_agglomerates(tmp_path, monkeypatch):
+    from emparticles.train import data as data_mod
+    from emparticles.train.loop import TrainConfig, train
+
+    write_disk_set(tmp_path, count=8, disks=4, radius=8, margin=10)
+    seen = []
+    original = data_mod.PasteSource.__init__
+
+    def spy(self, train_data, min_px=30):
+        seen.extend(img for img, _ in train_data)
+        original(self, train_data, min_px)
+
+    monkeypatch.setattr(data_mod.PasteSource, "__init__", spy)
+    cfg = TrainConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop=64, tile=128, overlap=16, val_fraction=0.3,
+                      device="cpu", paste_fraction=0.5)
+    train(tmp_path / "img", tmp_path / "mask", tmp_path / "run", cfg, log=lambda m: None)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["validation"] and len(seen) == len(split["train"])
+    from emparticles.train.data import load_pair
+
+    val_images = [load_pair(tmp_path / "img" / f"{n}.png", tmp_path / "mask" / f"{n}.png")[0] for n in split["validation"]]
+    assert not any(np.array_equal(v, s) for v in val_images for s in seen)
+
+
 def test_tuning_prefers_the_right_count_over_f1():
     from emparticles.train.loop import COUNT_RANGE, tuning_key
 
@@ -292,3 +338,11 @@ def test_scale_search_enlarges_only_small_images():
     large = _ScoredAtScale(2.0, search)
     assert large.choose_scale(np.zeros((40, 60), np.float32))[0] == 1.0
     assert [c[0] for c in large.calls] == [0.7, 1.0]
+
+
+def test_train_command_rejects_a_share_outside_0_1(tmp_path):
+    img_dir, mask_dir = write_disk_set(tmp_path, count=2, disks=1, radius=8, margin=10)
+    r = CliRunner().invoke(app, ["train", "--images", str(img_dir), "--masks", str(mask_dir), "-o", str(tmp_path / "run"),
+                                 "--paste-fraction", "1.5"])
+    assert r.exit_code != 0 and "between 0 and 1" in r.output
+    assert not (tmp_path / "run").exists()

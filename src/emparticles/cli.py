@@ -337,6 +337,7 @@ def train(
     extra_images: Annotated[Path | None, typer.Option("--extra-images", help="A second annotated set used for training only, e.g. from 'emparticles synth'.")] = None,
     extra_masks: Annotated[Path | None, typer.Option("--extra-masks", help="Its masks.")] = None,
     extra_fraction: Annotated[float, typer.Option("--extra-fraction", help="Share of training crops taken from the extra set.")] = 0.3,
+    paste_fraction: Annotated[float, typer.Option("--paste-fraction", help="Share of training crops made by pasting agglomerates cut from the training images (never the validation ones) on empty SEM backgrounds.")] = 0.0,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
 ) -> None:
     """Train a 3-class (background/particle/border) network, or a Mask R-CNN, on your annotated images."""
@@ -360,7 +361,10 @@ def train(
         return
     cfg = TrainConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
                       val_fraction=val_fraction, device=device, init_from=str(init_from or ""),
-                      extra_images=str(extra_images or ""), extra_masks=str(extra_masks or ""), extra_fraction=extra_fraction)
+                      extra_images=str(extra_images or ""), extra_masks=str(extra_masks or ""), extra_fraction=extra_fraction,
+                      paste_fraction=paste_fraction)
+    if not 0.0 <= paste_fraction <= 1.0 or not 0.0 <= extra_fraction <= 1.0:
+        _fail(InputError(None, "--paste-fraction and --extra-fraction are shares of the training crops", "give values between 0 and 1"))
     if (extra_images is None) != (extra_masks is None):
         _fail(InputError(extra_images or extra_masks, "--extra-images and --extra-masks go together", "give both folders"))
     if init_from is not None:

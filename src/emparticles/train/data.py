@@ -72,3 +72,34 @@ def augmenter(crop: int, scale_range=(0.5, 2.0)):
         A.RandomGamma((70, 150), p=0.3),
         A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08))], p=0.4),
     ])
+
+
+class PasteSource:
+    """Seed 004's paste augmentation, online: agglomerates cut once from the *training* images
+    (never from validation ones: pasting those would leak validation particles into training),
+    pasted each time on a new empty SEM substrate.
+
+    ``pieces[i]`` holds the agglomerates of training image i (outlines not touching its border,
+    at least ``min_px`` pixels).
+    """
+
+    def __init__(self, train_data: list[tuple[np.ndarray, np.ndarray]], min_px: int = 30):
+        from ..synth import cut_agglomerates
+
+        self.pieces = [p for p in (cut_agglomerates(img, lab, min_px) for img, lab in train_data) if p]
+
+    def __bool__(self) -> bool:
+        return bool(self.pieces)
+
+    def sample(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """A (size, size) normalised image and its instance labels: 5-40 agglomerates from up to
+        three training images, on a substrate at their background level with detector noise,
+        the pasted outlines median-filtered (as ``emparticles synth --paste-images`` does)."""
+        from ..synth import add_detector_noise, paste_agglomerates, render_substrate
+
+        chosen = rng.choice(len(self.pieces), size=min(3, len(self.pieces)), replace=False)
+        pieces = [a for k in chosen for a in self.pieces[int(k)]]
+        level = float(np.median([a.background_level for a in pieces]))
+        bg = np.clip(add_detector_noise(rng, render_substrate(rng, size, size, level)), 0, 1)
+        img, labels = paste_agglomerates(rng, bg, pieces, int(rng.integers(5, 40)))
+        return normalise(img), labels

@@ -21,7 +21,7 @@ from ..instances import DEFAULT_THRESHOLDS, instances_with
 from ..models.cnn import save_model_folder
 from ..models.networks import build_network
 from ..types import THREE_CLASS, ProbabilityMap
-from .data import augmented_sample, augmenter, find_pairs, load_pair, split_validation
+from .data import PasteSource, augmented_sample, augmenter, find_pairs, load_pair, split_validation
 from .targets import class_weights, three_class_target
 
 
@@ -51,6 +51,7 @@ class TrainConfig:
     extra_images: str = ""  # a second annotated set used for training only (e.g. synthetic SEM)
     extra_masks: str = ""
     extra_fraction: float = 0.3  # share of training crops drawn from the extra set
+    paste_fraction: float = 0.0  # share of crops made by pasting training agglomerates on empty backgrounds
     scale_search: bool = True  # the model chooses its resampling per image (SCALE_SEARCH)
 
 
@@ -188,6 +189,10 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
     if cfg.extra_images:
         extra_data = [load_pair(i, m) for i, m in find_pairs(Path(cfg.extra_images), Path(cfg.extra_masks))]
         log(f"{len(extra_data)} extra training images from {cfg.extra_images} ({cfg.extra_fraction:.0%} of crops)")
+    paste = PasteSource(train_data) if cfg.paste_fraction > 0 else None
+    if paste is not None:
+        log(f"paste augmentation: agglomerates of {len(paste.pieces)} training images on empty backgrounds "
+            f"({cfg.paste_fraction:.0%} of crops)")
     (out_dir / "split.json").write_text(json.dumps({"train": [p[0].stem for p in train_pairs],
                                                     "validation": [p[0].stem for p in val_pairs]}, indent=1))
     weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in train_data],
@@ -222,7 +227,8 @@ def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, re
         net.train()
         t0, losses = time.perf_counter(), []
         for _ in range(cfg.steps_per_epoch):
-            batch = [augmented_sample(aug, *pick_sample(rng, train_data, extra_data, cfg.extra_fraction), cfg.border_width)
+            batch = [augmented_sample(aug, *pick_sample(rng, train_data, extra_data, cfg.extra_fraction, paste,
+                                                        cfg.paste_fraction, int(cfg.crop * cfg.scale_max)), cfg.border_width)
                      for _ in range(cfg.batch_size)]
             x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
             x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
@@ -266,8 +272,13 @@ def load_checkpoint(path: Path, net, opt, device) -> tuple[int, float]:
     return int(ckpt["epoch"]) + 1, float(ckpt["best_f1"])
 
 
-def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fraction: float):
-    """One (image, labels) pair: from ``extra`` with probability ``extra_fraction``, else from ``data``."""
+def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fraction: float,
+                paste: PasteSource | None = None, paste_fraction: float = 0.0, paste_size: int = 512):
+    """One (image, labels) pair: with probability ``paste_fraction`` pasted agglomerates of the
+    training images on an empty background (``paste_size`` pixels square), else from ``extra``
+    with probability ``extra_fraction``, else from ``data``."""
+    if paste and paste_fraction > 0 and rng.random() < paste_fraction:
+        return paste.sample(rng, paste_size)
     source = extra if extra and rng.random() < extra_fraction else data
     return source[rng.integers(len(source))]
 
