@@ -45,7 +45,8 @@ def test_report_has_every_section(two_image_run):
         assert f"id='{section}'" in html, section
     assert "img0" in html and "img1" in html and "tiff:ImageJ" in html
     assert "data:image/png;base64," in html and "http" not in html.split("</style>")[1]  # works offline
-    assert (two_image_run / "plots" / "ecd_histogram.svg").exists()
+    svg = (two_image_run / "plots" / "ecd_histogram.svg").read_text()
+    assert "<text" in svg and "D50" in svg  # labels stay text, editable in a vector editor
 
 
 def test_summary_json(two_image_run):

@@ -7,7 +7,9 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+# SVG text as text, not glyph outlines: editable in Inkscape/Illustrator, ~25% smaller and faster to write.
+matplotlib.rcParams["svg.fonttype"] = "none"
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import pandas as pd
 from scipy import stats
