@@ -152,6 +152,31 @@ def test_cnn_segmenter_from_a_folder(tmp_path):
     assert inst.count == int(inst.labels.max()) == len(inst.scores)
 
 
+def test_selecting_model_keeps_the_most_confident_member(tmp_path):
+    from emparticles.errors import InputError
+    from emparticles.models.select import SelectingSegmenter
+    from emparticles.preprocess import normalise
+
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        save_model_folder(build_network("compact-unet").eval(), tmp_path / name, {"arch": "compact-unet", "classes": 3, "name": name})
+    (tmp_path / "sel").mkdir()
+    (tmp_path / "sel" / "config.json").write_text(json.dumps({"kind": "select", "name": "sel", "members": ["../a", "../b"]}))
+    seg = load_model(str(tmp_path / "sel"), "cpu")
+    assert isinstance(seg, SelectingSegmenter) and [m.model_id for m in seg.members] == ["a", "b"]
+    img, _ = disks_image(GRID_CENTRES, shape=(128, 176))
+    norm = normalise(img)
+    own = {m.model_id: m.segment_normalised(norm)[0] for m in seg.members}
+    inst, prob = seg.segment(img)
+    score = {k: float(v.scores.mean()) if v.count else 0.0 for k, v in own.items()}
+    winner = max(score, key=score.get)
+    assert seg.last_choice == winner and np.array_equal(inst.labels, own[winner].labels)
+    assert prob.probabilities.shape == (3, 128, 176)
+    (tmp_path / "sel" / "config.json").write_text(json.dumps({"kind": "select", "members": ["../a"]}))
+    with pytest.raises(InputError, match="two or more"):
+        load_model(str(tmp_path / "sel"), "cpu")
+
+
 class _ScoredAtScale(CNNSegmenter):
     """A segmenter whose particles score best at one scale (no network): one square particle
     whose score falls with the distance (in octaves) of the scale from ``peak``."""

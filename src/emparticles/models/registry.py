@@ -39,12 +39,18 @@ def _shipped_models() -> dict[str, tuple[Callable[[str], Segmenter], str]]:
 
 
 def _cnn(folder: Path, device: str) -> Segmenter:
-    """A model folder: a Mask R-CNN when its config says so, else a semantic network."""
+    """A model folder: a Mask R-CNN or a selection among models when its config says so, else a
+    semantic network."""
     config = folder / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("kind") == "maskrcnn":
+    kind = json.loads(config.read_text()).get("kind") if config.is_file() else None
+    if kind == "maskrcnn":
         from .maskrcnn import MaskRCNNSegmenter
 
         return MaskRCNNSegmenter(folder, device)
+    if kind == "select":
+        from .select import SelectingSegmenter
+
+        return SelectingSegmenter(folder, device)
     from .cnn import CNNSegmenter
 
     return CNNSegmenter(folder, device)
