@@ -46,6 +46,7 @@ def test_analyze_writes_every_output(images, tmp_path):
     assert imgs.loc["grid", "length_unit"] == "px" and imgs.loc["grid", "pixel_size_source"] == "unknown"
     assert imgs.loc["calibrated", "pixel_size_nm"] == pytest.approx(2.0)
     assert imgs.loc["calibrated", "pixel_size_source"] == "tiff:ImageJ"
+    assert (imgs["model"] == "classical").all()  # which model segmented each image
     parts = pd.read_csv(out / "particles.csv")
     cal = parts[parts.image == "calibrated"]
     assert len(cal) == 12

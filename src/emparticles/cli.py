@@ -156,6 +156,7 @@ def segment(
     from .pipeline import (
         find_images,
         locate_infobar,
+        model_used,
         segment_micrograph,
         unique_stems,
     )
@@ -178,7 +179,7 @@ def segment(
                 mg = locate_infobar(read_micrograph(path), crop_bottom, not no_infobar)
                 instances, full = segment_micrograph(mg, segmenter)
                 write_label_png(full, output / f"{name}.png")
-                write_json({"image": str(path), "model": segmenter.model_id, "infobar_rows": mg.infobar_rows,
+                write_json({"image": str(path), "model": model_used(segmenter), "infobar_rows": mg.infobar_rows,
                             "pixel_size_nm": mg.pixel_size_nm, "pixel_size_source": mg.pixel_size_source,
                             "scores": {str(i + 1): float(s) for i, s in enumerate(instances.scores)}},
                            output / f"{name}.json")

@@ -140,6 +140,12 @@ def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | No
     return instances, full
 
 
+def model_used(model: Segmenter) -> str:
+    """The model that segmented the latest image: the chosen member of a selecting model
+    (``emps-sem-auto``), else the model itself."""
+    return getattr(model, "last_choice", "") or model.model_id
+
+
 def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSettings) -> ImageResult:
     """Segment and measure one prepared micrograph (info bar already located)."""
     warnings: list[str] = list(mg.notes)
@@ -169,6 +175,7 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     summary = image_summary(mg, kept, detected=detected, n_edge=int(edge.sum()), n_small=int(small.sum()),
                             coverage=coverage)
     summary["edge_mode"] = settings.edge_particles
+    summary["model"] = model_used(model)
     return ImageResult(mg, instances, full, kept, table, summary, warnings)
 
 
