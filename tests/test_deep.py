@@ -213,6 +213,31 @@ def test_scale_search_climbs_towards_the_best_score(peak, chosen, tried):
     assert [c[0] for c in seg.calls] == tried
 
 
+class _TableScored(_ScoredAtScale):
+    """Scores from a table: {scale: mean particle score}."""
+
+    def __init__(self, table: dict, search: dict):
+        self.config, self.table, self.calls = {"scale_search": search}, table, []
+        self.peak = 1.0
+
+    def at_scale(self, img, scale):
+        inst, prob = super().at_scale(img, scale)
+        return type(inst)(inst.labels, np.array([self.table[scale]], np.float32)), prob
+
+
+@pytest.mark.parametrize("tie, chosen", [(0.0, 0.7), (0.005, 2.0)])
+def test_scale_search_climbs_both_ways_from_a_near_tie(tie, chosen):
+    # 0.7 beats 1 by 0.0003 only; the best scale is 2 (many small particles seen large enough)
+    table = {0.5: 0.81, 0.7: 0.8323, 1.0: 0.8320, 1.4: 0.88, 2.0: 0.93}
+    search = {"start": [0.7, 1.0], "up": [1.4, 2.0], "down": [0.5], "tie": tie, "max_pixels": 10_000}
+    seg = _TableScored(table, search)
+    best, results = seg.choose_scale(np.zeros((40, 60), np.float32))
+    assert best == chosen
+    # a clear winner at the start still climbs one way only
+    seg = _TableScored({**table, 1.0: 0.80}, search)
+    assert seg.choose_scale(np.zeros((40, 60), np.float32))[0] == 0.7 and [c[0] for c in seg.calls] == [0.7, 1.0, 0.5]
+
+
 def test_scale_search_on_a_crop_of_a_large_image():
     seg = _ScoredAtScale(2.0, {"start": [1.0], "up": [2.0], "max_pixels": 2_000})
     inst, _ = seg.segment(np.random.default_rng(0).random((100, 300)))

@@ -144,20 +144,25 @@ class CNNSegmenter:
             sc = tried[scale][0].scores
             return float(sc.mean()) if sc.size else 0.0
 
+        def climb(scale: float, steps: list[float]) -> float:
+            for step in steps:
+                if score(step) <= score(scale):
+                    break
+                scale = step
+            return scale
+
         start = [float(v) for v in search.get("start", [1.0]) if allowed(float(v))] or [1.0]
         best = max(start, key=score)
-        if best == max(start):
-            climb = [float(v) for v in search.get("up", []) if allowed(float(v))]
-        elif best == min(start):
-            climb = [float(v) for v in search.get("down", [])]
-        else:
-            climb = []
-        for scale in climb:
-            if score(scale) > score(best):
-                best = scale
-            else:
-                break
-        return best, tried
+        # Start scales that score within `tie` of the best also climb: which way to go must not
+        # hang on a difference in the fourth decimal (measured: an EMPS image of 497 particles
+        # went down to 8 or up to 515 on a 0.0003 difference between 0.7 and 1).
+        tie = float(search.get("tie", 0.0))
+        candidates = [best]
+        if score(max(start)) >= score(best) - tie and (best == max(start) or tie > 0):
+            candidates.append(climb(max(start), [float(v) for v in search.get("up", []) if allowed(float(v))]))
+        if score(min(start)) >= score(best) - tie and (best == min(start) or tie > 0):
+            candidates.append(climb(min(start), [float(v) for v in search.get("down", [])]))
+        return max(candidates, key=score), tried
 
     def searched(self, img: np.ndarray) -> tuple[float, Instances, ProbabilityMap]:
         """The chosen scale of a normalised image and its instances and probabilities over the
