@@ -42,7 +42,8 @@ def card(name: str, config: dict, metrics: dict | None) -> str:
         lines += ["", "## Inference", (
             f"The image is resampled before the network by the scale at which its particles score best (mean "
             f"foreground probability of the particles found): scales {search.get('start')} first, then climbing "
-            f"through {search.get('up')} or {search.get('down')} while the score improves; images over "
+            f"through {search.get('up')} or {search.get('down')} (both when the start scales score within "
+            f"{search.get('tie', 0)}) while the score improves; images over "
             f"{search.get('max_pixels')} pixels choose on a centred crop. Particles are separated at the resampled "
             "size and brought back by nearest neighbour. `--particle-size` replaces the search by one resampling "
             "that brings the given diameter to 60 px.")]
