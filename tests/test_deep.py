@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 from PIL import Image
 from typer.testing import CliRunner
 
 from emparticles.cli import app
 from emparticles.evaluate import evaluate_dataset, voc_ap50
 from emparticles.inference import predict_tiled, taper_window
-from emparticles.instances import instances_from_borders, instances_with
+from emparticles.instances import Instances, instances_from_borders, instances_with, trim_outlines
 from emparticles.models import load_model
 from emparticles.models.cnn import CNNSegmenter, load_network, save_model_folder
 from emparticles.models.networks import ARCHITECTURES, build_network, fold_batchnorm, prepare_for_inference
@@ -139,6 +140,25 @@ def test_instance_filters_drop_weak_and_tiny_pieces():
     assert both.count == 2 and both.scores.tolist() == pytest.approx([0.95, 0.9])
 
 
+def test_trim_outlines_cuts_to_the_threshold_and_keeps_the_largest_piece():
+    labels = np.zeros((30, 40), np.int32)
+    labels[2:12, 2:12] = 1  # 100 px particle, score 0.9
+    labels[15:25, 5:35] = 2  # 300 px particle, score 0.8
+    labels[27:29, 37:39] = 3  # 4 px particle, score 0.6
+    foreground = np.zeros((30, 40), np.float32)
+    foreground[3:11, 3:11] = 0.9  # particle 1 shrinks by one pixel all round: 64 px
+    foreground[15:25, 5:20] = 0.9  # particle 2 cut in two pieces: 150 px kept, 1 column...
+    foreground[15:25, 21:35] = 0.9  # ...and 140 px, dropped
+    foreground[27:29, 37:39] = 0.5  # particle 3 below the threshold: vanishes
+    trimmed = trim_outlines(Instances(labels, np.array([0.9, 0.8, 0.6], np.float32)), foreground, 0.7)
+    assert trimmed.count == 2
+    assert trimmed.scores.tolist() == pytest.approx([0.9, 0.8])
+    assert (trimmed.labels == 1).sum() == 64 and (trimmed.labels[3:11, 3:11] == 1).all()
+    assert (trimmed.labels == 2).sum() == 150 and (trimmed.labels[15:25, 5:20] == 2).all()
+    untouched = trim_outlines(Instances(labels, np.array([0.9, 0.8, 0.6], np.float32)), np.ones((30, 40)), 0.7)
+    np.testing.assert_array_equal(untouched.labels, labels)
+
+
 def test_cnn_segmenter_from_a_folder(tmp_path):
     torch.manual_seed(0)
     folder = save_model_folder(build_network("compact-unet").eval(), tmp_path / "m", {"arch": "compact-unet", "classes": 3, "name": "tiny"})
@@ -183,6 +203,7 @@ class _ScoredAtScale(CNNSegmenter):
 
     def __init__(self, peak: float, search: dict):
         self.config, self.peak, self.calls = {"scale_search": search}, peak, []
+        self.thresholds = {}
 
     def at_scale(self, img, scale):
         from emparticles.instances import Instances
@@ -218,7 +239,7 @@ class _TableScored(_ScoredAtScale):
 
     def __init__(self, table: dict, search: dict):
         self.config, self.table, self.calls = {"scale_search": search}, table, []
-        self.peak = 1.0
+        self.peak, self.thresholds = 1.0, {}
 
     def at_scale(self, img, scale):
         inst, prob = super().at_scale(img, scale)
@@ -303,6 +324,34 @@ def test_training_runs_resumes_and_tunes(tmp_path):
     assert config["arch"] == "strided-unet" and "validation_tuned" in config
     assert config["scale_search"]["start"] == [0.7, 1.0]  # the model chooses its resampling
     assert set(config["validation_tuned"]) >= {"f1", "precision", "recall", "count_ratio", "foreground_iou"}
+
+
+class _WideOutlines:
+    """A segmenter (no network) that finds every square particle with a one-pixel ring too many,
+    where the foreground probability is 0.65."""
+
+    def segment_normalised(self, img):
+        truth = (img > 0.5).astype(np.int32)
+        fg = np.where(truth > 0, 0.95, 0.0).astype(np.float32)
+        ring = ndi.binary_dilation(truth > 0) & (truth == 0)
+        fg[ring] = 0.65
+        labels = np.where(ring, 1, truth).astype(np.int32)
+        prob = ProbabilityMap(np.stack([1 - fg, fg, np.zeros_like(fg)]), THREE_CLASS, "wide")
+        return Instances(labels, np.array([0.9], np.float32)), prob
+
+
+def test_outline_threshold_is_tuned_for_panoptic_quality():
+    from emparticles.train.loop import pooled_figures, tune_outline_threshold
+
+    img = np.zeros((30, 30), np.float32)
+    img[10:20, 8:22] = 1.0
+    truth = (img > 0.5).astype(np.int32)
+    val = [(img, truth)]
+    assert pooled_figures([(truth, truth)])["panoptic_quality"] == pytest.approx(1.0)
+    wide = _WideOutlines().segment_normalised(img)[0].labels
+    assert pooled_figures([(truth, wide)])["panoptic_quality"] == pytest.approx(140 / 188)  # 10x14 in 12x16 less its 4 corners
+    assert tune_outline_threshold(_WideOutlines(), val) == 0.7  # 0.5 and 0.6 keep the 0.65 ring
+    assert tune_outline_threshold(_WideOutlines(), val, values=(0.5, 0.6)) is None
 
 
 def test_extra_set_share_of_crops():

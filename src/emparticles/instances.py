@@ -148,6 +148,41 @@ def instances_from_borders(
     return Instances(labels, mean_probability(labels, foreground))
 
 
+def trim_outlines(inst: Instances, foreground: np.ndarray, threshold: float) -> Instances:
+    """Cut the outlines of particles back to where ``foreground`` (H, W), the probability of
+    particle or border at the labels' size, exceeds ``threshold``.
+
+    Particles are found with a lower foreground threshold, which separates and counts them best;
+    their outlines are then drawn at a higher one. A network trained with class weights against
+    imbalance over-predicts the rare classes, so its 0.5 contour lies outside the particle (on
+    EMPS validation images v1's matched particles were 6% too large in area). Applied on the
+    full-size probabilities, the cut also replaces the staircase of labels brought back from a
+    resampled size by nearest neighbour with the smooth contour of the interpolated map. Each
+    particle keeps its largest piece and its score; particles that vanish are dropped; labels are
+    renumbered 1..N in raster order.
+    """
+    from skimage.measure import label as connected
+
+    labels = np.where(foreground > threshold, inst.labels, 0)
+    pieces = connected(labels, background=0, connectivity=1)
+    n_pieces = int(pieces.max())
+    if n_pieces:
+        size = np.bincount(pieces.ravel(), minlength=n_pieces + 1)[1:]
+        owner = np.zeros(n_pieces + 1, np.int64)
+        owner[pieces.ravel()] = labels.ravel()
+        owner = owner[1:]
+        order = np.lexsort((-size, owner))  # by particle, largest piece first
+        first = np.ones(order.size, bool)
+        first[1:] = owner[order][1:] != owner[order][:-1]
+        keep = np.zeros(n_pieces + 1, bool)
+        keep[order[first] + 1] = True
+        labels = np.where(keep[pieces], labels, 0)
+    new = relabel_raster(labels)
+    old_of_new = np.zeros(int(new.max()) + 1, np.int64)
+    old_of_new[new.ravel()] = labels.ravel()
+    return Instances(new.astype(np.int32, copy=False), inst.scores[old_of_new[1:] - 1].astype(np.float32))
+
+
 #: Post-processing settings of :func:`instances_from_borders` used when a model has none tuned.
 DEFAULT_THRESHOLDS = {"foreground_threshold": 0.5, "seed_threshold": 0.5, "min_size_px": 9, "min_seed_px": 4,
                       "min_score": 0.0, "min_relative_area": 0.0}

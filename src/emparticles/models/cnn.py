@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError
 from ..inference import pick_device, predict_tiled
-from ..instances import DEFAULT_THRESHOLDS, Instances, instances_with
+from ..instances import DEFAULT_THRESHOLDS, Instances, instances_with, trim_outlines
 from ..preprocess import normalise
 from ..types import THREE_CLASS, ProbabilityMap
 from .networks import build_network, prepare_for_inference
@@ -178,7 +178,9 @@ class CNNSegmenter:
         With ``particle_size_px`` (a typical diameter given by the user) the image is resampled
         once to bring it to :attr:`TARGET_ECD_PX`. Otherwise, if the model's config has a
         ``scale_search``, :meth:`choose_scale` picks the resampling; else the image is segmented
-        as it is. Labels come back at the input's size (nearest-neighbour), numbered 1..N.
+        as it is. Labels come back at the input's size (nearest-neighbour), numbered 1..N; with an
+        ``outline_threshold`` in the thresholds, outlines are then cut on the full-size
+        probabilities (:func:`~emparticles.instances.trim_outlines`).
         """
         return self.segment_normalised(normalise(pixels), particle_size_px)
 
@@ -193,10 +195,14 @@ class CNNSegmenter:
             _, inst, prob = self.searched(img)
         else:
             inst, prob = self.at_scale(img, 1.0)
-        if inst.labels.shape == img.shape:
-            return inst, prob
-        return _instances_to_shape(inst, img.shape), ProbabilityMap(
-            np.stack([_resize(p, img.shape) for p in prob.probabilities]), prob.channels, prob.model_id)
+        if inst.labels.shape != img.shape:
+            inst = _instances_to_shape(inst, img.shape)
+            prob = ProbabilityMap(np.stack([_resize(p, img.shape) for p in prob.probabilities]),
+                                  prob.channels, prob.model_id)
+        outline = self.thresholds.get("outline_threshold")
+        if outline is not None:
+            inst = trim_outlines(inst, prob.foreground, float(outline))
+        return inst, prob
 
 
 def _scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from ..evaluate import matching
 from ..inference import pick_device, predict_tiled
-from ..instances import DEFAULT_THRESHOLDS, instances_with
+from ..instances import DEFAULT_THRESHOLDS, instances_with, trim_outlines
 from ..models.cnn import save_model_folder
 from ..models.networks import build_network
 from ..types import THREE_CLASS, ProbabilityMap
@@ -76,18 +76,22 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def pooled_figures(pairs) -> dict:
-    """Pooled F1 at IoU 0.5, precision, recall, count ratio and foreground IoU over
-    (true labels, predicted labels) pairs, with the pooled counts (matched, true, predicted)."""
+    """Pooled F1 and panoptic quality at IoU 0.5, precision, recall, count ratio and foreground
+    IoU over (true labels, predicted labels) pairs, with the pooled counts (matched, true,
+    predicted)."""
     tp = n_true = n_pred = inter = union = 0
+    matched_iou = 0.0
     for labels, predicted in pairs:
         m = matching(labels, predicted, 0.5)
         tp, n_true, n_pred = tp + m.tp, n_true + m.n_true, n_pred + m.n_pred
+        matched_iou += m.mean_matched_iou * m.tp
         fg_t, fg_p = labels > 0, predicted > 0
         inter += int((fg_t & fg_p).sum())
         union += int((fg_t | fg_p).sum())
     return {"f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0,
             "precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_true if n_true else 0.0,
             "count_ratio": n_pred / n_true if n_true else math.nan, "foreground_iou": inter / union if union else 1.0,
+            "panoptic_quality": 2 * matched_iou / (n_true + n_pred) if n_true + n_pred else 1.0,
             "matched": tp, "true": n_true, "predicted": n_pred}
 
 
@@ -324,13 +328,33 @@ def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print) -> Pa
         probs = [seg.searched(img)[2].probabilities for img, _ in val_data]
         thresholds, _ = tune_thresholds(probs, val_data, start=thresholds, count_range=COUNT_RANGE)
         (best / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-        tuned = validate_segmenter(CNNSegmenter(best, device), val_data)
-    else:
-        tuned = validate(net, val_data, cfg, device, thresholds)
-        tuned.pop("_probs")
+    outline = tune_outline_threshold(CNNSegmenter(best, device), val_data)
+    if outline is not None:
+        thresholds["outline_threshold"] = outline
+        (best / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+    tuned = validate_segmenter(CNNSegmenter(best, device), val_data)
     config["validation_tuned"] = tuned
     (best / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     log(f"thresholds {thresholds}: validation F1 {tuned['f1']:.3f} (untuned, scale 1: {val['f1']:.3f})")
+    return best
+
+
+#: Outline thresholds tried by :func:`tune_outline_threshold`.
+OUTLINE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def tune_outline_threshold(seg, val_data, values=OUTLINE_GRID) -> float | None:
+    """The threshold of :func:`~emparticles.instances.trim_outlines` with the best pooled
+    panoptic quality of a segmenter (without an outline threshold) on normalised validation
+    images, or None when no cut beats the uncut outlines. The particles themselves (which and
+    how many) stay as the other thresholds found them; only their outlines move."""
+    results = [(labels, seg.segment_normalised(img)) for img, labels in val_data]
+    best, best_pq = None, pooled_figures((labels, inst.labels) for labels, (inst, _) in results)["panoptic_quality"]
+    for value in values:
+        pq = pooled_figures((labels, trim_outlines(inst, prob.foreground, value).labels)
+                            for labels, (inst, prob) in results)["panoptic_quality"]
+        if pq > best_pq + 1e-9:
+            best, best_pq = float(value), pq
     return best
 
 
