@@ -340,7 +340,7 @@ class _WideOutlines:
         return Instances(labels, np.array([0.9], np.float32)), prob
 
 
-def test_outline_threshold_is_tuned_for_panoptic_quality():
+def test_outline_threshold_is_tuned_for_panoptic_quality_and_foreground_iou():
     from emparticles.train.loop import pooled_figures, tune_outline_threshold
 
     img = np.zeros((30, 30), np.float32)

@@ -345,16 +345,21 @@ OUTLINE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 def tune_outline_threshold(seg, val_data, values=OUTLINE_GRID) -> float | None:
     """The threshold of :func:`~emparticles.instances.trim_outlines` with the best pooled
-    panoptic quality of a segmenter (without an outline threshold) on normalised validation
-    images, or None when no cut beats the uncut outlines. The particles themselves (which and
-    how many) stay as the other thresholds found them; only their outlines move."""
+    panoptic quality plus foreground IoU of a segmenter (without an outline threshold) on
+    normalised validation images, or None when no cut beats the uncut outlines. Panoptic quality
+    alone is flat near its best (v1 on EMPS validation: 0.7634 at 0.7, 0.7637 at 0.8, where
+    foreground IoU falls 0.871 -> 0.864). The particles themselves (which and how many) stay as
+    the other thresholds found them; only their outlines move."""
+    def objective(pairs) -> float:
+        figures = pooled_figures(pairs)
+        return figures["panoptic_quality"] + figures["foreground_iou"]
+
     results = [(labels, seg.segment_normalised(img)) for img, labels in val_data]
-    best, best_pq = None, pooled_figures((labels, inst.labels) for labels, (inst, _) in results)["panoptic_quality"]
+    best, best_value = None, objective((labels, inst.labels) for labels, (inst, _) in results)
     for value in values:
-        pq = pooled_figures((labels, trim_outlines(inst, prob.foreground, value).labels)
-                            for labels, (inst, prob) in results)["panoptic_quality"]
-        if pq > best_pq + 1e-9:
-            best, best_pq = float(value), pq
+        v = objective((labels, trim_outlines(inst, prob.foreground, value).labels) for labels, (inst, prob) in results)
+        if v > best_value + 1e-9:
+            best, best_value = float(value), v
     return best
 
 
