@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from emparticles.cli import app
 from emparticles.evaluate import evaluate_dataset, voc_ap50
 from emparticles.inference import predict_tiled, taper_window
-from emparticles.instances import Instances, instances_from_borders, instances_with, trim_outlines
+from emparticles.instances import Instances, fill_particle_holes, instances_from_borders, instances_with, trim_outlines
 from emparticles.models import load_model
 from emparticles.models.cnn import CNNSegmenter, load_network, save_model_folder
 from emparticles.models.networks import ARCHITECTURES, build_network, fold_batchnorm, prepare_for_inference
@@ -157,6 +157,11 @@ def test_trim_outlines_cuts_to_the_threshold_and_keeps_the_largest_piece():
     assert (trimmed.labels == 2).sum() == 150 and (trimmed.labels[15:25, 5:20] == 2).all()
     untouched = trim_outlines(Instances(labels, np.array([0.9, 0.8, 0.6], np.float32)), np.ones((30, 40)), 0.7)
     np.testing.assert_array_equal(untouched.labels, labels)
+    dip = np.ones((30, 40), np.float32)
+    dip[5:8, 5:8] = 0.3  # a dip inside particle 1 opens no hole in it
+    dip[27:29, 37:39] = 0.3  # particle 3 vanishes
+    solid = trim_outlines(Instances(labels, np.array([0.9, 0.8, 0.6], np.float32)), dip, 0.7)
+    assert solid.count == 2 and (solid.labels[2:12, 2:12] == 1).all() and (solid.labels == 1).sum() == 100
 
 
 def test_cnn_segmenter_from_a_folder(tmp_path):
@@ -324,6 +329,21 @@ def test_training_runs_resumes_and_tunes(tmp_path):
     assert config["arch"] == "strided-unet" and "validation_tuned" in config
     assert config["scale_search"]["start"] == [0.7, 1.0]  # the model chooses its resampling
     assert set(config["validation_tuned"]) >= {"f1", "precision", "recall", "count_ratio", "foreground_iou"}
+
+
+def test_fill_particle_holes_fills_only_holes_of_one_particle():
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:9, 2:9] = 1
+    labels[4:7, 4:7] = 0  # hole of particle 1
+    labels[10:18, 2:10] = 2  # particles 2 and 3 enclose a gap together
+    labels[10:18, 10:18] = 3
+    labels[12:16, 6:14] = 0
+    labels[0:5, 20:28] = 4
+    labels[0:2, 23:25] = 0  # a notch open to the image border
+    filled = fill_particle_holes(labels)
+    assert (filled[2:9, 2:9] == 1).all()
+    assert (filled[12:16, 6:14] == 0).all() and (filled[0:2, 23:25] == 0).all()
+    np.testing.assert_array_equal(filled[10:], labels[10:])
 
 
 class _WideOutlines:

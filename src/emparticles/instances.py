@@ -148,6 +148,32 @@ def instances_from_borders(
     return Instances(labels, mean_probability(labels, foreground))
 
 
+def fill_particle_holes(labels: np.ndarray) -> np.ndarray:
+    """(H, W) labels with every hole of a single particle filled with that particle: background
+    regions (4-connected) that do not reach the image border and touch no other particle. Gaps
+    enclosed by several touching particles stay background."""
+    labels = np.asarray(labels)
+    holes, n = ndi.label(labels == 0)
+    if n < 2:
+        return labels
+    comp_ids, owners = [], []
+    for a, b in ((holes[:, 1:], labels[:, :-1]), (holes[:, :-1], labels[:, 1:]),
+                 (holes[1:], labels[:-1]), (holes[:-1], labels[1:])):
+        touch = (a > 0) & (b > 0)
+        comp_ids.append(a[touch])
+        owners.append(b[touch])
+    comp_ids, owners = np.concatenate(comp_ids), np.concatenate(owners).astype(np.int64)
+    low = np.full(n + 1, np.iinfo(np.int64).max)
+    high = np.zeros(n + 1, np.int64)
+    np.minimum.at(low, comp_ids, owners)
+    np.maximum.at(high, comp_ids, owners)
+    single = (low == high) & (high > 0)
+    for edge in (holes[0], holes[-1], holes[:, 0], holes[:, -1]):
+        single[edge] = False
+    single[0] = False
+    return np.where(single[holes], high[holes], labels).astype(labels.dtype, copy=False)
+
+
 def trim_outlines(inst: Instances, foreground: np.ndarray, threshold: float) -> Instances:
     """Cut the outlines of particles back to where ``foreground`` (H, W), the probability of
     particle or border at the labels' size, exceeds ``threshold``.
@@ -158,8 +184,9 @@ def trim_outlines(inst: Instances, foreground: np.ndarray, threshold: float) -> 
     EMPS validation images v1's matched particles were 6% too large in area). Applied on the
     full-size probabilities, the cut also replaces the staircase of labels brought back from a
     resampled size by nearest neighbour with the smooth contour of the interpolated map. Each
-    particle keeps its largest piece and its score; particles that vanish are dropped; labels are
-    renumbered 1..N in raster order.
+    particle keeps its largest piece and its score, holes the cut opens inside a particle are
+    filled again (:func:`fill_particle_holes`), particles that vanish are dropped, and labels are renumbered 1..N in raster
+    order.
     """
     from skimage.measure import label as connected
 
@@ -177,6 +204,7 @@ def trim_outlines(inst: Instances, foreground: np.ndarray, threshold: float) -> 
         keep = np.zeros(n_pieces + 1, bool)
         keep[order[first] + 1] = True
         labels = np.where(keep[pieces], labels, 0)
+        labels = fill_particle_holes(labels)
     new = relabel_raster(labels)
     old_of_new = np.zeros(int(new.max()) + 1, np.int64)
     old_of_new[new.ravel()] = labels.ravel()
