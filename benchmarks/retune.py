@@ -4,7 +4,8 @@
 
 Reads RUN_DIR/split.json (written by training) and RUN_DIR/best, searches the settings of
 ``emparticles.train.loop.TUNING_GRID`` for the best pooled F1 at IoU 0.5 (at scale 1, then at
-the scale each image chooses), and rewrites RUN_DIR/best/thresholds.json and the validation
+the scale each image chooses), then the outline threshold (``OUTLINE_GRID``, for panoptic
+quality plus foreground IoU), and rewrites RUN_DIR/best/thresholds.json and the validation
 figures in RUN_DIR/best/config.json. A model trained without a resampling search gets the
 standard one (``SCALE_SEARCH``) unless ``--no-scale-search``.
 """
