@@ -5,17 +5,28 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage as ndi
 from PIL import Image
+from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
 from emparticles.cli import app
 from emparticles.evaluate import evaluate_dataset, voc_ap50
 from emparticles.inference import predict_tiled, taper_window
-from emparticles.instances import Instances, fill_particle_holes, instances_from_borders, instances_with, trim_outlines
+from emparticles.instances import (
+    Instances,
+    fill_particle_holes,
+    instances_from_borders,
+    instances_with,
+    trim_outlines,
+)
 from emparticles.models import load_model
 from emparticles.models.cnn import CNNSegmenter, load_network, save_model_folder
-from emparticles.models.networks import ARCHITECTURES, build_network, fold_batchnorm, prepare_for_inference
+from emparticles.models.networks import (
+    ARCHITECTURES,
+    build_network,
+    fold_batchnorm,
+    prepare_for_inference,
+)
 from emparticles.train.targets import BORDER, PARTICLE, class_weights, three_class_target
 from emparticles.types import THREE_CLASS, ProbabilityMap
 

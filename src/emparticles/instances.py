@@ -185,8 +185,8 @@ def trim_outlines(inst: Instances, foreground: np.ndarray, threshold: float) -> 
     full-size probabilities, the cut also replaces the staircase of labels brought back from a
     resampled size by nearest neighbour with the smooth contour of the interpolated map. Each
     particle keeps its largest piece and its score, holes the cut opens inside a particle are
-    filled again (:func:`fill_particle_holes`), particles that vanish are dropped, and labels are renumbered 1..N in raster
-    order.
+    filled again (:func:`fill_particle_holes`), particles that vanish are dropped, and labels
+    are renumbered 1..N in raster order.
     """
     from skimage.measure import label as connected
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 # SVG text as text, not glyph outlines: editable in Inkscape/Illustrator, ~25% smaller and faster to write.
 matplotlib.rcParams["svg.fonttype"] = "none"
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy import stats
