@@ -134,6 +134,27 @@ def test_border_aware_instances_split_touching_particles():
     assert inst.labels[20, 15] != inst.labels[20, 45]
 
 
+def test_border_aware_instances_fill_holes_of_one_particle_only():
+    particle = np.zeros((40, 60), np.float32)
+    border = np.zeros((40, 60), np.float32)
+    particle[5:25, 5:25] = 1.0  # two particles side by side...
+    border[5:25, 14:16] = 1.0  # ...split by a predicted seam
+    particle[5:25, 14:16] = 0.0
+    particle[12:18, 12:18] = border[12:18, 12:18] = 0.0  # a gap between them: stays background
+    particle[10:30, 35:55] = 1.0
+    particle[18:22, 43:47] = 0.0  # a hole inside one particle: filled
+    bg = 1 - particle - border
+    inst = instances_from_borders(ProbabilityMap(np.stack([bg, particle, border]), THREE_CLASS, "t"))
+    assert inst.count == 3
+    assert (inst.labels[12:18, 12:18] == 0).all()
+    assert (inst.labels[10:30, 35:55] == inst.labels[20, 45]).all() and inst.labels[20, 45] > 0
+    prob = ProbabilityMap(np.stack([bg, particle, border]), THREE_CLASS, "t")
+    whole = instances_with(prob, {"fill_holes": "foreground"})  # the gap goes to the particles
+    assert whole.count == 3 and (whole.labels[12:18, 12:18] > 0).all()
+    with pytest.raises(ValueError, match="hole filling"):
+        instances_from_borders(prob, fill="all")
+
+
 def test_instance_filters_drop_weak_and_tiny_pieces():
     h, w = 60, 80
     particle = np.zeros((h, w), np.float32)

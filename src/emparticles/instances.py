@@ -112,21 +112,28 @@ def instances_from_borders(
     min_seed_px: int = 4,
     min_score: float = 0.0,
     min_relative_area: float = 0.0,
+    fill: str = "particle",
 ) -> Instances:
     """Particles from a 3-class map (background / particle / boundary).
 
     Seeds are connected regions where P(particle) - P(boundary) exceeds ``seed_threshold`` (the
     particle bodies, cut apart by the predicted borders); each seed grows by watershed on
     -P(particle) within the foreground P(particle) + P(boundary) > ``foreground_threshold``.
-    Foreground pieces without a seed become particles of their own. Particles under
+    Foreground pieces without a seed become particles of their own, and holes inside one
+    particle are filled (:func:`fill_particle_holes`; ``fill="foreground"`` fills every hole of
+    the foreground before the watershed instead, gaps between touching particles included, as
+    models tuned that way expect). Particles under
     ``min_size_px`` pixels, with a mean foreground probability (their score) under ``min_score``,
     or smaller than ``min_relative_area`` times the median particle area of the image (debris and
     fragments next to the real particles) are dropped.
     """
     particle = prob.channel("particle")
     border = prob.channel("boundary")
+    if fill not in ("particle", "foreground"):
+        raise ValueError(f"unknown hole filling {fill!r}; use 'particle' or 'foreground'")
     fg = (particle + border) > foreground_threshold
-    fg = fill_holes(fg)
+    if fill == "foreground":
+        fg = fill_holes(fg)
     seeds_mask = (particle - border) > seed_threshold
     seeds_mask &= fg
     if min_seed_px > 1:
@@ -136,6 +143,11 @@ def instances_from_borders(
     orphans, n_orphans = ndi.label(fg & (labels == 0))
     if n_orphans:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
+    # Holes of one particle are filled, gaps enclosed by several touching particles are not:
+    # filling the whole foreground first gave those gaps to the particles around them (on EMPS
+    # validation images: F1 0.870 -> 0.881, foreground IoU 0.868 -> 0.878, COCO AP 0.655 -> 0.681).
+    if fill == "particle":
+        labels = fill_particle_holes(labels)
     foreground = particle + border
     sizes = np.bincount(labels.ravel())
     drop = sizes < min_size_px
@@ -213,7 +225,7 @@ def trim_outlines(inst: Instances, foreground: np.ndarray, threshold: float) -> 
 
 #: Post-processing settings of :func:`instances_from_borders` used when a model has none tuned.
 DEFAULT_THRESHOLDS = {"foreground_threshold": 0.5, "seed_threshold": 0.5, "min_size_px": 9, "min_seed_px": 4,
-                      "min_score": 0.0, "min_relative_area": 0.0}
+                      "min_score": 0.0, "min_relative_area": 0.0, "fill_holes": "particle"}
 
 
 def instances_with(prob: ProbabilityMap, thresholds: dict) -> Instances:
@@ -221,4 +233,4 @@ def instances_with(prob: ProbabilityMap, thresholds: dict) -> Instances:
     t = {**DEFAULT_THRESHOLDS, **thresholds}
     return instances_from_borders(prob, float(t["foreground_threshold"]), float(t["seed_threshold"]),
                                   int(t["min_size_px"]), int(t["min_seed_px"]), float(t["min_score"]),
-                                  float(t["min_relative_area"]))
+                                  float(t["min_relative_area"]), str(t["fill_holes"]))
