@@ -16,7 +16,7 @@ from pathlib import Path
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "emparticles" / "models" / "weights"
 
 
-def card(name: str, config: dict, metrics: dict | None) -> str:
+def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None = None) -> str:
     tc = config.get("train_config", {})
     lines = [
         f"# {name}",
@@ -47,6 +47,11 @@ def card(name: str, config: dict, metrics: dict | None) -> str:
             f"{search.get('max_pixels')} pixels choose on a centred crop. Particles are separated at the resampled "
             "size and brought back by nearest neighbour. `--particle-size` replaces the search by one resampling "
             "that brings the given diameter to 60 px.")]
+    outline = (thresholds or {}).get("outline_threshold")
+    if outline is not None:
+        lines += ["", (f"Outlines are then cut where the probability of particle or border, interpolated to full "
+                       f"size, exceeds {outline} (`outline_threshold` in thresholds.json, tuned on the validation "
+                       "images for panoptic quality plus foreground IoU); each particle keeps its largest piece.")]
     lines += [
         "",
         "## Validation figures (held-out EMPS images)",
@@ -84,7 +89,8 @@ def main() -> None:
         shutil.copy2(args.folder / f, dest / f)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     metrics = json.loads(args.metrics.read_text()) if args.metrics else None
-    (dest / "MODEL_CARD.md").write_text(card(args.name, config, metrics))
+    thresholds = json.loads((dest / "thresholds.json").read_text())
+    (dest / "MODEL_CARD.md").write_text(card(args.name, config, metrics, thresholds))
     print(f"packaged {args.name}: {size / 2**20:.1f} MB -> {dest}")
 
 
