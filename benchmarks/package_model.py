@@ -87,6 +87,8 @@ def main() -> None:
     config["default"] = bool(args.default)
     for f in ("weights.safetensors", "thresholds.json"):
         shutil.copy2(args.folder / f, dest / f)
+    if config.get("onnx"):  # an int8 graph from 'emparticles quantise' travels with its weights
+        shutil.copy2(args.folder / config["onnx"]["file"], dest / config["onnx"]["file"])
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     metrics = json.loads(args.metrics.read_text()) if args.metrics else None
     thresholds = json.loads((dest / "thresholds.json").read_text())

@@ -63,11 +63,17 @@ def load_network(folder: Path, device: str | torch.device = "cpu") -> tuple[torc
 class CNNSegmenter:
     """A trained 3-class network with tiled inference and border-aware instance separation."""
 
-    def __init__(self, folder: str | Path, device: str = "auto", flips: bool = False):
+    def __init__(self, folder: str | Path, device: str = "auto", flips: bool = False, onnx: bool = True):
+        """``onnx``: on CPU, run the folder's ``network.onnx`` with ONNX Runtime when it has one
+        exported from its current weights (:mod:`emparticles.models.onnx`); else PyTorch."""
         self.folder = Path(folder)
         self.device = pick_device(device)
         net, self.config, self.thresholds = load_network(self.folder, self.device)
         self.net = prepare_for_inference(net)
+        if onnx and self.device.type == "cpu":
+            from .onnx import onnx_network
+
+            self.net = onnx_network(self.folder, self.config, int(getattr(net, "multiple", 32))) or self.net
         self.model_id = self.config.get("name", self.folder.name)
         self.flips = flips
 
