@@ -16,6 +16,19 @@ from pathlib import Path
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "emparticles" / "models" / "weights"
 
 
+def _extra_data(tc: dict) -> list[str]:
+    """Card lines for the training crops that did not come from EMPS."""
+    lines = []
+    if tc.get("extra_images"):
+        lines.append(f"{100 * float(tc.get('extra_fraction', 0)):.0f}% of the training crops came from synthetic SEM "
+                     f"images (`{tc['extra_images']}`, made by `emparticles synth`: agglomerates of round, faceted, "
+                     "elliptical and rod-like particles, half with an info bar; exact masks).")
+    if float(tc.get("paste_fraction") or 0) > 0:
+        lines.append(f"{100 * float(tc['paste_fraction']):.0f}% were made by pasting agglomerates cut from the EMPS "
+                     "training images (never the validation ones) on empty synthetic SEM backgrounds.")
+    return ["", " ".join(lines)] if lines else []
+
+
 def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None = None) -> str:
     tc = config.get("train_config", {})
     lines = [
@@ -27,12 +40,14 @@ def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None 
         "## Training data",
         ("EMPS training split (366 electron micrographs with hand-drawn instance masks; Yildirim & Cole, "
         "J. Chem. Inf. Model. 61 (2021) 1136, MIT licence), of which a hash-based 15% was held out for validation "
-        "(never trained on). Mostly TEM figure crops; no SEM agglomerates, no info bars."),
+        "(never trained on). Mostly TEM figure crops" + ("." if tc.get("extra_images") else "; no SEM agglomerates, no info bars.")),
+        *_extra_data(tc),
         "",
         "## Training",
         (f"{tc.get('epochs')} epochs x {tc.get('steps_per_epoch')} steps, batch {tc.get('batch_size')} random "
         f"{tc.get('crop')}x{tc.get('crop')} crops, scale augmentation {tc.get('scale_min')}-{tc.get('scale_max')}x, flips, "
-        "rotations, elastic/grid/optical distortion, brightness/contrast/gamma, blur, noise; weighted cross-entropy + Dice; "
+        "rotations, elastic/grid/optical distortion, brightness/contrast/gamma, blur, noise; weighted cross-entropy + Dice"
+        f"{' (class weights on the border class only)' if tc.get('class_weighting') == 'border' else ''}; "
         f"AdamW one-cycle (peak lr {tc.get('lr')}); border width {config.get('border_width')} px; best epoch {config.get('epoch')} "
         "chosen on validation instance F1 at IoU 0.5. CPU only (2 cores)."),
         "",
@@ -52,6 +67,10 @@ def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None 
         lines += ["", (f"Outlines are then cut where the probability of particle or border, interpolated to full "
                        f"size, exceeds {outline} (`outline_threshold` in thresholds.json, tuned on the validation "
                        "images for panoptic quality plus foreground IoU); each particle keeps its largest piece.")]
+    onnx = config.get("onnx") or {}
+    if onnx:
+        lines += ["", (f"On CPU the network runs as `{onnx.get('file')}` in {onnx.get('precision')} with ONNX Runtime "
+                       "when it is installed (`pip install emparticles[onnx]`), else from the safetensors weights.")]
     lines += [
         "",
         "## Validation figures (held-out EMPS images)",
@@ -63,8 +82,12 @@ def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None 
         lines += ["", "Full evaluation (`benchmarks/bench_segment.py`):"]
         for k, v in metrics.items():
             lines.append(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}")
-    lines += ["", "## Limits", ("Trained on TEM-like figure crops: SEM images of agglomerates, very small (< 8 px) or "
-              "very large particles, and strongly textured substrates are outside its training data.")]
+    limits = ("Its real training images are TEM-like figure crops; SEM agglomerates were seen only in synthetic images. "
+              "Very small (< 8 px) or very large particles and strongly textured substrates are outside its training data."
+              if tc.get("extra_images") else
+              "Trained on TEM-like figure crops: SEM images of agglomerates, very small (< 8 px) or "
+              "very large particles, and strongly textured substrates are outside its training data.")
+    lines += ["", "## Limits", limits]
     return "\n".join(lines) + "\n"
 
 
