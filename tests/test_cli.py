@@ -92,6 +92,17 @@ def test_bad_inputs_do_not_stop_the_batch(images, tmp_path):
     assert len(pd.read_csv(out / "particles.csv")) > 0
 
 
+def test_names_with_brackets_are_printed_whole(images, tmp_path):
+    """File names and hints are printed as they are, not read as console markup."""
+    d, _ = images
+    (d / "run[2]_[bold].tif").write_bytes(b"not a tiff")
+    r = run("analyze", d / "run[2]_[bold].tif", d / "grid.png", "-o", tmp_path / "out", "--model", "classical")
+    assert r.exit_code == 1
+    assert "run[2]_[bold].tif" in r.output
+    r = run("quantise", "--help")
+    assert "emparticles[onnx]" in r.output
+
+
 def test_rerun_skips_finished_images_unless_overwrite(images, tmp_path):
     d, _ = images
     out = tmp_path / "out"

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from .errors import EmparticlesError, InputError
 from .units import parse_length_nm
@@ -23,8 +24,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# No console markup: file names and messages are printed as they are ("run[2].tif" stays whole).
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+ERROR = Text("error:", style="red")
+WARNING = Text("warning:", style="yellow")
 
 PixelSizeOpt = Annotated[
     str | None,
@@ -39,7 +43,7 @@ def _pixel_size(text: str | None) -> float | None:
 
 
 def _fail(exc: EmparticlesError) -> None:
-    err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    err.print(ERROR, f"{exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -49,16 +53,16 @@ def _report_error(path, exc: BaseException) -> str:
 
     message = error_message(exc)
     text = message if isinstance(exc, InputError) else f"{path}: {message}"
-    err.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True)
+    err.print(ERROR, f"{text}", highlight=False, soft_wrap=True)
     return message
 
 
 def _warn(path, text: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {path}: {text}", highlight=False, soft_wrap=True)
+    err.print(WARNING, f"{path}: {text}", highlight=False, soft_wrap=True)
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=True)
 
 
@@ -108,7 +112,7 @@ def analyze(
         _fail(exc)
     files, problems = find_images(paths)
     for item, message in problems:
-        err.print(f"[red]error:[/red] {item}: {message}", highlight=False, soft_wrap=True)
+        err.print(ERROR, f"{item}: {message}", highlight=False, soft_wrap=True)
         run.report.statuses[f"input:{item}"] = {"path": item, "status": "failed", "message": message, "warnings": []}
     names = unique_stems(files)
     with _progress() as progress:
@@ -171,7 +175,7 @@ def segment(
     files, problems = find_images(paths)
     failures = len(problems)
     for item, message in problems:
-        err.print(f"[red]error:[/red] {item}: {message}", highlight=False, soft_wrap=True)
+        err.print(ERROR, f"{item}: {message}", highlight=False, soft_wrap=True)
     with _progress() as progress:
         task = progress.add_task("segmenting", total=len(files))
         for path, name in zip(files, unique_stems(files)):
@@ -392,8 +396,8 @@ def quantise(
     images: Annotated[list[str], typer.Argument(help="Training micrographs to calibrate on: files, folders or patterns (not the images you evaluate on).")],
     count: Annotated[int, typer.Option("--count", help="Random crops of 384 px used for calibration.")] = 32,
 ) -> None:
-    """Add an int8 ONNX graph to a model folder: its network runs about 1.5x faster on CPU (needs
-    'pip install emparticles[onnx]'). Check the accuracy afterwards with 'emparticles segment' +
+    r"""Add an int8 ONNX graph to a model folder: its network runs about 1.5x faster on CPU (needs
+    'pip install "emparticles\[onnx]"'). Check the accuracy afterwards with 'emparticles segment' +
     'evaluate'; delete network.onnx to undo."""
     from .io.images import read_micrograph
     from .models.onnx import quantise_model_folder
@@ -413,7 +417,7 @@ def quantise(
         _fail(InputError(model_dir, "only 3-class networks can be quantised", "pass a folder of a U-Net-family model"))
     files, problems = find_images(images)
     for item, message in problems:
-        err.print(f"[red]error:[/red] {item}: {message}", highlight=False, soft_wrap=True)
+        err.print(ERROR, f"{item}: {message}", highlight=False, soft_wrap=True)
     fields = []
     for path in files:
         try:
@@ -469,7 +473,7 @@ def evaluate(
         preds.append(pl)
         scores.append(sc)
     if missing:
-        err.print(f"[yellow]warning:[/yellow] no prediction for {len(missing)} image(s): {', '.join(missing[:10])}", highlight=False)
+        err.print(WARNING, f"no prediction for {len(missing)} image(s): {', '.join(missing[:10])}", highlight=False)
     if not gts:
         _fail(InputError(pred, "has no prediction matching the ground-truth names", "segment the same images"))
     metrics = evaluate_dataset(gts, preds, scores)
@@ -545,10 +549,10 @@ def annotations_import(
                 written += 1
         except EmparticlesError as exc:
             failures += 1
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(ERROR, f"{exc}", highlight=False, soft_wrap=True)
         except (KeyError, ValueError, TypeError) as exc:
             failures += 1
-            err.print(f"[red]error:[/red] {f}: unexpected content ({exc}); export as COCO 1.0 instances", highlight=False)
+            err.print(ERROR, f"{f}: unexpected content ({exc}); export as COCO 1.0 instances", highlight=False)
     out.print(f"{written} mask(s) -> {output}")
     if failures:
         raise typer.Exit(1)
@@ -566,14 +570,14 @@ def annotations_export(
 
     files, problems = find_images(masks)
     for item, message in problems:
-        err.print(f"[red]error:[/red] {item}: {message}", highlight=False)
+        err.print(ERROR, f"{item}: {message}", highlight=False)
     labels = {}
     for f in files:
         try:
             labels[f.name] = read_labels(f)[0]
         except EmparticlesError as exc:
             problems.append((str(f), str(exc)))
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(ERROR, f"{exc}", highlight=False, soft_wrap=True)
     if labels:
         write_coco(labels, output)
     out.print(f"{len(labels)} image(s) -> {output}")
