@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from emparticles.cli import app
 from emparticles.evaluate import evaluate_dataset, voc_ap50
-from emparticles.inference import predict_tiled, taper_window
+from emparticles.inference import predict_tiled, taper_window, tile_layout
 from emparticles.instances import (
     Instances,
     fill_particle_holes,
@@ -118,6 +118,20 @@ def test_tiling_is_seamless(shape):
     flipped = predict_tiled(net, img, tile=64, overlap=16, flips=True)
     np.testing.assert_allclose(flipped, whole, atol=1e-5)
     assert taper_window(64, 16).min() > 0
+    win = taper_window((40, 96), 16)
+    assert win.shape == (40, 96) and win.min() > 0
+    np.testing.assert_allclose(win, win[::-1, ::-1])  # ramps on all four sides
+
+
+@pytest.mark.parametrize("length", [64, 100, 1024, 1056, 1088, 2048, 2080, 5000, 20032])
+def test_tile_layout_covers_with_overlap_and_fewest_tiles(length):
+    tile, overlap = 1024, 64
+    size, starts = tile_layout(length, tile, overlap, 32 if length % 32 == 0 else 1)
+    assert size <= tile and starts[0] == 0 and starts[-1] + size == length
+    assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))  # overlap kept
+    fewest = 1 if length <= tile else -(-(length - overlap) // (tile - overlap))
+    assert len(starts) == fewest
+    assert size * len(starts) < length + len(starts) * (overlap + 32)  # no tile much larger than needed
 
 
 def test_border_aware_instances_split_touching_particles():

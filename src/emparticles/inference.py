@@ -14,22 +14,40 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def taper_window(size: int, margin: int) -> np.ndarray:
-    """(size, size) blending weights: 1 in the middle, a raised-cosine ramp over ``margin`` pixels
-    at each border, never exactly 0 (so that image borders are still covered)."""
-    ramp = np.ones(size, np.float32)
-    if margin > 0:
-        t = (np.arange(margin, dtype=np.float32) + 0.5) / margin
-        ramp[:margin] = 0.5 - 0.5 * np.cos(np.pi * t)
-        ramp[-margin:] = ramp[:margin][::-1]
-    return np.outer(ramp, ramp)
+def taper_window(size: int | tuple[int, int], margin: int) -> np.ndarray:
+    """(h, w) blending weights (``size`` an int for a square): 1 in the middle, a raised-cosine
+    ramp over ``margin`` pixels at each border, never exactly 0 (so that image borders are still
+    covered)."""
+    h, w = (size, size) if isinstance(size, int) else size
+
+    def ramp(n: int) -> np.ndarray:
+        r = np.ones(n, np.float32)
+        m = min(margin, n // 2)
+        if m > 0:
+            t = (np.arange(m, dtype=np.float32) + 0.5) / m
+            r[:m] = 0.5 - 0.5 * np.cos(np.pi * t)
+            r[-m:] = r[:m][::-1]
+        return r
+
+    return np.outer(ramp(h), ramp(w))
 
 
-def _tile_starts(length: int, tile: int, step: int) -> list[int]:
+def tile_layout(length: int, tile: int, overlap: int, multiple: int = 1) -> tuple[int, list[int]]:
+    """(tile size, tile starts) covering ``length`` pixels with the fewest tiles of at most
+    ``tile`` pixels that overlap by at least ``overlap``, the tiles made as small as that allows
+    (a multiple of ``multiple``, which ``tile`` and ``length`` must be).
+
+    Balanced tiles cost much less than full-size tiles on images just over one tile: 1088 px in
+    tiles of 1024 overlapping by 64 takes two tiles of 576 (1152 px of network input) instead of
+    two of 1024 (2048 px); measured on a 1088x1238 input, 4.2 MP of tiles became 1.5 MP.
+    """
     if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, step)) + [length - tile]
-    return sorted(set(starts))
+        return length, [0]
+    count = -(-(length - overlap) // (tile - overlap))
+    size = -(-(length + (count - 1) * overlap) // count)
+    size = min(tile, -(-size // multiple) * multiple)
+    starts = np.linspace(0, length - size, count).round().astype(int)
+    return size, sorted(set(int(s) for s in starts))
 
 
 @torch.inference_mode()
@@ -63,10 +81,9 @@ only on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs.
     pw += (-pw) % multiple
     mode = "reflect" if min(h, w) > max(ph - h, pw - w) else "symmetric"
     padded = np.pad(image, ((pad, ph - h - pad), (pad, pw - w - pad)), mode=mode).astype(np.float32)
-    th, tw = min(tile, ph), min(tile, pw)
-    window = torch.from_numpy(taper_window(max(th, tw), overlap)[:th, :tw]).to(dev)
-    ys = _tile_starts(ph, th, th - overlap)
-    xs = _tile_starts(pw, tw, tw - overlap)
+    th, ys = tile_layout(ph, tile, overlap, multiple)
+    tw, xs = tile_layout(pw, tile, overlap, multiple)
+    window = torch.from_numpy(taper_window((th, tw), overlap)).to(dev)
     coords = [(y, x) for y in ys for x in xs]
     acc = None
     weight = torch.zeros((ph, pw), dtype=torch.float32, device=dev)
