@@ -49,7 +49,9 @@ def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None 
         "rotations, elastic/grid/optical distortion, brightness/contrast/gamma, blur, noise; weighted cross-entropy + Dice"
         f"{' (class weights on the border class only)' if tc.get('class_weighting') == 'border' else ''}; "
         f"AdamW one-cycle (peak lr {tc.get('lr')}); border width {config.get('border_width')} px; best epoch {config.get('epoch')} "
-        "chosen on validation instance F1 at IoU 0.5. CPU only (2 cores)."),
+        "chosen on validation instance F1 at IoU 0.5. CPU only (2 cores)."
+        + (f" Started from the weights of `{tc['init_from']}` (fine-tuning), not from random initialisation."
+           if tc.get("init_from") else "")),
         "",
     ]
     search = config.get("scale_search")
