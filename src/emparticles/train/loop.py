@@ -22,6 +22,7 @@ from ..models.cnn import save_model_folder
 from ..models.networks import build_network
 from ..types import THREE_CLASS, ProbabilityMap
 from .data import PasteSource, augmented_sample, augmenter, find_pairs, load_pair, split_validation
+from .lock import run_folder_lock
 from .targets import class_weights, three_class_target
 
 
@@ -178,7 +179,13 @@ def tune_thresholds(probs, val_data, start: dict | None = None,
 def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False,
           log=print) -> Path:
     """Train, validate every epoch, keep the best model folder in ``out_dir/best`` and a resumable
-    checkpoint in ``out_dir/checkpoint.pt``. Returns the best model folder."""
+    checkpoint in ``out_dir/checkpoint.pt``. Returns the best model folder. One process at a time
+    trains into ``out_dir`` (:func:`~emparticles.train.lock.run_folder_lock`)."""
+    with run_folder_lock(out_dir):
+        return _train(images_dir, masks_dir, out_dir, cfg, resume, log)
+
+
+def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool, log) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

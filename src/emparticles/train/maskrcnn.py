@@ -69,7 +69,15 @@ def validate_maskrcnn(folder: Path, val_data, device) -> dict:
 
 def train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRCNNConfig, resume: bool = False,
                    log=print) -> Path:
-    """Train; the best model folder ends in ``out_dir/best``, the checkpoint in ``out_dir/checkpoint.pt``."""
+    """Train; the best model folder ends in ``out_dir/best``, the checkpoint in ``out_dir/checkpoint.pt``.
+    One process at a time trains into ``out_dir`` (:func:`~emparticles.train.lock.run_folder_lock`)."""
+    from .lock import run_folder_lock
+
+    with run_folder_lock(out_dir):
+        return _train_maskrcnn(images_dir, masks_dir, out_dir, cfg, resume, log)
+
+
+def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRCNNConfig, resume: bool, log) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
