@@ -35,7 +35,9 @@ def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None 
         f"# {name}",
         "",
         (f"Architecture `{config['arch']}`, 3 classes (background / particle / particle border), one grey input "
-        f"channel normalised per image ({config.get('normalisation', '')}). Random initialisation; no pretrained weights."),
+        f"channel normalised per image ({config.get('normalisation', '')}). "
+        + (f"Fine-tuned from the weights of `{tc['init_from']}`; no externally pretrained weights."
+           if tc.get("init_from") else "Random initialisation; no pretrained weights.")),
         "",
         "## Training data",
         ("EMPS training split (366 electron micrographs with hand-drawn instance masks; Yildirim & Cole, "
@@ -49,9 +51,7 @@ def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None 
         "rotations, elastic/grid/optical distortion, brightness/contrast/gamma, blur, noise; weighted cross-entropy + Dice"
         f"{' (class weights on the border class only)' if tc.get('class_weighting') == 'border' else ''}; "
         f"AdamW one-cycle (peak lr {tc.get('lr')}); border width {config.get('border_width')} px; best epoch {config.get('epoch')} "
-        "chosen on validation instance F1 at IoU 0.5. CPU only (2 cores)."
-        + (f" Started from the weights of `{tc['init_from']}` (fine-tuning), not from random initialisation."
-           if tc.get("init_from") else "")),
+        "chosen on validation instance F1 at IoU 0.5. CPU only (2 cores)."),
         "",
     ]
     search = config.get("scale_search")

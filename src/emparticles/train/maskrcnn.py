@@ -15,6 +15,7 @@ from ..evaluate import matching
 from ..inference import pick_device
 from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, build_maskrcnn, instance_targets
 from .data import augmenter, find_pairs, load_pair, split_validation
+from .lock import run_folder_lock
 from .loop import append_metrics, load_checkpoint, save_checkpoint
 
 
@@ -71,8 +72,6 @@ def train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRC
                    log=print) -> Path:
     """Train; the best model folder ends in ``out_dir/best``, the checkpoint in ``out_dir/checkpoint.pt``.
     One process at a time trains into ``out_dir`` (:func:`~emparticles.train.lock.run_folder_lock`)."""
-    from .lock import run_folder_lock
-
     with run_folder_lock(out_dir):
         return _train_maskrcnn(images_dir, masks_dir, out_dir, cfg, resume, log)
 
