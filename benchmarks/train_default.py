@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--paste-fraction", type=float, default=0.0,
                         help="share of crops made by pasting training agglomerates on empty backgrounds")
     parser.add_argument("--init-from", default="", help="model folder whose weights start the training")
+    parser.add_argument("--average-epochs", type=int, default=0,
+                        help="the model is the mean of the weights after each of the last N epochs")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -42,7 +44,8 @@ def main() -> None:
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size, lr=args.lr,
                       crop=args.crop, scale_min=args.scale[0], scale_max=args.scale[1], border_width=args.border_width,
                       extra_images=args.extra_images, extra_masks=args.extra_masks, extra_fraction=args.extra_fraction, paste_fraction=args.paste_fraction,
-                      init_from=args.init_from, class_weighting=args.class_weighting)
+                      init_from=args.init_from, class_weighting=args.class_weighting,
+                      average_epochs=args.average_epochs)
     best = train(EMPS / "images", EMPS / "segmaps", args.out, cfg, resume=args.resume, log=lambda m: print(m, flush=True))
     print(f"best model: {best}")
 

@@ -377,6 +377,49 @@ def test_training_runs_resumes_and_tunes(tmp_path):
     assert set(config["validation_tuned"]) >= {"f1", "precision", "recall", "count_ratio", "foreground_iou"}
 
 
+def test_weight_average_is_the_mean_of_the_added_weights():
+    from emparticles.train.loop import WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    avg, seen = WeightAverage(), []
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.fill_(value)
+        net[1].num_batches_tracked.fill_(int(value))
+        seen.append(value)
+        avg.add(net)
+    assert avg.count == 3
+    assert torch.allclose(avg.state["0.weight"], torch.full_like(net[0].weight, 3.0))
+    assert int(avg.state["1.num_batches_tracked"]) == 6  # integer counters keep the latest value
+    # the average is a copy: later training does not move it
+    with torch.no_grad():
+        net[0].weight.fill_(100.0)
+    assert float(avg.state["0.weight"].max()) == 3.0
+
+
+def test_training_with_weight_averaging_survives_interruption(tmp_path):
+    from emparticles.train.loop import TrainConfig, train
+
+    write_disk_set(tmp_path, count=8, disks=4, radius=8, margin=10)
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=2, crop=64, tile=128, overlap=16, val_fraction=0.3,
+                      device="cpu", average_epochs=2)
+    run = tmp_path / "run"
+    # 'interrupted' after epoch 1 of 3: the running average travels in the checkpoint
+    train(tmp_path / "img", tmp_path / "mask", run, cfg, log=lambda m: None)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["average_count"] == 2 and not (run / "checkpoint.tmp").exists()
+    cfg.epochs = 3
+    logs = []
+    best = train(tmp_path / "img", tmp_path / "mask", run, cfg, resume=True, log=logs.append)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["average_count"] == 3  # epochs 1-2 from the first run, 3 from the resumed one
+    config = json.loads((best / "config.json").read_text())
+    assert config["averaged_epochs"] == [1, 3] and "validation_tuned" in config
+    assert (run / "best-epoch" / "weights.safetensors").exists()
+    assert any(m.startswith("average of epochs 1-3") for m in logs)
+
+
 def test_fill_particle_holes_fills_only_holes_of_one_particle():
     labels = np.zeros((20, 30), np.int32)
     labels[2:9, 2:9] = 1

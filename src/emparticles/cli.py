@@ -344,6 +344,7 @@ def train(
     extra_fraction: Annotated[float, typer.Option("--extra-fraction", help="Share of training crops taken from the extra set.")] = 0.3,
     paste_fraction: Annotated[float, typer.Option("--paste-fraction", help="Share of training crops made by pasting agglomerates cut from the training images (never the validation ones) on empty SEM backgrounds.")] = 0.0,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
+    average_epochs: Annotated[int, typer.Option("--average-epochs", help="The model is the mean of the weights after each of the last N epochs (stochastic weight averaging) instead of the epoch with the best validation F1, which is kept in OUTPUT/best-epoch.")] = 0,
 ) -> None:
     """Train a 3-class (background/particle/border) network, or a Mask R-CNN, on your annotated images."""
     from .models.maskrcnn import MASKRCNN_ARCHITECTURES
@@ -367,7 +368,9 @@ def train(
     cfg = TrainConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
                       val_fraction=val_fraction, device=device, init_from=str(init_from or ""),
                       extra_images=str(extra_images or ""), extra_masks=str(extra_masks or ""), extra_fraction=extra_fraction,
-                      paste_fraction=paste_fraction)
+                      paste_fraction=paste_fraction, average_epochs=average_epochs)
+    if not 0 <= average_epochs <= epochs:
+        _fail(InputError(None, f"--average-epochs {average_epochs} is not between 0 and --epochs ({epochs})", "average at most the epochs that run"))
     if not 0.0 <= paste_fraction <= 1.0 or not 0.0 <= extra_fraction <= 1.0:
         _fail(InputError(None, "--paste-fraction and --extra-fraction are shares of the training crops", "give values between 0 and 1"))
     if (extra_images is None) != (extra_masks is None):

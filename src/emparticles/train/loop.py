@@ -54,6 +54,7 @@ class TrainConfig:
     extra_fraction: float = 0.3  # share of training crops drawn from the extra set
     paste_fraction: float = 0.0  # share of crops made by pasting training agglomerates on empty backgrounds
     scale_search: bool = True  # the model chooses its resampling per image (SCALE_SEARCH)
+    average_epochs: int = 0  # >0: the model is the mean of the weights after each of the last N epochs
 
 
 #: Resampling search saved with trained models (see ``CNNSegmenter.choose_scale``): tried on EMPS
@@ -223,6 +224,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     total = cfg.epochs * cfg.steps_per_epoch
     ckpt_path = out_dir / "checkpoint.pt"
     start_epoch, best_f1 = load_checkpoint(ckpt_path, net, opt, device) if resume else (0, -1.0)
+    average = WeightAverage.from_checkpoint(ckpt_path, device) if resume else WeightAverage()
     # The one-cycle schedule is rebuilt at the resumed step, so a resumed run may also ask for
     # more epochs than the first.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.05,
@@ -260,16 +262,86 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         append_metrics(metrics_path, row)
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} val F1 {val['f1']:.3f} "
             f"IoU {val['foreground_iou']:.3f} count {val['count_ratio']:.2f} ({train_s:.0f} s)")
+        # With averaging, the best single epoch is kept beside the average, for comparison.
         if val["f1"] > best_f1:
             best_f1 = val["f1"]
-            save_model_folder(net, out_dir / "best", _model_config(cfg, epoch + 1, val))
-        save_checkpoint(ckpt_path, net, opt, epoch, best_f1)
+            save_model_folder(net, out_dir / ("best-epoch" if cfg.average_epochs else "best"),
+                              _model_config(cfg, epoch + 1, val))
+        if cfg.average_epochs and epoch >= cfg.epochs - cfg.average_epochs:
+            average.add(net)
+        save_checkpoint(ckpt_path, net, opt, epoch, best_f1, average)
+    if cfg.average_epochs and average.count:
+        save_averaged(net, average, cfg, out_dir, val_data, device, rng, train_data, extra_data, paste, aug, log)
     return finalise(out_dir, cfg, val_data, device, log)
 
 
-def save_checkpoint(path: Path, net, opt, epoch: int, best_f1: float) -> None:
-    """Weights, optimiser state, last finished epoch (0-based) and best validation F1."""
-    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best_f1": best_f1}, path)
+class WeightAverage:
+    """Running mean of a network's weights over epochs (stochastic weight averaging, Izmailov et
+    al. 2018): the mean of the weights along the end of training generalises better than any one
+    epoch, and needs no validation images to choose it. Integer buffers (batch-norm counters)
+    keep their latest value; batch-norm statistics are recomputed afterwards
+    (:func:`save_averaged`)."""
+
+    def __init__(self, state: dict | None = None, count: int = 0):
+        self.state, self.count = state, count
+
+    def add(self, net: torch.nn.Module) -> None:
+        new = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if self.state is None:
+            self.state, self.count = new, 1
+            return
+        self.count += 1
+        for k, v in new.items():
+            if v.is_floating_point():
+                self.state[k] += (v - self.state[k]) / self.count
+            else:
+                self.state[k] = v
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device) -> WeightAverage:
+        if not path.exists():
+            return cls()
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        return cls(ckpt.get("average"), int(ckpt.get("average_count", 0)))
+
+
+def save_averaged(net, average: WeightAverage, cfg: TrainConfig, out_dir: Path, val_data, device, rng,
+                  train_data, extra_data, paste, aug, log, bn_batches: int = 32) -> None:
+    """Load the averaged weights into ``net``, recompute its batch-norm statistics on
+    ``bn_batches`` training batches (``torch.optim.swa_utils.update_bn``: averaged weights do not
+    match averaged statistics), validate it and save it as ``out_dir/best``."""
+    from torch.optim.swa_utils import update_bn
+
+    net.load_state_dict(average.state)
+    batches = []
+    for _ in range(bn_batches):
+        batch = [augmented_sample(aug, *pick_sample(rng, train_data, extra_data, cfg.extra_fraction, paste,
+                                                    cfg.paste_fraction, int(cfg.crop * cfg.scale_max)), cfg.border_width)
+                 for _ in range(cfg.batch_size)]
+        x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
+        batches.append(((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        update_bn(batches, net, device)
+    val = validate(net, val_data, cfg, device)
+    val.pop("_probs")
+    first = cfg.epochs - average.count + 1
+    config = _model_config(cfg, cfg.epochs, val)
+    config["averaged_epochs"] = [first, cfg.epochs]
+    save_model_folder(net, out_dir / "best", config)
+    log(f"average of epochs {first}-{cfg.epochs}: val F1 {val['f1']:.3f} IoU {val['foreground_iou']:.3f} "
+        f"count {val['count_ratio']:.2f}")
+
+
+def save_checkpoint(path: Path, net, opt, epoch: int, best_f1: float, average: WeightAverage | None = None) -> None:
+    """Weights, optimiser state, last finished epoch (0-based), best validation F1 and the
+    running weight average, if any. Written to a temporary file first, so that an interruption
+    while saving leaves the previous checkpoint whole."""
+    state = {"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best_f1": best_f1}
+    if average is not None and average.state is not None:
+        state.update(average=average.state, average_count=average.count)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def load_checkpoint(path: Path, net, opt, device) -> tuple[int, float]:
