@@ -554,3 +554,11 @@ def test_train_command_rejects_a_share_outside_0_1(tmp_path):
                                  "--paste-fraction", "1.5"])
     assert r.exit_code != 0 and "between 0 and 1" in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_train_command_rejects_averaging_more_epochs_than_it_runs(tmp_path):
+    img_dir, mask_dir = write_disk_set(tmp_path, count=2, disks=1, radius=8, margin=10)
+    r = CliRunner().invoke(app, ["train", "--images", str(img_dir), "--masks", str(mask_dir), "-o", str(tmp_path / "run"),
+                                 "--epochs", "3", "--average-epochs", "4"])
+    assert r.exit_code != 0 and "--average-epochs 4" in r.output and "(3)" in r.output
+    assert not (tmp_path / "run").exists()
