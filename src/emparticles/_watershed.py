@@ -104,14 +104,21 @@ def _relabel_raster(flat, max_label):
             n += 1
             lut[v] = n
         out[i] = lut[v]
-    return out
+    return out, lut
 
 
 def relabel_raster(labels: np.ndarray) -> np.ndarray:
     """(H, W) non-negative integer labels renumbered 1..N in raster order of each particle's first
     pixel, as int32 (one pass, O(pixels + max label); ``relabel_consecutive`` sorts)."""
+    return relabel_raster_lut(labels)[0]
+
+
+def relabel_raster_lut(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`relabel_raster` and its table: ``lut[old]`` is the new label of ``old`` (0 for
+    labels absent from the image), (max label + 1,) int32."""
     labels = np.asarray(labels)
     if labels.size == 0:
-        return np.zeros(labels.shape, np.int32)
+        return np.zeros(labels.shape, np.int32), np.zeros(1, np.int32)
     flat = np.ascontiguousarray(labels.ravel()).astype(np.int64, copy=False)
-    return _relabel_raster(flat, int(flat.max())).reshape(labels.shape)
+    out, lut = _relabel_raster(flat, int(flat.max()))
+    return out.reshape(labels.shape), lut

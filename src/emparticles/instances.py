@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import h_maxima, remove_small_objects
 from skimage.segmentation import watershed
 
-from ._watershed import relabel_raster, seeded_watershed
+from ._watershed import relabel_raster, relabel_raster_lut, seeded_watershed
 from .types import ProbabilityMap, relabel_consecutive
 
 
@@ -136,9 +136,11 @@ def instances_from_borders(
         fg = fill_holes(fg)
     seeds_mask = (particle - border) > seed_threshold
     seeds_mask &= fg
-    if min_seed_px > 1:
-        seeds_mask = remove_small_objects(seeds_mask, max_size=min_seed_px - 1)
     markers, _ = ndi.label(seeds_mask)
+    if min_seed_px > 1:  # as remove_small_objects, without labelling twice (gaps in the ids are harmless)
+        small = np.bincount(markers.ravel()) < min_seed_px
+        small[0] = False
+        markers[small[markers]] = 0
     labels = seeded_watershed(-particle, markers, fg)
     orphans, n_orphans = ndi.label(fg & (labels == 0))
     if n_orphans:
@@ -148,16 +150,19 @@ def instances_from_borders(
     # validation images: F1 0.870 -> 0.881, foreground IoU 0.868 -> 0.878, COCO AP 0.655 -> 0.681).
     if fill == "particle":
         labels = fill_particle_holes(labels)
-    foreground = particle + border
     sizes = np.bincount(labels.ravel())
+    scores = mean_probability(labels, particle + border)  # (max label,): of label i at i - 1
     drop = sizes < min_size_px
     if min_score > 0 and sizes.size > 1:
-        drop[1:] |= mean_probability(labels, foreground) < min_score
+        drop[1:] |= scores < min_score
     if min_relative_area > 0 and (~drop[1:]).any():
         drop[1:] |= sizes[1:] < min_relative_area * np.median(sizes[1:][~drop[1:]])
     drop[0] = False
-    labels = relabel_raster(np.where(drop[labels], 0, labels))
-    return Instances(labels, mean_probability(labels, foreground))
+    labels, lut = relabel_raster_lut(np.where(drop[labels], 0, labels))
+    kept = np.flatnonzero(lut[1:]) + 1
+    new_scores = np.zeros(int(labels.max()), np.float32)
+    new_scores[lut[kept] - 1] = scores[kept - 1]
+    return Instances(labels, new_scores)
 
 
 def fill_particle_holes(labels: np.ndarray) -> np.ndarray:
