@@ -69,6 +69,11 @@ def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None 
         lines += ["", (f"Outlines are then cut where the probability of particle or border, interpolated to full "
                        f"size, exceeds {outline} (`outline_threshold` in thresholds.json, tuned on the validation "
                        "images for panoptic quality plus foreground IoU); each particle keeps its largest piece.")]
+    if config.get("pad") is not None:
+        lines += ["", (f"Tiles are {config.get('tile')} px overlapping by {config.get('overlap')} px; the image's "
+                       f"borders get {config['pad']} px of mirrored context"
+                       + (" (none: as in training, where crops end in the convolutions' zero padding)."
+                          if int(config["pad"]) == 0 else "."))]
     onnx = config.get("onnx") or {}
     if onnx:
         lines += ["", (f"On CPU the network runs as `{onnx.get('file')}` in {onnx.get('precision')} with ONNX Runtime "

@@ -123,6 +123,49 @@ def test_tiling_is_seamless(shape):
     np.testing.assert_allclose(win, win[::-1, ::-1])  # ramps on all four sides
 
 
+class _Sizes(torch.nn.Module):
+    """A pixel-wise network that records the size of every input it sees."""
+
+    multiple = 32
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.conv = torch.nn.Conv2d(1, 3, 1)
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return self.conv(x)
+
+
+def test_mirror_margin_is_the_pad_given_and_results_stay_the_images_size():
+    img = np.random.default_rng(1).random((70, 100)).astype(np.float32)
+    net = _Sizes().eval()
+    assert predict_tiled(net, img, tile=512, overlap=64).shape == (3, 70, 100)
+    assert net.seen[-1] == (160, 192)  # 32 px each side (overlap // 2), then up to a multiple of 32
+    out = predict_tiled(net, img, tile=512, overlap=64, pad=0)
+    assert net.seen[-1] == (96, 128)  # only up to the stride: 30 % less work
+    assert out.shape == (3, 70, 100)
+    # a pixel-wise network gives the same result whatever the margin
+    np.testing.assert_allclose(out, predict_tiled(net, img, tile=512, overlap=64), atol=1e-6)
+
+
+def test_model_folder_pad_reaches_tiled_inference(tmp_path):
+    from emparticles.models.cnn import CNNSegmenter, save_model_folder
+    from emparticles.models.networks import build_network
+
+    net = build_network("strided-unet", 3)
+    config = {"name": "t", "arch": "strided-unet", "classes": 3, "tile": 512, "overlap": 64, "pad": 0}
+    save_model_folder(net, tmp_path / "m", config)
+    seg = CNNSegmenter(tmp_path / "m", device="cpu", onnx=False)
+    seen = []
+    inner = seg.net
+    seg.net = lambda x: (seen.append(tuple(x.shape[-2:])), inner(x))[1]
+    seg.net.multiple = 32  # type: ignore[attr-defined]
+    seg.predict(np.random.default_rng(0).random((70, 100)).astype(np.float32))
+    assert seen == [(96, 128)]
+
+
 @pytest.mark.parametrize("length", [64, 100, 1024, 1056, 1088, 2048, 2080, 5000, 20032])
 def test_tile_layout_covers_with_overlap_and_fewest_tiles(length):
     tile, overlap = 1024, 64

@@ -60,11 +60,12 @@ def predict_tiled(
     device: str | torch.device = "cpu",
     bf16: bool = False,
     flips: bool = False,
+    pad: int | None = None,
 ) -> np.ndarray:
     """Class probabilities of a normalised (H, W) float32 image: (C, H, W) float32.
 
-    The image is mirror-padded by ``overlap // 2`` (so that no tile sees an artificial edge) and to
-    a multiple of the network's stride, cut into ``tile``-sized tiles overlapping by ``overlap``,
+    The image is mirror-padded by ``pad`` pixels (default ``overlap // 2``; context for particles at
+    the image border) and to a multiple of the network's stride, cut into ``tile``-sized tiles overlapping by ``overlap``,
     and the tiles' softmax outputs are blended with a tapered window. ``flips`` averages over the
     four flips (test-time augmentation). channels_last speeds up CPU inference; bf16 autocast helps
 only on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs.
@@ -72,7 +73,7 @@ only on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs.
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     multiple = int(getattr(net, "multiple", 32))
     h, w = image.shape
-    pad = overlap // 2
+    pad = overlap // 2 if pad is None else int(pad)
     tile = max(multiple, (tile // multiple) * multiple)
     # Pad to the stride only: padding a small image up to a whole tile would cost up to 3x the time.
     ph = h + 2 * pad
@@ -112,5 +113,7 @@ only on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs.
         for (y, x0), p in zip(chunk, probs):
             acc[:, y : y + th, x0 : x0 + tw] += p * window
             weight[y : y + th, x0 : x0 + tw] += window
-    out = (acc / weight.clamp_min(1e-6))[:, pad : pad + h, pad : pad + w]
+    # The window's product in a tile's corner is ~1e-8 (where no margin hides it, as with pad=0):
+    # only an uncovered pixel (weight 0) may be clamped.
+    out = (acc / weight.clamp_min(torch.finfo(torch.float32).tiny))[:, pad : pad + h, pad : pad + w]
     return out.cpu().numpy()

@@ -104,7 +104,7 @@ class CNNSegmenter:
         if scale != 1.0:
             img = _resize(img, scale)
         probs = predict_tiled(self.net, img, tile=int(self.config.get("tile", 1024)),
-                              overlap=int(self.config.get("overlap", 64)), device=self.device,
+                              overlap=int(self.config.get("overlap", 64)), pad=self.config.get("pad"), device=self.device,
                               bf16=bool(self.config.get("bf16", False)), flips=self.flips)
         return probs.astype(np.float32, copy=False)
 

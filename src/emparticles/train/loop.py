@@ -48,6 +48,11 @@ class TrainConfig:
     bf16: bool = False
     tile: int = 1024
     overlap: int = 64
+    # Mirror context at the image's borders at inference (px). None: overlap // 2, as models
+    # saved without it were used. 0 matches training, whose crops end in the convolutions' zero
+    # padding: on EMPS validation images v4 scored F1 0.921 with 0 and 0.910 with 32, doing 16%
+    # less work (a mirrored margin shows the network reflected particles it never trained on).
+    pad: int | None = 0
     init_from: str = ""  # model folder whose weights start the training (fine-tuning)
     extra_images: str = ""  # a second annotated set used for training only (e.g. synthetic SEM)
     extra_masks: str = ""
@@ -102,7 +107,7 @@ def validate(net, val_data, cfg: TrainConfig, device, thresholds=None) -> dict:
     probability maps (``_probs``) for tuning."""
     net.eval()
     t = thresholds or DEFAULT_THRESHOLDS
-    probs = [predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap, device=device, bf16=cfg.bf16)
+    probs = [predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap, device=device, bf16=cfg.bf16, pad=cfg.pad)
              for img, _ in val_data]
     figures = pooled_figures((labels, instances_with(ProbabilityMap(p, THREE_CLASS, "val"), t).labels)
                              for p, (_, labels) in zip(probs, val_data))
@@ -271,7 +276,8 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
             average.add(net)
         save_checkpoint(ckpt_path, net, opt, epoch, best_f1, average)
     if cfg.average_epochs and average.count:
-        save_averaged(net, average, cfg, out_dir, val_data, device, rng, train_data, extra_data, paste, aug, log)
+        save_averaged(net, average, cfg, out_dir, val_data, device, rng, train_data, extra_data, paste, aug, log,
+                      val_thresholds)
     return finalise(out_dir, cfg, val_data, device, log)
 
 
@@ -306,10 +312,12 @@ class WeightAverage:
 
 
 def save_averaged(net, average: WeightAverage, cfg: TrainConfig, out_dir: Path, val_data, device, rng,
-                  train_data, extra_data, paste, aug, log, bn_batches: int = 32) -> None:
+                  train_data, extra_data, paste, aug, log, val_thresholds: dict | None = None,
+                  bn_batches: int = 32) -> None:
     """Load the averaged weights into ``net``, recompute its batch-norm statistics on
     ``bn_batches`` training batches (``torch.optim.swa_utils.update_bn``: averaged weights do not
-    match averaged statistics), validate it and save it as ``out_dir/best``."""
+    match averaged statistics), validate it with the post-processing the epochs were validated
+    with (``val_thresholds``) and save it as ``out_dir/best``."""
     from torch.optim.swa_utils import update_bn
 
     net.load_state_dict(average.state)
@@ -322,7 +330,7 @@ def save_averaged(net, average: WeightAverage, cfg: TrainConfig, out_dir: Path, 
         batches.append(((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last))
     with torch.no_grad():
         update_bn(batches, net, device)
-    val = validate(net, val_data, cfg, device)
+    val = validate(net, val_data, cfg, device, val_thresholds)
     val.pop("_probs")
     first = cfg.epochs - average.count + 1
     config = _model_config(cfg, cfg.epochs, val)
@@ -379,7 +387,7 @@ def append_metrics(path: Path, row: dict) -> None:
 def _model_config(cfg: TrainConfig, epoch: int, val: dict) -> dict:
     return {"name": out_name(cfg), "arch": cfg.arch, "classes": 3, "channels": list(THREE_CLASS),
             "normalisation": "percentile 0.5-99.5 to [0, 1], then (x - 0.5) / 0.25", "tile": cfg.tile,
-            "overlap": cfg.overlap, "bf16": cfg.bf16, "border_width": cfg.border_width, "epoch": epoch,
+            "overlap": cfg.overlap, "pad": cfg.pad, "bf16": cfg.bf16, "border_width": cfg.border_width, "epoch": epoch,
             "validation": {k: v for k, v in val.items() if not k.startswith("_")}, "train_config": asdict(cfg),
             **({"scale_search": SCALE_SEARCH} if cfg.scale_search else {})}
 
