@@ -72,7 +72,7 @@ def card(name: str, config: dict, metrics: dict | None, thresholds: dict | None 
     if config.get("pad") is not None:
         lines += ["", (f"Tiles are {config.get('tile')} px overlapping by {config.get('overlap')} px; the image's "
                        f"borders get {config['pad']} px of mirrored context"
-                       + (" (none: as in training, where crops end in the convolutions' zero padding)."
+                       + (" (none: this model scored better without it on its validation images)."
                           if int(config["pad"]) == 0 else "."))]
     onnx = config.get("onnx") or {}
     if onnx:

@@ -48,11 +48,11 @@ class TrainConfig:
     bf16: bool = False
     tile: int = 1024
     overlap: int = 64
-    # Mirror context at the image's borders at inference (px). None: overlap // 2, as models
-    # saved without it were used. 0 matches training, whose crops end in the convolutions' zero
-    # padding: on EMPS validation images v4 scored F1 0.921 with 0 and 0.910 with 32, doing 16%
-    # less work (a mirrored margin shows the network reflected particles it never trained on).
-    pad: int | None = 0
+    # Mirrored context at the image's borders at inference (px); None: overlap // 2. Which is
+    # better depends on the model: on EMPS validation images v3 and v4 (trained with synthetic
+    # and pasted crops) scored F1 +0.02 and +0.01 without a margin, v1 (EMPS only) -0.02. Set it
+    # in the model folder's config.json ("pad") after measuring.
+    pad: int | None = None
     init_from: str = ""  # model folder whose weights start the training (fine-tuning)
     extra_images: str = ""  # a second annotated set used for training only (e.g. synthetic SEM)
     extra_masks: str = ""
