@@ -117,6 +117,8 @@ def test_tiling_is_seamless(shape):
     np.testing.assert_allclose(tiled.sum(0), 1.0, atol=1e-5)
     flipped = predict_tiled(net, img, tile=64, overlap=16, flips=True)
     np.testing.assert_allclose(flipped, whole, atol=1e-5)
+    # without a mirrored margin too: tiles that end at the image's border, corners included
+    np.testing.assert_allclose(predict_tiled(net, img, tile=64, overlap=16, batch_size=3, pad=0), whole, atol=1e-5)
     assert taper_window(64, 16).min() > 0
     win = taper_window((40, 96), 16)
     assert win.shape == (40, 96) and win.min() > 0
