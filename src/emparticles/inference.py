@@ -65,8 +65,8 @@ def predict_tiled(
     """Class probabilities of a normalised (H, W) float32 image: (C, H, W) float32.
 
     The image is mirror-padded by ``pad`` pixels (default ``overlap // 2``; context for particles at
-    the image border) and to a multiple of the network's stride, cut into ``tile``-sized tiles overlapping by ``overlap``,
-    and the tiles' softmax outputs are blended with a tapered window. ``flips`` averages over the
+    the image border) and to a multiple of the network's stride, cut into ``tile``-sized tiles
+    overlapping by ``overlap``, and the tiles' softmax outputs are blended with a tapered window. ``flips`` averages over the
     four flips (test-time augmentation). channels_last speeds up CPU inference; bf16 autocast helps
 only on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs.
     """

@@ -228,8 +228,8 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
     ckpt_path = out_dir / "checkpoint.pt"
-    start_epoch, best_f1 = load_checkpoint(ckpt_path, net, opt, device) if resume else (0, -1.0)
-    average = WeightAverage.from_checkpoint(ckpt_path, device) if resume else WeightAverage()
+    average = WeightAverage()
+    start_epoch, best_f1 = load_checkpoint(ckpt_path, net, opt, device, average) if resume else (0, -1.0)
     # The one-cycle schedule is rebuilt at the resumed step, so a resumed run may also ask for
     # more epochs than the first.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.05,
@@ -245,12 +245,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         net.train()
         t0, losses = time.perf_counter(), []
         for _ in range(cfg.steps_per_epoch):
-            batch = [augmented_sample(aug, *pick_sample(rng, train_data, extra_data, cfg.extra_fraction, paste,
-                                                        cfg.paste_fraction, int(cfg.crop * cfg.scale_max)), cfg.border_width)
-                     for _ in range(cfg.batch_size)]
-            x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
-            x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+            x, y = training_batch(rng, aug, cfg, train_data, extra_data, paste, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, weight=weights) + cfg.dice_weight * dice_loss(logits, y)
@@ -283,8 +278,9 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
 
 class WeightAverage:
     """Running mean of a network's weights over epochs (stochastic weight averaging, Izmailov et
-    al. 2018): the mean of the weights along the end of training generalises better than any one
-    epoch, and needs no validation images to choose it. Integer buffers (batch-norm counters)
+    al. 2018): the mean of the weights along the end of training tends to generalise better than
+    one epoch, and needs no validation images to choose it (on v4's run it scored as well as the
+    best epoch, not better). Integer buffers (batch-norm counters)
     keep their latest value; batch-norm statistics are recomputed afterwards
     (:func:`save_averaged`)."""
 
@@ -303,13 +299,6 @@ class WeightAverage:
             else:
                 self.state[k] = v
 
-    @classmethod
-    def from_checkpoint(cls, path: Path, device) -> WeightAverage:
-        if not path.exists():
-            return cls()
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        return cls(ckpt.get("average"), int(ckpt.get("average_count", 0)))
-
 
 def save_averaged(net, average: WeightAverage, cfg: TrainConfig, out_dir: Path, val_data, device, rng,
                   train_data, extra_data, paste, aug, log, val_thresholds: dict | None = None,
@@ -321,13 +310,7 @@ def save_averaged(net, average: WeightAverage, cfg: TrainConfig, out_dir: Path, 
     from torch.optim.swa_utils import update_bn
 
     net.load_state_dict(average.state)
-    batches = []
-    for _ in range(bn_batches):
-        batch = [augmented_sample(aug, *pick_sample(rng, train_data, extra_data, cfg.extra_fraction, paste,
-                                                    cfg.paste_fraction, int(cfg.crop * cfg.scale_max)), cfg.border_width)
-                 for _ in range(cfg.batch_size)]
-        x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
-        batches.append(((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last))
+    batches = [training_batch(rng, aug, cfg, train_data, extra_data, paste, device)[0] for _ in range(bn_batches)]
     with torch.no_grad():
         update_bn(batches, net, device)
     val = validate(net, val_data, cfg, device, val_thresholds)
@@ -352,15 +335,31 @@ def save_checkpoint(path: Path, net, opt, epoch: int, best_f1: float, average: W
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, net, opt, device) -> tuple[int, float]:
-    """Restore a :func:`save_checkpoint` file (tensors only: ``weights_only=True``) into ``net`` and
-    ``opt``; returns (first epoch to run, best F1), or (0, -1.0) when there is no checkpoint."""
+def load_checkpoint(path: Path, net, opt, device, average: WeightAverage | None = None) -> tuple[int, float]:
+    """Restore a :func:`save_checkpoint` file (tensors only: ``weights_only=True``) into ``net``,
+    ``opt`` and ``average`` (when given and the file has one); returns (first epoch to run, best
+    F1), or (0, -1.0) when there is no checkpoint."""
     if not path.exists():
         return 0, -1.0
     ckpt = torch.load(path, map_location=device, weights_only=True)
     net.load_state_dict(ckpt["net"])
     opt.load_state_dict(ckpt["opt"])
+    if average is not None and "average" in ckpt:
+        average.state, average.count = ckpt["average"], int(ckpt["average_count"])
     return int(ckpt["epoch"]) + 1, float(ckpt["best_f1"])
+
+
+def training_batch(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: list, extra_data: list,
+                   paste: PasteSource | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.batch_size`` augmented crops: inputs (B, 1, crop, crop) float32, normalised and
+    channels_last, and 3-class targets (B, crop, crop) int64."""
+    batch = [augmented_sample(aug, *pick_sample(rng, train_data, extra_data, cfg.extra_fraction, paste,
+                                                cfg.paste_fraction, int(cfg.crop * cfg.scale_max)), cfg.border_width)
+             for _ in range(cfg.batch_size)]
+    x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
+    x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+    return x, y
 
 
 def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fraction: float,
