@@ -1,6 +1,7 @@
 """Train the default model on EMPS (../shared/data/emps-train) and print its validation figures.
 
     python benchmarks/train_default.py OUT_DIR [--epochs 24] [--steps 60] [--resume]
+        [--device cuda --workers 12 --stop-after-minutes 8 --no-tune]
 
 Resumable: re-run with --resume after an interruption. The best model folder ends in OUT_DIR/best.
 """
@@ -39,14 +40,23 @@ def main() -> None:
                         help="the model is the mean of the weights after each of the last N epochs")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=EMPS, help="folder with images/ and segmaps/ (default: EMPS)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--workers", type=int, default=0, help="processes building the batches (for a GPU)")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="leave the post-processing untuned (run benchmarks/retune.py later)")
+    parser.add_argument("--stop-after-minutes", type=float, default=None,
+                        help="stop after the first epoch that ends past this time; continue with --resume")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size, lr=args.lr,
                       crop=args.crop, scale_min=args.scale[0], scale_max=args.scale[1], border_width=args.border_width,
                       extra_images=args.extra_images, extra_masks=args.extra_masks, extra_fraction=args.extra_fraction, paste_fraction=args.paste_fraction,
                       init_from=args.init_from, class_weighting=args.class_weighting,
-                      average_epochs=args.average_epochs)
-    best = train(EMPS / "images", EMPS / "segmaps", args.out, cfg, resume=args.resume, log=lambda m: print(m, flush=True))
+                      average_epochs=args.average_epochs, device=args.device, workers=args.workers)
+    stop = None if args.stop_after_minutes is None else 60 * args.stop_after_minutes
+    best = train(args.data / "images", args.data / "segmaps", args.out, cfg, resume=args.resume,
+                 log=lambda m: print(m, flush=True), tune=not args.no_tune, stop_after_s=stop)
     print(f"best model: {best}")
 
 

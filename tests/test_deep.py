@@ -54,7 +54,8 @@ def test_border_class_marks_outlines_and_seams():
         class_weights([t], scheme="inverse")
 
 
-@pytest.mark.parametrize("arch", ["compact-unet", "strided-unet", "unet-resnet18"])
+@pytest.mark.parametrize("arch", ["compact-unet", "strided-unet", "strided-unet-slim", "strided-unet-lite",
+                                  "unet-resnet18"])
 def test_network_contract(arch, tmp_path):
     torch.manual_seed(0)
     net = build_network(arch)
@@ -420,6 +421,39 @@ def test_training_runs_resumes_and_tunes(tmp_path):
     assert config["arch"] == "strided-unet" and "validation_tuned" in config
     assert config["scale_search"]["start"] == [0.7, 1.0]  # the model chooses its resampling
     assert set(config["validation_tuned"]) >= {"f1", "precision", "recall", "count_ratio", "foreground_iou"}
+
+
+def test_training_with_batch_workers_stops_on_time_and_resumes(tmp_path):
+    from emparticles.train.loop import TrainConfig, train
+
+    write_disk_set(tmp_path, count=8, disks=4, radius=8, margin=10)
+    cfg = TrainConfig(epochs=2, steps_per_epoch=3, batch_size=2, crop=64, tile=128, overlap=16, val_fraction=0.3,
+                      device="cpu", workers=2)
+    run, logs = tmp_path / "run", []
+    # a budget of 0 s: stops after the first epoch, checkpoint saved, nothing tuned
+    best = train(tmp_path / "img", tmp_path / "mask", run, cfg, log=logs.append, tune=False, stop_after_s=0.0)
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 2 and any("stopped after epoch 1" in m for m in logs)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert (best / "weights.safetensors").exists()
+    assert "validation_tuned" not in json.loads((best / "config.json").read_text())
+    train(tmp_path / "img", tmp_path / "mask", run, cfg, resume=True, log=lambda m: None)
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 3
+    assert "validation_tuned" in json.loads((best / "config.json").read_text())
+
+
+def test_batch_workers_split_an_epoch_and_draw_different_crops():
+    from emparticles.train.data import augmenter
+    from emparticles.train.loop import TrainConfig, batches
+
+    rng = np.random.default_rng(0)
+    data = [(rng.random((80, 80)).astype(np.float32), (rng.random((80, 80)) > 0.5).astype(np.int32))
+            for _ in range(4)]
+    cfg = TrainConfig(steps_per_epoch=5, batch_size=3, crop=32, workers=2)
+    got = list(batches(rng, augmenter(32, (1.0, 1.0)), cfg, data, [], None, torch.device("cpu"), epoch=0))
+    assert len(got) == 5
+    assert all(x.shape == (3, 1, 32, 32) and y.shape == (3, 32, 32) and y.dtype == torch.int64 for x, y in got)
+    assert len({x.sum().item() for x, _ in got}) == 5  # the workers' random streams differ
 
 
 def test_weight_average_is_the_mean_of_the_added_weights():

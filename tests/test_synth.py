@@ -91,6 +91,43 @@ def test_cut_and_paste_agglomerates():
         assert (groups == g).sum() == 100 * count
 
 
+def test_paste_median_band_equals_whole_image_filter():
+    """The 5x5 median is computed per pasted piece; the band must equal a whole-image filter,
+    also where pieces lie near each other and at the image's edges."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    lab = np.zeros((60, 60), np.int32)
+    lab[5:15, 5:12], lab[5:15, 12:20], lab[30:50, 25:45] = 1, 2, 3
+    img = rng.random((60, 60)).astype(np.float32)
+    pieces = cut_agglomerates(img, lab)
+    bg = rng.random((120, 100)).astype(np.float32)
+    for seed in range(6):
+        out, labels = paste_agglomerates(np.random.default_rng(seed), bg, pieces, count=12, gap_px=3)
+        # the reference: paste again with no band, then filter the whole image once
+        fg = labels > 0
+        band = ndi.binary_dilation(fg, iterations=2) & ~ndi.binary_erosion(fg, iterations=2)
+        assert band.any()
+        unfiltered = out.copy()
+        unfiltered[band] = np.nan
+        # rebuild the pasted image before filtering: outside the band it is unchanged
+        raw = _paste_without_filter(np.random.default_rng(seed), bg, pieces)
+        assert np.array_equal(raw[~band], out[~band])
+        assert np.array_equal(ndi.median_filter(raw, size=5)[band], out[band])
+
+
+def _paste_without_filter(rng, bg, pieces):
+    from scipy import ndimage as ndi
+
+    original = ndi.median_filter
+    try:
+        ndi.median_filter = lambda a, size: a  # the filter becomes the identity
+        out, _ = paste_agglomerates(rng, bg, pieces, count=12, gap_px=3)
+    finally:
+        ndi.median_filter = original
+    return out
+
+
 def test_write_synth_set_resumes_and_calibrates(tmp_path):
     rec = write_synth_set(tmp_path, 2, seed=1, settings=SMALL)
     assert set(rec) == {"synth_0001_00000", "synth_0001_00001"}

@@ -393,6 +393,7 @@ def paste_agglomerates(rng: np.random.Generator, background: np.ndarray, pieces:
     occupied = np.zeros(img.shape, bool)
     h, w = img.shape
     next_label = 1
+    placed = []  # (y, x, height, width) of each pasted piece
     for _ in range(count):
         p = pieces[int(rng.integers(len(pieces)))]
         k = int(rng.integers(4))
@@ -402,19 +403,31 @@ def paste_agglomerates(rng: np.random.Generator, background: np.ndarray, pieces:
         ph, pw = pl.shape
         if ph >= h or pw >= w:
             continue
+        m = pl > 0
+        grown = ndi.binary_dilation(m, iterations=gap_px) if gap_px else m
         for _ in range(tries):
             y, x = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
-            m = pl > 0
-            grown = ndi.binary_dilation(m, iterations=gap_px) if gap_px else m
             if not (occupied[y : y + ph, x : x + pw] & grown).any():
                 # keep the piece's contrast against its own background
                 img[y : y + ph, x : x + pw][m] = pi[m] - p.background_level + level
                 labels[y : y + ph, x : x + pw][m] = pl[m] + next_label - 1
                 occupied[y : y + ph, x : x + pw] |= m
                 next_label += int(pl.max())
+                placed.append((y, x, ph, pw))
                 break
     fg = labels > 0
     band = ndi.binary_dilation(fg, iterations=2) & ~ndi.binary_erosion(fg, iterations=2)
-    smoothed = ndi.median_filter(img, size=5)
-    img[band] = smoothed[band]
+    # The 5x5 median is needed on the band only, which lies within 2 px of a pasted piece: filter
+    # each piece's box grown by 4 px (2 for the band, 2 for the filter's reach) instead of the
+    # whole image. Same values (the boxes end at the image's edge where the whole-image filter
+    # reflects too), a third of the time of a pasted training crop.
+    source = img.copy()
+    for y, x, ph, pw in placed:
+        y0, x0, y1, x1 = max(y - 4, 0), max(x - 4, 0), min(y + ph + 4, h), min(x + pw + 4, w)
+        smoothed = ndi.median_filter(source[y0:y1, x0:x1], size=5)
+        # write only the piece's own band (box grown by 2): nearer the box's edge the filter
+        # reflected, and another piece's band there is written from that piece's box
+        a0, b0, a1, b1 = max(y - 2, 0), max(x - 2, 0), min(y + ph + 2, h), min(x + pw + 2, w)
+        sel = band[a0:a1, b0:b1]
+        img[a0:a1, b0:b1][sel] = smoothed[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0][sel]
     return img, relabel_consecutive(labels)

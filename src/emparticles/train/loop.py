@@ -60,6 +60,7 @@ class TrainConfig:
     paste_fraction: float = 0.0  # share of crops made by pasting training agglomerates on empty backgrounds
     scale_search: bool = True  # the model chooses its resampling per image (SCALE_SEARCH)
     average_epochs: int = 0  # >0: the model is the mean of the weights after each of the last N epochs
+    workers: int = 0  # processes that build the augmented batches (0: the training process itself)
 
 
 #: Resampling search saved with trained models (see ``CNNSegmenter.choose_scale``): tried on EMPS
@@ -183,15 +184,21 @@ def tune_thresholds(probs, val_data, start: dict | None = None,
 
 
 def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False,
-          log=print) -> Path:
+          log=print, tune: bool = True, stop_after_s: float | None = None) -> Path:
     """Train, validate every epoch, keep the best model folder in ``out_dir/best`` and a resumable
-    checkpoint in ``out_dir/checkpoint.pt``. Returns the best model folder. One process at a time
-    trains into ``out_dir`` (:func:`~emparticles.train.lock.run_folder_lock`)."""
+    checkpoint in ``out_dir/checkpoint.pt``, then tune the best model's post-processing on the
+    validation images (:func:`finalise`; ``tune=False`` leaves that to a later
+    ``benchmarks/retune.py``). With ``stop_after_s`` the run stops after the first epoch that ends
+    past that many seconds, its checkpoint saved for ``resume`` (for machines lent for a fixed
+    time). Returns the best model folder. One process at a time trains into ``out_dir``
+    (:func:`~emparticles.train.lock.run_folder_lock`)."""
     with run_folder_lock(out_dir):
-        return _train(images_dir, masks_dir, out_dir, cfg, resume, log)
+        return _train(images_dir, masks_dir, out_dir, cfg, resume, log, tune, stop_after_s)
 
 
-def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool, log) -> Path:
+def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool, log,
+           tune: bool = True, stop_after_s: float | None = None) -> Path:
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -240,12 +247,12 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         log(f"resumed after epoch {start_epoch} (best F1 {best_f1:.3f})")
     aug = augmenter(cfg.crop, (cfg.scale_min, cfg.scale_max))
     metrics_path = out_dir / "metrics.csv"
-    use_bf16 = cfg.bf16 and device.type == "cpu"
+    # bf16 autocast: asked for on CPU, always on CUDA (weights and optimiser stay float32)
+    use_bf16 = (cfg.bf16 and device.type == "cpu") or device.type == "cuda"
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         t0, losses = time.perf_counter(), []
-        for _ in range(cfg.steps_per_epoch):
-            x, y = training_batch(rng, aug, cfg, train_data, extra_data, paste, device)
+        for x, y in batches(rng, aug, cfg, train_data, extra_data, paste, device, epoch):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, weight=weights) + cfg.dice_weight * dice_loss(logits, y)
@@ -253,11 +260,11 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
         train_s = time.perf_counter() - t0
         val = validate(net, val_data, cfg, device, val_thresholds)
         val.pop("_probs")
-        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+        row = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean()), "lr": sched.get_last_lr()[0],
                "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
         append_metrics(metrics_path, row)
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} val F1 {val['f1']:.3f} "
@@ -270,10 +277,13 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         if cfg.average_epochs and epoch >= cfg.epochs - cfg.average_epochs:
             average.add(net)
         save_checkpoint(ckpt_path, net, opt, epoch, best_f1, average)
+        if stop_after_s is not None and time.perf_counter() - started > stop_after_s and epoch + 1 < cfg.epochs:
+            log(f"stopped after epoch {epoch + 1} ({stop_after_s:.0f} s budget); continue with resume")
+            return out_dir / "best"
     if cfg.average_epochs and average.count:
         save_averaged(net, average, cfg, out_dir, val_data, device, rng, train_data, extra_data, paste, aug, log,
                       val_thresholds)
-    return finalise(out_dir, cfg, val_data, device, log)
+    return finalise(out_dir, cfg, val_data, device, log) if tune else out_dir / "best"
 
 
 class WeightAverage:
@@ -360,6 +370,52 @@ def training_batch(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: 
     x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
     return x, y
+
+
+def batches(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: list, extra_data: list,
+            paste: PasteSource | None, device, epoch: int):
+    """The ``cfg.steps_per_epoch`` training batches of one epoch (:func:`training_batch`), built
+    by ``cfg.workers`` processes when > 0 (each with its own random stream, drawn from the seed,
+    the epoch and the worker's number) so that a GPU is not kept waiting for the augmentation;
+    else in this process from ``rng``."""
+    if cfg.workers <= 0:
+        for _ in range(cfg.steps_per_epoch):
+            yield training_batch(rng, aug, cfg, train_data, extra_data, paste, device)
+        return
+    stream = _BatchStream(aug, cfg, train_data, extra_data, paste, epoch)
+    # spawned, not forked: a fork of a process whose thread pools (numba, OpenMP) have run can
+    # deadlock in the child
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4,
+                                         persistent_workers=False, worker_init_fn=_one_thread,
+                                         multiprocessing_context="spawn")
+    for x, y in loader:
+        yield (x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+               y.to(device, non_blocking=True))
+
+
+def _one_thread(_worker: int) -> None:
+    """Each batch-building worker computes on one thread (OpenCV would start one per core)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """One epoch of training batches split among the DataLoader's workers (CPU tensors)."""
+
+    def __init__(self, aug, cfg: TrainConfig, train_data, extra_data, paste, epoch: int):
+        super().__init__()
+        self.aug, self.cfg, self.epoch = aug, cfg, epoch
+        self.train_data, self.extra_data, self.paste = train_data, extra_data, paste
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, worker])
+        cpu = torch.device("cpu")
+        for _ in range(worker, self.cfg.steps_per_epoch, n):
+            yield training_batch(rng, self.aug, self.cfg, self.train_data, self.extra_data, self.paste, cpu)
 
 
 def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fraction: float,

@@ -42,6 +42,7 @@ class MaskRCNNConfig:
     seed: int = 0
     device: str = "auto"
     max_val_images: int = 0  # 0 = all
+    workers: int = 0  # processes that build the augmented batches (0: the training process itself)
 
 
 def _save(net, folder: Path, cfg: MaskRCNNConfig, epoch: int, val: dict) -> Path:
@@ -69,14 +70,58 @@ def validate_maskrcnn(folder: Path, val_data, device) -> dict:
 
 
 def train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRCNNConfig, resume: bool = False,
-                   log=print) -> Path:
+                   log=print, stop_after_s: float | None = None) -> Path:
     """Train; the best model folder ends in ``out_dir/best``, the checkpoint in ``out_dir/checkpoint.pt``.
-    One process at a time trains into ``out_dir`` (:func:`~emparticles.train.lock.run_folder_lock`)."""
+    With ``stop_after_s`` the run stops after the first epoch that ends past that many seconds
+    (continue with ``resume``). One process at a time trains into ``out_dir``
+    (:func:`~emparticles.train.lock.run_folder_lock`)."""
     with run_folder_lock(out_dir):
-        return _train_maskrcnn(images_dir, masks_dir, out_dir, cfg, resume, log)
+        return _train_maskrcnn(images_dir, masks_dir, out_dir, cfg, resume, log, stop_after_s)
 
 
-def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRCNNConfig, resume: bool, log) -> Path:
+def _batch(rng: np.random.Generator, aug, train_data: list, batch_size: int):
+    """``batch_size`` augmented crops: images as (1, h, w) float32 tensors in [0, 1] and their
+    torchvision targets (boxes, labels, masks), on the CPU."""
+    images, targets = [], []
+    for _ in range(batch_size):
+        img, lab = train_data[rng.integers(len(train_data))]
+        out = aug(image=img, mask=lab.astype(np.int32))
+        images.append(torch.from_numpy(out["image"].astype(np.float32))[None])
+        targets.append(instance_targets(out["mask"]))
+    return images, targets
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """One epoch of :func:`_batch` batches split among the DataLoader's workers."""
+
+    def __init__(self, aug, train_data: list, cfg: MaskRCNNConfig, epoch: int):
+        super().__init__()
+        self.aug, self.train_data, self.cfg, self.epoch = aug, train_data, cfg, epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, worker])
+        for _ in range(worker, self.cfg.steps_per_epoch, n):
+            yield _batch(rng, self.aug, self.train_data, self.cfg.batch_size)
+
+
+def _epoch_batches(rng, aug, train_data: list, cfg: MaskRCNNConfig, epoch: int):
+    """The epoch's batches, built by ``cfg.workers`` processes when > 0, else here from ``rng``."""
+    if cfg.workers <= 0:
+        for _ in range(cfg.steps_per_epoch):
+            yield _batch(rng, aug, train_data, cfg.batch_size)
+        return
+    from .loop import _one_thread
+
+    yield from torch.utils.data.DataLoader(_BatchStream(aug, train_data, cfg, epoch), batch_size=None,
+                                           num_workers=cfg.workers, prefetch_factor=4, worker_init_fn=_one_thread,
+                                           multiprocessing_context="spawn")  # see loop.batches
+
+
+def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRCNNConfig, resume: bool, log,
+                    stop_after_s: float | None = None) -> Path:
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -105,13 +150,9 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
             group["lr"] = cfg.lr * (0.1 if epoch >= cfg.lr_drop_epoch else 1.0)
         net.train()
         t0, losses = time.perf_counter(), []
-        for _ in range(cfg.steps_per_epoch):
-            images, targets = [], []
-            for _ in range(cfg.batch_size):
-                img, lab = train_data[rng.integers(len(train_data))]
-                out = aug(image=img, mask=lab.astype(np.int32))
-                images.append(torch.from_numpy(out["image"].astype(np.float32))[None].to(device))
-                targets.append({k: v.to(device) for k, v in instance_targets(out["mask"]).items()})
+        for images, targets in _epoch_batches(rng, aug, train_data, cfg, epoch):
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             loss = sum(net(images, targets).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -130,5 +171,8 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
             best_f1 = val["f1"]
             _save(net, out_dir / "best", cfg, epoch + 1, val)
         save_checkpoint(ckpt_path, net, opt, epoch, best_f1)
+        if stop_after_s is not None and time.perf_counter() - started > stop_after_s and epoch + 1 < cfg.epochs:
+            log(f"stopped after epoch {epoch + 1} ({stop_after_s:.0f} s budget); continue with --resume")
+            break
     log(f"best validation F1 {best_f1:.3f} -> {out_dir / 'best'}")
     return out_dir / "best"
