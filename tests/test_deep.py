@@ -635,6 +635,18 @@ def test_train_command_rejects_a_share_outside_0_1(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_command_rejects_negative_workers(tmp_path):
+    from typer.testing import CliRunner
+
+    from emparticles.cli import app
+
+    write_disk_set(tmp_path, count=2, disks=2, radius=6, margin=8)
+    result = CliRunner().invoke(app, ["train", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask"),
+                                      "-o", str(tmp_path / "run"), "--workers", "-1"])
+    assert result.exit_code != 0 and "--workers" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_command_rejects_averaging_more_epochs_than_it_runs(tmp_path):
     img_dir, mask_dir = write_disk_set(tmp_path, count=2, disks=1, radius=8, margin=10)
     r = CliRunner().invoke(app, ["train", "--images", str(img_dir), "--masks", str(mask_dir), "-o", str(tmp_path / "run"),

@@ -331,7 +331,7 @@ def train(
     images: Annotated[Path, typer.Option("--images", help="Folder of micrographs.")],
     masks: Annotated[Path, typer.Option("--masks", help="Folder of instance masks (16-bit labels, same file stems).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder; the best model ends in OUTPUT/best.")],
-    arch: Annotated[str, typer.Option("--arch", help="strided-unet, compact-unet, unet-resnet18, unet-resnet34, deeplabv3-resnet50, maskrcnn-resnet18-fpn or maskrcnn-resnet50-fpn.")] = "strided-unet",
+    arch: Annotated[str, typer.Option("--arch", help="strided-unet, strided-unet-slim, strided-unet-lite, compact-unet, unet-resnet18, unet-resnet34, deeplabv3-resnet50, maskrcnn-resnet18-fpn or maskrcnn-resnet50-fpn.")] = "strided-unet",
     epochs: Annotated[int, typer.Option("--epochs")] = 40,
     steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch")] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
@@ -345,6 +345,7 @@ def train(
     paste_fraction: Annotated[float, typer.Option("--paste-fraction", help="Share of training crops made by pasting agglomerates cut from the training images (never the validation ones) on empty SEM backgrounds.")] = 0.0,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
     average_epochs: Annotated[int, typer.Option("--average-epochs", help="The model is the mean of the weights after each of the last N epochs (stochastic weight averaging) instead of the epoch with the best validation F1, which is kept in OUTPUT/best-epoch.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="Processes that build the augmented batches; on a GPU about one per CPU core, or the GPU waits for them.")] = 0,
 ) -> None:
     """Train a 3-class (background/particle/border) network, or a Mask R-CNN, on your annotated images."""
     from .models.maskrcnn import MASKRCNN_ARCHITECTURES
@@ -352,13 +353,16 @@ def train(
     from .train.loop import TrainConfig
     from .train.loop import train as run_training
 
+    if workers < 0:
+        _fail(InputError(None, f"--workers {workers} is negative", "give 0 (batches built in the training process) or more"))
     if arch not in ARCHITECTURES and arch not in MASKRCNN_ARCHITECTURES:
         _fail(InputError(None, f"unknown architecture '{arch}'", f"use one of {', '.join([*ARCHITECTURES, *MASKRCNN_ARCHITECTURES])}"))
     if arch in MASKRCNN_ARCHITECTURES:
         from .train.maskrcnn import MaskRCNNConfig, train_maskrcnn
 
         mcfg = MaskRCNNConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                              lr=lr, val_fraction=val_fraction, device=device, lr_drop_epoch=max(1, int(0.75 * epochs)))
+                              lr=lr, val_fraction=val_fraction, device=device, lr_drop_epoch=max(1, int(0.75 * epochs)),
+                              workers=workers)
         try:
             best = train_maskrcnn(images, masks, output, mcfg, resume=resume, log=lambda m: out.print(m, highlight=False))
         except EmparticlesError as exc:
@@ -368,7 +372,7 @@ def train(
     cfg = TrainConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
                       val_fraction=val_fraction, device=device, init_from=str(init_from or ""),
                       extra_images=str(extra_images or ""), extra_masks=str(extra_masks or ""), extra_fraction=extra_fraction,
-                      paste_fraction=paste_fraction, average_epochs=average_epochs)
+                      paste_fraction=paste_fraction, average_epochs=average_epochs, workers=workers)
     if not 0 <= average_epochs <= epochs:
         _fail(InputError(None, f"--average-epochs {average_epochs} is not between 0 and --epochs ({epochs})", "average at most the epochs that run"))
     if not 0.0 <= paste_fraction <= 1.0 or not 0.0 <= extra_fraction <= 1.0:
