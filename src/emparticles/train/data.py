@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import InputError
 from ..preprocess import normalise
@@ -103,3 +105,44 @@ class PasteSource:
         bg = np.clip(add_detector_noise(rng, render_substrate(rng, size, size, level)), 0, 1)
         img, labels = paste_agglomerates(rng, bg, pieces, int(rng.integers(5, 40)))
         return normalise(img), labels
+
+
+def epoch_batches(make_batch: Callable[[np.random.Generator], object], steps: int, rng: np.random.Generator,
+                  seed: int, epoch: int, workers: int = 0, pin_memory: bool = False) -> Iterator:
+    """The ``steps`` batches of one training epoch, ``make_batch(rng)`` each.
+
+    With ``workers`` > 0 they are built by that many processes, so that a GPU is not kept waiting
+    for the augmentation; each worker draws from its own random stream (from ``seed``, ``epoch``
+    and its number), and ``make_batch`` must be picklable (a module-level function or a
+    ``functools.partial`` of one). The workers are spawned, not forked: a fork of a process whose
+    thread pools (numba, OpenMP) have run can deadlock in the child. Without workers the batches
+    are built here from ``rng``."""
+    if workers <= 0:
+        for _ in range(steps):
+            yield make_batch(rng)
+        return
+    yield from torch.utils.data.DataLoader(_BatchStream(make_batch, steps, seed, epoch), batch_size=None,
+                                           num_workers=workers, pin_memory=pin_memory, prefetch_factor=4,
+                                           worker_init_fn=_one_thread, multiprocessing_context="spawn")
+
+
+def _one_thread(_worker: int) -> None:
+    """Each batch-building worker computes on one thread (OpenCV would start one per core)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """One epoch of batches split among a DataLoader's workers."""
+
+    def __init__(self, make_batch, steps: int, seed: int, epoch: int):
+        super().__init__()
+        self.make_batch, self.steps, self.seed, self.epoch = make_batch, steps, seed, epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.seed, self.epoch, worker])
+        for _ in range(worker, self.steps, n):
+            yield self.make_batch(rng)

@@ -9,6 +9,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,15 @@ from ..instances import DEFAULT_THRESHOLDS, instances_with, trim_outlines
 from ..models.cnn import save_model_folder
 from ..models.networks import build_network
 from ..types import THREE_CLASS, ProbabilityMap
-from .data import PasteSource, augmented_sample, augmenter, find_pairs, load_pair, split_validation
+from .data import (
+    PasteSource,
+    augmented_sample,
+    augmenter,
+    epoch_batches,
+    find_pairs,
+    load_pair,
+    split_validation,
+)
 from .lock import run_folder_lock
 from .targets import class_weights, three_class_target
 
@@ -374,48 +383,15 @@ def training_batch(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: 
 
 def batches(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: list, extra_data: list,
             paste: PasteSource | None, device, epoch: int):
-    """The ``cfg.steps_per_epoch`` training batches of one epoch (:func:`training_batch`), built
-    by ``cfg.workers`` processes when > 0 (each with its own random stream, drawn from the seed,
-    the epoch and the worker's number) so that a GPU is not kept waiting for the augmentation;
-    else in this process from ``rng``."""
-    if cfg.workers <= 0:
-        for _ in range(cfg.steps_per_epoch):
-            yield training_batch(rng, aug, cfg, train_data, extra_data, paste, device)
-        return
-    stream = _BatchStream(aug, cfg, train_data, extra_data, paste, epoch)
-    # spawned, not forked: a fork of a process whose thread pools (numba, OpenMP) have run can
-    # deadlock in the child
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                                         pin_memory=device.type == "cuda", prefetch_factor=4,
-                                         persistent_workers=False, worker_init_fn=_one_thread,
-                                         multiprocessing_context="spawn")
-    for x, y in loader:
+    """The ``cfg.steps_per_epoch`` training batches of one epoch (:func:`training_batch`) on
+    ``device``, built by ``cfg.workers`` processes when > 0 (:func:`~.data.epoch_batches`), else
+    in this process from ``rng``."""
+    make = partial(training_batch, aug=aug, cfg=cfg, train_data=train_data, extra_data=extra_data, paste=paste,
+                   device=torch.device("cpu"))
+    for x, y in epoch_batches(make, cfg.steps_per_epoch, rng, cfg.seed, epoch, cfg.workers,
+                              pin_memory=device.type == "cuda"):
         yield (x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
                y.to(device, non_blocking=True))
-
-
-def _one_thread(_worker: int) -> None:
-    """Each batch-building worker computes on one thread (OpenCV would start one per core)."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
-class _BatchStream(torch.utils.data.IterableDataset):
-    """One epoch of training batches split among the DataLoader's workers (CPU tensors)."""
-
-    def __init__(self, aug, cfg: TrainConfig, train_data, extra_data, paste, epoch: int):
-        super().__init__()
-        self.aug, self.cfg, self.epoch = aug, cfg, epoch
-        self.train_data, self.extra_data, self.paste = train_data, extra_data, paste
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, n = (info.id, info.num_workers) if info else (0, 1)
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, worker])
-        cpu = torch.device("cpu")
-        for _ in range(worker, self.cfg.steps_per_epoch, n):
-            yield training_batch(rng, self.aug, self.cfg, self.train_data, self.extra_data, self.paste, cpu)
 
 
 def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fraction: float,

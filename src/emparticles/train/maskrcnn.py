@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from ..evaluate import matching
 from ..inference import pick_device
 from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, build_maskrcnn, instance_targets
-from .data import augmenter, find_pairs, load_pair, split_validation
+from .data import augmenter, epoch_batches, find_pairs, load_pair, split_validation
 from .lock import run_folder_lock
 from .loop import append_metrics, load_checkpoint, save_checkpoint
 
@@ -91,34 +92,6 @@ def _batch(rng: np.random.Generator, aug, train_data: list, batch_size: int):
     return images, targets
 
 
-class _BatchStream(torch.utils.data.IterableDataset):
-    """One epoch of :func:`_batch` batches split among the DataLoader's workers."""
-
-    def __init__(self, aug, train_data: list, cfg: MaskRCNNConfig, epoch: int):
-        super().__init__()
-        self.aug, self.train_data, self.cfg, self.epoch = aug, train_data, cfg, epoch
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, n = (info.id, info.num_workers) if info else (0, 1)
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, worker])
-        for _ in range(worker, self.cfg.steps_per_epoch, n):
-            yield _batch(rng, self.aug, self.train_data, self.cfg.batch_size)
-
-
-def _epoch_batches(rng, aug, train_data: list, cfg: MaskRCNNConfig, epoch: int):
-    """The epoch's batches, built by ``cfg.workers`` processes when > 0, else here from ``rng``."""
-    if cfg.workers <= 0:
-        for _ in range(cfg.steps_per_epoch):
-            yield _batch(rng, aug, train_data, cfg.batch_size)
-        return
-    from .loop import _one_thread
-
-    yield from torch.utils.data.DataLoader(_BatchStream(aug, train_data, cfg, epoch), batch_size=None,
-                                           num_workers=cfg.workers, prefetch_factor=4, worker_init_fn=_one_thread,
-                                           multiprocessing_context="spawn")  # see loop.batches
-
-
 def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRCNNConfig, resume: bool, log,
                     stop_after_s: float | None = None) -> Path:
     started = time.perf_counter()
@@ -150,7 +123,8 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
             group["lr"] = cfg.lr * (0.1 if epoch >= cfg.lr_drop_epoch else 1.0)
         net.train()
         t0, losses = time.perf_counter(), []
-        for images, targets in _epoch_batches(rng, aug, train_data, cfg, epoch):
+        make = partial(_batch, aug=aug, train_data=train_data, batch_size=cfg.batch_size)
+        for images, targets in epoch_batches(make, cfg.steps_per_epoch, rng, cfg.seed, epoch, cfg.workers):
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             loss = sum(net(images, targets).values())
