@@ -356,6 +356,39 @@ def test_scale_search_climbs_both_ways_from_a_near_tie(tie, chosen):
     assert seg.choose_scale(np.zeros((40, 60), np.float32))[0] == 0.7 and [c[0] for c in seg.calls] == [0.7, 1.0, 0.5]
 
 
+class _SizedAtScale(_ScoredAtScale):
+    """One square particle of side 10 px at scale 1, scaled with the image (ECD 11.3 px x scale)."""
+
+    def at_scale(self, img, scale):
+        inst, prob = super().at_scale(img, scale)
+        lab = np.zeros_like(inst.labels)
+        side = round(10 * scale)
+        lab[1:1 + side, 1:1 + side] = 1
+        return type(inst)(lab, inst.scores), prob
+
+
+@pytest.mark.parametrize("cap, chosen, tried", [
+    (None, 2.0, [0.7, 1.0, 1.4, 2.0]),
+    (30.0, 2.0, [0.7, 1.0, 1.4, 2.0]),  # 2x: ECD 22.6 px, under the cap
+    (20.0, 1.4, [0.7, 1.0, 1.4]),  # 2x would make it 22.6 px: not tried although it scores best
+    (12.0, 1.0, [0.7, 1.0]),  # already 11.3 px at 1: 1.4 would give 15.8
+])
+def test_scale_search_does_not_enlarge_particles_beyond_the_cap(cap, chosen, tried):
+    search = {"start": [0.7, 1.0], "up": [1.4, 2.0], "down": [0.5], "max_pixels": 10_000, "max_enlarged_ecd_px": cap}
+    seg = _SizedAtScale(2.0, search)
+    best, _ = seg.choose_scale(np.zeros((40, 60), np.float32))
+    assert best == chosen and [c[0] for c in seg.calls] == tried
+
+
+def test_median_ecd_of_a_label_image():
+    from emparticles.models.cnn import median_ecd_px
+
+    lab = np.zeros((30, 30), np.int32)
+    lab[0:4, 0:4], lab[10:20, 10:20], lab[25:30, 0:2] = 1, 2, 3  # areas 16, 100, 10
+    assert median_ecd_px(lab) == pytest.approx(np.sqrt(4 * 16 / np.pi))
+    assert median_ecd_px(np.zeros((5, 5), np.int32)) == 0.0
+
+
 def test_scale_search_on_a_crop_of_a_large_image():
     seg = _ScoredAtScale(2.0, {"start": [1.0], "up": [2.0], "max_pixels": 2_000})
     inst, _ = seg.segment(np.random.default_rng(0).random((100, 300)))
