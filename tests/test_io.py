@@ -138,3 +138,30 @@ def test_label_files_round_trip(tmp_path):
     assert np.array_equal(back, labels) and ps == pytest.approx(2.5)
     with tifffile.TiffFile(tmp_path / "l.tif") as tif:  # what Fiji reads
         assert tif.imagej_metadata["unit"] == "nm"
+
+
+def test_overlay_colours_outlines_ids_and_info_bar(tmp_path):
+    from emparticles.io.writers import inner_boundaries, write_overlay
+    from emparticles.preprocess import normalise
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 80)).astype(np.uint8)
+    labels = np.zeros((60, 80), np.int32)
+    labels[5:25, 5:25], labels[30:45, 40:70] = 1, 2
+    write_overlay(pixels, labels, tmp_path / "o.png", measured={1}, infobar_rows=10, draw_ids=False)
+    rgb = np.asarray(Image.open(tmp_path / "o.png").convert("RGB")).astype(int)
+    edges = inner_boundaries(labels)
+    assert (rgb[edges & (labels == 1)] == (0, 255, 255)).all()  # measured: cyan
+    assert (rgb[edges & (labels == 2)] == (255, 140, 0)).all()  # excluded: orange
+    grey = normalise(pixels) * 255
+    field = ~edges
+    field[-10:] = False
+    assert (rgb[field][:, 0] == rgb[field][:, 1]).all() and (rgb[field][:, 1] == rgb[field][:, 2]).all()
+    assert np.abs(rgb[field][:, 0] - grey[field]).max() <= 255 / 220 / 2 + 0.5  # 221 grey levels
+    bar = rgb[-10:]
+    assert (bar[..., 0] >= 0.4 * 255 - 1).all() and (bar[..., 0] >= bar[..., 1]).all()
+    assert np.abs(bar[..., 1] - grey[-10:]).max() <= 255 / 31 / 2 + 0.5
+    # ids are drawn in yellow over the particles
+    write_overlay(pixels, labels, tmp_path / "ids.png", measured={1, 2})
+    rgb = np.asarray(Image.open(tmp_path / "ids.png").convert("RGB"))
+    assert ((rgb == (255, 255, 0)).all(axis=2) & (labels > 0)).sum() > 5

@@ -119,6 +119,21 @@ def inner_boundaries(labels: np.ndarray) -> np.ndarray:
     return edge & (labels > 0)
 
 
+#: Overlay palette: grey levels of the image, a red-tinted grey ramp for the info bar, then the
+#: outline and id colours. A palette PNG encodes 3.5x faster than RGB (47 against 165 ms at
+#: 1280x960) and is 40% smaller; 221 grey levels show no banding to the eye.
+_GREY_LEVELS, _BAR_LEVELS = 221, 32
+CYAN, ORANGE, YELLOW = 253, 254, 255  # measured outlines, excluded outlines, particle ids
+
+
+def _overlay_palette() -> list[int]:
+    grey = np.repeat(np.linspace(0, 255, _GREY_LEVELS)[:, None], 3, axis=1)
+    ramp = np.linspace(0, 255, _BAR_LEVELS)
+    bar = np.stack([0.6 * ramp + 0.4 * 255, ramp, ramp], axis=1)
+    colours = np.array([(0, 255, 255), (255, 140, 0), (255, 255, 0)], float)
+    return np.concatenate([grey, bar, colours]).round().astype(np.uint8).ravel().tolist()
+
+
 def write_overlay(
     pixels: np.ndarray,
     labels: np.ndarray,
@@ -127,21 +142,20 @@ def write_overlay(
     infobar_rows: int = 0,
     draw_ids: bool = True,
 ) -> Path:
-    """PNG of the image with particle outlines and ids.
+    """Palette PNG of the (H, W) image with particle outlines and ids.
 
-    Outlines of measured particles are cyan, of excluded ones (edge, too small) orange; the info
-    bar is shaded red.
+    Outlines (inner boundary pixels) of measured particles are cyan, of excluded ones (edge, too
+    small) orange, ids yellow at the particles' centroids; the info bar (the last
+    ``infobar_rows`` rows) is shaded red. ``measured`` None: every outline is cyan.
     """
     from PIL import Image, ImageDraw
 
     from ..preprocess import normalise
 
-    grey = (normalise(pixels) * 255).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
+    grey = normalise(pixels)
+    index = np.rint(grey * (_GREY_LEVELS - 1)).astype(np.uint8)
     if infobar_rows:
-        bar = rgb[-infobar_rows:].astype(np.float32)
-        bar[..., 0] = 0.6 * bar[..., 0] + 0.4 * 255
-        rgb[-infobar_rows:] = bar.astype(np.uint8)
+        index[-infobar_rows:] = _GREY_LEVELS + np.rint(grey[-infobar_rows:] * (_BAR_LEVELS - 1)).astype(np.uint8)
     labels = np.asarray(labels)
     edges = inner_boundaries(labels)
     n = int(labels.max()) if labels.size else 0
@@ -149,11 +163,12 @@ def write_overlay(
         ok = np.zeros(n + 1, bool)
         ok[[m for m in measured if 0 < m <= n]] = True
         ok = ok[labels]
-        rgb[edges & ok] = (0, 255, 255)
-        rgb[edges & ~ok] = (255, 140, 0)
+        index[edges & ok] = CYAN
+        index[edges & ~ok] = ORANGE
     else:
-        rgb[edges] = (0, 255, 255)
-    image = Image.fromarray(rgb)
+        index[edges] = CYAN
+    image = Image.frombytes("P", (index.shape[1], index.shape[0]), np.ascontiguousarray(index).tobytes())
+    image.putpalette(_overlay_palette())
     if draw_ids and 0 < n <= 3000:
         draw = ImageDraw.Draw(image)
         where = np.flatnonzero(labels.ravel())
@@ -163,7 +178,5 @@ def write_overlay(
         cx = np.bincount(lab, weights=where % labels.shape[1], minlength=n + 1)[1:] / np.maximum(counts, 1)
         for i, x, y, c in zip(range(1, n + 1), cx, cy, counts):
             if c:
-                draw.text((float(x) - 3, float(y) - 5), str(i), fill=(255, 255, 0))
-    # Fast zlib level: the default level took 0.42 s for a 1280x960 overlay, level 1 is ~5x faster
-    # for files ~20% larger.
+                draw.text((float(x) - 3, float(y) - 5), str(i), fill=YELLOW)
     return _write(path, lambda p: image.save(p, format="PNG", compress_level=1))
