@@ -108,11 +108,41 @@ def test_rerun_skips_finished_images_unless_overwrite(images, tmp_path):
     out = tmp_path / "out"
     assert run("analyze", d / "grid.png", "-o", out, "--model", "classical").exit_code == 0
     stamp = (out / "labels" / "grid.tif").stat().st_mtime_ns
+    first = pd.read_csv(out / "all_particles.csv")
+    assert len(first) == len(GRID_CENTRES)
     assert run("analyze", d / "grid.png", "-o", out, "--model", "classical").exit_code == 0
     assert (out / "labels" / "grid.tif").stat().st_mtime_ns == stamp
     assert "reused" in (out / "run.json").read_text()
+    # the combined tables are rebuilt from the image's parts, unchanged
+    pd.testing.assert_frame_equal(pd.read_csv(out / "all_particles.csv"), first)
     assert run("analyze", d / "grid.png", "-o", out, "--overwrite", "--model", "classical").exit_code == 0
     assert (out / "labels" / "grid.tif").stat().st_mtime_ns != stamp
+    # an image whose part tables are missing (e.g. written by an older version) is done again
+    stamp = (out / "labels" / "grid.tif").stat().st_mtime_ns
+    (out / ".parts" / "grid.all.parquet").unlink()
+    assert run("analyze", d / "grid.png", "-o", out, "--model", "classical").exit_code == 0
+    assert (out / "labels" / "grid.tif").stat().st_mtime_ns != stamp
+    pd.testing.assert_frame_equal(pd.read_csv(out / "all_particles.csv"), first)
+
+
+def test_combined_tables_are_rewritten_only_while_cheap(images, tmp_path):
+    import time
+
+    from emparticles.models import load_model
+    from emparticles.pipeline import AnalysisSettings, AnalyzeRun, analyse_path
+
+    d, _ = images
+    run_ = AnalyzeRun(tmp_path / "out", AnalysisSettings())
+    model = load_model("classical", "cpu")
+    run_.save_image("grid", analyse_path(d / "grid.png", model, run_.settings))
+    run_.combine_if_due()  # the first one always combines
+    assert len(pd.read_csv(tmp_path / "out" / "particles.csv")) == len(GRID_CENTRES)
+    run_.save_image("cal", analyse_path(d / "calibrated.tif", model, run_.settings))
+    run_._last_combine = (time.perf_counter(), 60.0)  # as if combining had just taken a minute
+    run_.combine_if_due()
+    assert set(pd.read_csv(tmp_path / "out" / "particles.csv")["image"]) == {"grid"}  # not yet
+    run_.finish(report=False)
+    assert set(pd.read_csv(tmp_path / "out" / "particles.csv")["image"]) == {"grid", "cal"}
 
 
 def test_image_without_particles_is_reported(tmp_path):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -296,11 +297,20 @@ _INTEGER_IMAGE_COLUMNS = ("width_px", "height_px", "infobar_rows", "particles_de
 class AnalyzeRun:
     """An ``analyze`` output folder: per-image parts under ``.parts/`` plus the combined tables.
 
-    Each image's results are written (atomically) as soon as it is done, and the combined
-    ``particles.csv``/``images.csv``/``run.json`` are rewritten after every image, so an
+    Each image's results are written (atomically) as soon as it is done: labels, overlay, ROIs
+    and its tables (``.parts/NAME.particles.parquet`` and ``NAME.all.parquet``, typed and fast to
+    write), then ``.parts/NAME.json``, which marks the image finished. The combined
+    ``particles.csv``/``all_particles.csv``/``images.csv``/``run.json`` are rewritten by
+    :meth:`combine` (after every image through :meth:`combine_if_due`, and at the end), so an
     interrupted batch keeps everything finished so far; a re-run skips finished images whose
-    settings fingerprint matches unless ``overwrite`` is set.
+    settings fingerprint matches unless ``overwrite`` is set, and rebuilds the combined tables
+    from the parts.
     """
+
+    #: combine_if_due() rewrites the combined tables only while that takes at most this share of
+    #: the time since they were last written: a batch of N images would otherwise spend time
+    #: growing with N^2 rewriting them (pandas writes about 8,000 particle rows per second).
+    COMBINE_SHARE = 0.1
 
     def __init__(self, out_dir: Path, settings: AnalysisSettings, overwrite: bool = False):
         self.out = Path(out_dir)
@@ -323,6 +333,7 @@ class AnalyzeRun:
         self._tables: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
         self._combined = False  # the combined tables include every image recorded so far
         self._particles: pd.DataFrame | None = None  # the combined particle table, once combined
+        self._last_combine = (0.0, 0.0)  # (when the last combine ended, how long it took), perf_counter s
 
     def is_done(self, name: str) -> bool:
         meta = self.parts / f"{name}.json"
@@ -332,7 +343,13 @@ class AnalyzeRun:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
             return False
-        return info.get("fingerprint") == self.settings.fingerprint() and info.get("status") == "ok"
+        if info.get("fingerprint") != self.settings.fingerprint() or info.get("status") != "ok":
+            return False
+        return all(self._part(name, kind).exists() for kind in ("particles", "all"))
+
+    def _part(self, name: str, kind: str) -> Path:
+        """Path of an image's part table: ``kind`` is ``particles`` (measured) or ``all``."""
+        return self.parts / f"{name}.{kind}.parquet"
 
     def record_done(self, name: str, path: Path) -> None:
         info = json.loads((self.parts / f"{name}.json").read_text())
@@ -344,15 +361,24 @@ class AnalyzeRun:
         mg = result.micrograph
         particles = result.particles.copy()
         particles["image"] = name
-        write_label_tiff(result.full_labels, self.out / "labels" / f"{name}.tif", mg.pixel_size_nm)
         measured = {int(v) for v in particles["label"]} if len(particles) else set()
-        write_overlay(mg.pixels, result.full_labels, self.out / "overlays" / f"{name}.png", measured, mg.infobar_rows)
-        write_csv(particles, self.parts / f"{name}.particles.csv")
-        everything = result.all_particles.copy()
-        everything["image"] = name
-        write_csv(everything, self.parts / f"{name}.all.csv")
+
+        def images() -> None:
+            write_label_tiff(result.full_labels, self.out / "labels" / f"{name}.tif", mg.pixel_size_nm)
+            write_overlay(mg.pixels, result.full_labels, self.out / "overlays" / f"{name}.png", measured, mg.infobar_rows)
+
+        # The label TIFF and the overlay PNG are compressed in a second thread (zlib and Pillow's
+        # encoder release the GIL) while this one writes the tables and ROIs: measured on a
+        # 1280x960 SEM image with 380 particles, 0.40 s -> 0.2 s for this method.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(images)
+            everything = result.all_particles.copy()
+            everything["image"] = name
+            write_parquet(particles, self._part(name, "particles"))
+            write_parquet(everything, self._part(name, "all"))
+            write_imagej_rois(result.full_labels, self.out / "rois" / f"{name}.zip")
+            pending.result()  # re-raises a failure to write them: the image is then not finished
         self._tables[name] = (particles, everything)
-        write_imagej_rois(result.full_labels, self.out / "rois" / f"{name}.zip")
         summary = {**result.summary, "image": name}
         status = "ok" if result.summary["particles_measured"] > 0 else "no particles"
         write_json({"fingerprint": self.settings.fingerprint(), "status": status, "summary": summary,
@@ -369,8 +395,17 @@ class AnalyzeRun:
         write_json({"fingerprint": self.settings.fingerprint(), "status": "failed", "message": message,
                     "summary": {"image": name, "path": str(path)}}, self.parts / f"{name}.json")
 
+    def combine_if_due(self) -> None:
+        """:meth:`combine`, unless the last combine took more than :attr:`COMBINE_SHARE` of the
+        time since it ended (the parts already hold every finished image; :meth:`finish` and an
+        interrupted CLI run combine in any case)."""
+        ended, took = self._last_combine
+        if not self._combined and time.perf_counter() - ended >= took / self.COMBINE_SHARE:
+            self.combine()
+
     def combine(self) -> None:
         """Rewrite particles.csv, images.csv and run.json from the parts of this run's images."""
+        start = time.perf_counter()
         tables, everything, rows = [], [], []
         for name in self.report.statuses:
             meta_path = self.parts / f"{name}.json"
@@ -383,12 +418,12 @@ class AnalyzeRun:
             row["message"] = self.report.statuses[name].get("message", "")
             rows.append(row)
             if info.get("status") in ("ok", "no particles"):
-                for k, (suffix, into) in enumerate((("particles", tables), ("all", everything))):
-                    part = self.parts / f"{name}.{suffix}.csv"
+                for k, (kind, into) in enumerate((("particles", tables), ("all", everything))):
+                    part = self._part(name, kind)
                     if name in self._tables:
                         df = self._tables[name][k]
                     else:
-                        df = pd.read_csv(part) if part.exists() else None
+                        df = pd.read_parquet(part) if part.exists() else None
                     if df is not None and len(df):
                         into.append(df)
         empty = empty_particle_table(True, ultimate_points=True)
@@ -414,6 +449,8 @@ class AnalyzeRun:
         }, self.out / "run.json")
         self._combined = True
         self._particles = particles
+        now = time.perf_counter()
+        self._last_combine = (now, now - start)
 
 
     def finish(self, report: bool = True) -> None:
