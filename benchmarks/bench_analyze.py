@@ -13,6 +13,7 @@ same process.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -52,6 +53,7 @@ def main() -> None:
         results = {}
         for name in (args.model, "classical"):
             model = load_model(name, "cpu")
+            gc.freeze()  # as the CLI does once the model is loaded (no full collections over torch's objects)
             one_run(path, model, tmp / "warm", report=False)  # warm-up (numba, allocations)
             for report in (False, True):
                 times = [one_run(path, model, tmp / f"out{r}", report) for r in range(args.runs)]

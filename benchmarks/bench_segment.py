@@ -13,6 +13,7 @@ models, also a Markdown table (F1, PQ, COCO AP, IoU, count ratio, s/image).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -47,6 +48,7 @@ def bench(model_name: str, pairs, runs: int) -> tuple[dict, float, float]:
     """(metrics, median s/image, median s/image of the classical model in the same process)."""
     model = load_model(model_name, "cpu")
     baseline = load_model("classical", "cpu")
+    gc.freeze()  # as the CLI does once the model is loaded (no full collections over torch's objects)
     gts, preds, scores, times, ref_times = [], [], [], [], []
     for image_path, mask_path in pairs:
         mg = locate_infobar(read_micrograph(image_path))
