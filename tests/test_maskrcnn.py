@@ -11,7 +11,9 @@ from emparticles.models.maskrcnn import (
     ANCHOR_SIZES,
     MaskRCNNSegmenter,
     build_maskrcnn,
+    drop_instances,
     instance_targets,
+    low_contrast,
     merge_detections,
 )
 
@@ -49,6 +51,29 @@ def test_merge_keeps_best_score_and_drops_tile_duplicates():
     assert sorted(np.bincount(inst.labels.ravel())[1:].tolist()) == [16, 100]
     # raster order: the small square at (0, 10) comes first, scores follow their particles
     assert inst.labels[0, 10] == 1 and inst.scores.tolist() == pytest.approx([0.8, 0.95])
+
+
+def test_low_contrast_detections_are_dropped():
+    from emparticles.instances import Instances
+
+    rng = np.random.default_rng(0)
+    image = 0.3 + 0.02 * rng.standard_normal((80, 120))
+    image[10:30, 10:30] = 0.9  # a bright particle
+    labels = np.zeros((80, 120), np.int32)
+    labels[10:30, 10:30] = 1  # on the particle
+    labels[40:70, 40:100] = 2  # a detection on plain background
+    labels[12:28, 32:44] = 3  # touches particle 1's ring only on one side, background elsewhere
+    image_std = float(np.std(image))
+    flags = low_contrast(labels, image, 0.2)
+    assert flags.tolist() == [False, False, True, True]
+    # the contrast is in units of the image's standard deviation: a tiny threshold keeps all
+    assert not low_contrast(labels, image, 0.001 / image_std).any()
+    # no background ring (a particle enclosed by others) is never flagged
+    packed = np.array([[1, 1, 1], [1, 2, 1], [1, 1, 1]], np.int32)
+    assert not low_contrast(packed, np.zeros((3, 3)) + np.eye(3), 5.0, ring_px=1)[2]
+    kept = drop_instances(Instances(labels, np.array([0.9, 0.8, 0.7], np.float32)), flags)
+    assert kept.labels.max() == 1 and (kept.labels == 1).sum() == 400
+    assert kept.scores.tolist() == pytest.approx([0.9])
 
 
 def test_architecture_settings():

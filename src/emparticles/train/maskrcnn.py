@@ -14,7 +14,7 @@ import torch
 
 from ..evaluate import matching
 from ..inference import pick_device
-from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, build_maskrcnn, instance_targets
+from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, MIN_CONTRAST, build_maskrcnn, instance_targets
 from .data import augmenter, epoch_batches, find_pairs, load_pair, split_validation
 from .lock import run_folder_lock
 from .loop import append_metrics, load_checkpoint, save_checkpoint
@@ -51,6 +51,7 @@ def _save(net, folder: Path, cfg: MaskRCNNConfig, epoch: int, val: dict) -> Path
 
     config = {"kind": "maskrcnn", "name": cfg.arch, "arch": cfg.arch, "classes": 2, "tile": cfg.tile,
               "overlap": cfg.overlap, "detections": 3000, "score_threshold": 0.5, "mask_threshold": 0.5,
+              "min_contrast": MIN_CONTRAST,
               "epoch": epoch, "validation": val, "train_config": asdict(cfg),
               "description": MASKRCNN_ARCHITECTURES[cfg.arch][1]}
     return save_model_folder(net, folder, config)
