@@ -11,7 +11,6 @@ from emparticles.models.maskrcnn import (
     ANCHOR_SIZES,
     MaskRCNNSegmenter,
     build_maskrcnn,
-    drop_instances,
     instance_targets,
     low_contrast,
     merge_detections,
@@ -54,7 +53,7 @@ def test_merge_keeps_best_score_and_drops_tile_duplicates():
 
 
 def test_low_contrast_detections_are_dropped():
-    from emparticles.instances import Instances
+    from emparticles.instances import Instances, drop_instances
 
     rng = np.random.default_rng(0)
     image = 0.3 + 0.02 * rng.standard_normal((80, 120))

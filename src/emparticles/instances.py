@@ -158,11 +158,19 @@ def instances_from_borders(
     if min_relative_area > 0 and (~drop[1:]).any():
         drop[1:] |= sizes[1:] < min_relative_area * np.median(sizes[1:][~drop[1:]])
     drop[0] = False
-    labels, lut = relabel_raster_lut(np.where(drop[labels], 0, labels))
+    return drop_instances(Instances(labels, scores), drop)
+
+
+def drop_instances(inst: Instances, drop: np.ndarray) -> Instances:
+    """``inst`` without the labels flagged in ``drop`` ((N + 1,) bool, index 0 ignored),
+    renumbered 1..M in raster order, each keeping its score."""
+    drop = drop.copy()
+    drop[0] = False
+    labels, lut = relabel_raster_lut(np.where(drop[inst.labels], 0, inst.labels))
     kept = np.flatnonzero(lut[1:]) + 1
-    new_scores = np.zeros(int(labels.max()), np.float32)
-    new_scores[lut[kept] - 1] = scores[kept - 1]
-    return Instances(labels, new_scores)
+    scores = np.zeros(int(labels.max(initial=0)), np.float32)
+    scores[lut[kept] - 1] = inst.scores[kept - 1]
+    return Instances(labels, scores)
 
 
 def fill_particle_holes(labels: np.ndarray) -> np.ndarray:

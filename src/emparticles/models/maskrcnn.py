@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..inference import pick_device
-from ..instances import Instances
+from ..instances import Instances, drop_instances
 from ..preprocess import normalise
 from ..types import TWO_CLASS, ProbabilityMap, relabel_consecutive
 
@@ -189,18 +189,6 @@ def low_contrast(labels: np.ndarray, image: np.ndarray, min_contrast: float, rin
         part = image[y0:y1, x0:x1]
         flags[lab] = abs(float(part[inside].mean()) - float(part[ring].mean())) < min_contrast * spread
     return flags
-
-
-def drop_instances(inst: Instances, drop: np.ndarray) -> Instances:
-    """``inst`` without the labels flagged in ``drop`` ((N + 1,) bool), renumbered 1..M in raster
-    order with their scores."""
-    from .._watershed import relabel_raster_lut
-
-    labels, lut = relabel_raster_lut(np.where(drop[inst.labels], 0, inst.labels))
-    kept = np.flatnonzero(lut[1:]) + 1
-    scores = np.zeros(int(labels.max(initial=0)), np.float32)
-    scores[lut[kept] - 1] = inst.scores[kept - 1]
-    return Instances(labels, scores)
 
 
 class MaskRCNNSegmenter:
