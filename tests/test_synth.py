@@ -11,8 +11,10 @@ from emparticles.io.infobar import detect_infobar
 from emparticles.io.writers import read_labels
 from emparticles.synth import (
     SynthSettings,
+    _absorb_slivers,
     cut_agglomerates,
     paste_agglomerates,
+    render_sem,
     shape_outline,
     synth_sem,
 )
@@ -21,11 +23,70 @@ from emparticles.types import relabel_consecutive
 SMALL = SynthSettings(width=256, height=192, median_diameter_px=(14, 24))
 
 
-@pytest.mark.parametrize("shape", ["round", "ellipse", "faceted", "rod"])
+@pytest.mark.parametrize("shape", ["round", "ellipse", "faceted", "rod", "bipyramid"])
 def test_outline_area_matches_diameter(shape):
     pts = shape_outline(np.random.default_rng(1), shape, 40.0)
     area = 0.5 * abs(np.dot(pts[:, 0], np.roll(pts[:, 1], 1)) - np.dot(pts[:, 1], np.roll(pts[:, 0], 1)))
     assert area == pytest.approx(np.pi * 20.0**2, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bipyramid_is_an_elongated_rhombus(seed):
+    pts = shape_outline(np.random.default_rng(seed), "bipyramid", 60.0)
+    d = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    i, j = np.unravel_index(np.argmax(d), d.shape)
+    axis = (pts[j] - pts[i]) / d[i, j]
+    across = pts @ np.array([-axis[1], axis[0]])
+    length, width = d[i, j], np.ptp(across)
+    area = np.pi * 30.0**2
+    # a rhombus fills half the rectangle of its diagonals (an ellipse 0.79); truncated, rounded
+    # tips and uneven vertices a little more; elongated 1.2-2.2 along its long diagonal
+    assert 0.5 < area / (length * width) < 0.7
+    assert 1.05 < length / width < 2.5
+
+
+def test_slivers_are_absorbed_and_new_labels_map_to_old():
+    lab = np.zeros((40, 40), np.int32)
+    lab[5:20, 5:20] = 7
+    lab[25:35, 5:30] = 3
+    lab[20:22, 5:7] = 9  # 4 px sliver touching particle 7: handed to it
+    new, old = _absorb_slivers(lab, min_px=12)
+    assert int(new.max()) == 2
+    assert old.tolist() == [0, 7, 3]  # raster order: 7's box comes first
+    assert (new[20:22, 5:7] == 1).all()
+    assert np.array_equal(old[new], np.where(lab == 9, 7, lab))
+
+
+def test_particles_lying_under_others_are_darker():
+    lab = np.zeros((60, 120), np.int32)
+    lab[10:50, 10:50] = 1
+    lab[10:50, 70:110] = 2
+    covered_none = np.zeros(3, np.float32)
+    covered_first = np.array([0, 2, 0], np.float32)
+    a = render_sem(np.random.default_rng(4), lab, covered_none, None, 0.3)
+    b = render_sem(np.random.default_rng(4), lab, covered_first, None, 0.3)
+    inner1, inner2 = (slice(20, 40), slice(20, 40)), (slice(20, 40), slice(80, 100))
+    # the same draws, so only particle 1's level changes: by the full 30 % (covered twice)
+    assert np.allclose(b[inner2], a[inner2])
+    assert b[inner1].mean() < a[inner1].mean() - 0.1
+
+
+def test_flat_facets_are_planes_meeting_in_ridges():
+    from emparticles.synth import particle_heights
+
+    lab = np.zeros((80, 80), np.int32)
+    lab[10:70, 10:70] = 1
+    roof = particle_heights(lab, np.array([False, True]), roof_slope=0.5)
+    dome = particle_heights(lab)
+    # a square roof: the top facet rises by 0.5 px per px towards the apex (the centre), a plane
+    assert np.allclose(np.diff(roof[10:40, 40]), 0.5)
+    assert roof[40, 40] == pytest.approx(0.5 * 29)  # 29 px from the nearest side
+    # along the diagonal ridge it rises by the same 0.5 per step of one row and one column
+    assert np.allclose(np.diff(roof[np.arange(10, 40), np.arange(10, 40)]), 0.5)
+    # the dome rises steeply at the rim and flattens at the top, to its inradius
+    steps = np.diff(dome[10:40, 40])
+    assert steps[0] > 3 * steps[-1] and dome[40, 40] == pytest.approx(29)
+    assert roof[lab == 0].max() == dome[lab == 0].max() == 0
 
 
 def test_unknown_shape_is_refused():

@@ -1,12 +1,14 @@
 """Synthetic SEM micrographs of agglomerated particles with pixel-exact instance masks.
 
 Annotated SEM images are scarce, so training data is also rendered: particles (round, faceted
-TiO2-like rounded polygons, ellipses, rods) with log-normal sizes are grown into touching and
-overlapping agglomerates, drawn front to back into an instance label image, and rendered from
-that label image with secondary-electron contrast (bright edges where the surface tilts,
-directional shading, dark contact shadows), a textured substrate, charging streaks, blur,
-scan-line and shot noise, and optionally a microscope info bar with a scale bar. Every pixel of
-the image is rendered from the label image, so the masks are exact by construction.
+TiO2-like rounded polygons, anatase-like truncated bipyramids, ellipses, rods) with log-normal
+sizes are grown into touching and overlapping agglomerates, sparse or in dense multilayer fields,
+drawn back to front into an instance label image, and rendered from that label image with
+secondary-electron contrast (bright edges where the surface tilts, flat facets with bright
+ridges on crystals, directional shading, lower particles darker than the ones lying on them,
+dark contact shadows), a textured substrate, charging streaks, blur, scan-line and shot noise,
+and optionally a microscope info bar with a scale bar. Every pixel of the image is rendered from
+the label image, so the masks are exact by construction.
 
 The second generator is the paste augmentation: annotated agglomerates are cut out of real
 training images, flipped/rotated, placed without overlap on empty backgrounds, and the pasted
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-SHAPES = ("round", "ellipse", "faceted", "rod")
+SHAPES = ("round", "ellipse", "faceted", "rod", "bipyramid")
+CRYSTAL_SHAPES = ("faceted", "bipyramid")  # shapes that may be rendered with flat facets
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,12 @@ class SynthSettings:
 
     ``median_diameter_px`` and ``gsd`` are ranges: each image draws its own log-normal size
     distribution (median equivalent circular diameter and geometric standard deviation) from them.
+    ``coverage`` is the drawn particle area over the image area (overlaps counted twice); a
+    ``dense_probability`` share of the images are dense fields of large multilayer agglomerates
+    drawn with ``dense_coverage`` and ``dense_agglomerate_size`` instead.
+    ``facet_probability`` is the share of images whose crystals (``CRYSTAL_SHAPES``) have flat
+    facets instead of a rounded top; ``depth_darkening`` bounds how much darker a particle is
+    when others lie on it.
     """
 
     width: int = 1024
@@ -40,8 +49,13 @@ class SynthSettings:
     coverage: tuple[float, float] = (0.12, 0.45)
     agglomerate_size: tuple[int, int] = (1, 14)
     shapes: tuple[str, ...] = SHAPES
-    shape_weights: tuple[float, ...] = (0.3, 0.2, 0.4, 0.1)
+    shape_weights: tuple[float, ...] = (0.25, 0.15, 0.3, 0.1, 0.2)
     min_visible_px: int = 12
+    dense_probability: float = 0.3
+    dense_coverage: tuple[float, float] = (0.5, 0.9)
+    dense_agglomerate_size: tuple[int, int] = (10, 60)
+    facet_probability: float = 0.6
+    depth_darkening: tuple[float, float] = (0.0, 0.35)
     info_bar_probability: float = 0.5
     charging_probability: float = 0.3
 
@@ -93,6 +107,15 @@ def shape_outline(rng: np.random.Generator, shape: str, diameter_px: float) -> n
         rad = rng.uniform(0.82, 1.15, n)
         stretch = rng.uniform(1.0, 1.5)
         pts = _chaikin(np.stack([rad * np.sin(ang), stretch * rad * np.cos(ang)], 1), 2)
+    elif shape == "bipyramid":
+        # a tetragonal bipyramid seen from the side: a rhombus elongated along the c axis,
+        # tips slightly truncated, vertices a little uneven, corners just rounded
+        ar = rng.uniform(1.2, 2.2)
+        rhomb = np.array([[ar, 0.0], [0.0, 1.0], [-ar, 0.0], [0.0, -1.0]]) * rng.uniform(0.93, 1.07, (4, 1))
+        cut = rng.uniform(0.05, 0.2)
+        prev, nxt = np.roll(rhomb, 1, axis=0), np.roll(rhomb, -1, axis=0)
+        pts = np.stack([rhomb + cut * (prev - rhomb), rhomb + cut * (nxt - rhomb)], axis=1).reshape(-1, 2)
+        pts = _chaikin(pts, 1)
     elif shape == "rod":
         ar = rng.uniform(2.0, 5.0)
         half = (ar - 1)  # straight part half-length, in units of the cap radius
@@ -120,24 +143,33 @@ def _rasterise(outline: np.ndarray, centre: tuple[float, float], shape: tuple[in
 # ---------------------------------------------------------------------------------- placement
 
 
-def place_particles(rng: np.random.Generator, height: int, width: int, s: SynthSettings) -> tuple[np.ndarray, dict]:
-    """Agglomerates of particles painted back to front: (labels (H, W) int32, drawn parameters).
+def place_particles(rng: np.random.Generator, height: int, width: int,
+                    s: SynthSettings) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
+    """Agglomerates of particles painted back to front.
 
     Each agglomerate starts at a random point; each further particle is put next to a random
     member at 0.6-0.95 of the sum of their radii, so particles touch and overlap. Particles
     whose visible part is smaller than ``min_visible_px`` are given to their neighbours.
+
+    Returns (labels (H, W) int32 numbered 1..N, drawn parameters, covered (N+1,) float32: how
+    many particles were painted over each one, shape (N+1,) object: each particle's shape name;
+    index 0 is the background).
     """
     median = float(np.exp(rng.uniform(*np.log(s.median_diameter_px))))
     gsd = float(rng.uniform(*s.gsd))
-    coverage = float(rng.uniform(*s.coverage))
+    dense = bool(rng.random() < s.dense_probability)
+    coverage = float(rng.uniform(*(s.dense_coverage if dense else s.coverage)))
+    group = s.dense_agglomerate_size if dense else s.agglomerate_size
     weights = np.asarray(s.shape_weights[: len(s.shapes)], float)
     # one or two shape families per image, as in real samples
     families = rng.choice(len(s.shapes), size=int(rng.integers(1, 3)), replace=False, p=weights / weights.sum())
     labels = np.zeros((height, width), np.int32)
     budget = coverage * height * width
     drawn_area, label = 0.0, 0
+    covered = np.zeros(4001 + group[1], np.float32)
+    shape_of = [""]
     while drawn_area < budget and label < 4000:
-        n = int(rng.integers(s.agglomerate_size[0], s.agglomerate_size[1] + 1))
+        n = int(rng.integers(group[0], group[1] + 1))
         centres: list[tuple[float, float, float]] = []
         for _ in range(n):
             d = float(np.clip(median * gsd ** rng.standard_normal(), 5.0, 0.5 * min(height, width)))
@@ -153,17 +185,24 @@ def place_particles(rng: np.random.Generator, height: int, width: int, s: SynthS
             if rr.size == 0:
                 continue
             label += 1
+            covered[np.unique(labels[rr, cc])] += 1
             labels[rr, cc] = label
+            shape_of.append(shape)
             centres.append((c[0], c[1], d))
             drawn_area += rr.size
-    labels = _absorb_slivers(labels, s.min_visible_px)
-    return labels, {"median_diameter_px": median, "gsd": gsd, "coverage": coverage,
-                    "shapes": [s.shapes[i] for i in families]}
+    labels, old = _absorb_slivers(labels, s.min_visible_px)
+    covered[0] = 0
+    params = {"median_diameter_px": median, "gsd": gsd, "coverage": coverage, "dense": dense,
+              "shapes": [s.shapes[i] for i in families]}
+    return labels, params, covered[old], np.asarray(shape_of, dtype=object)[old]
 
 
-def _absorb_slivers(labels: np.ndarray, min_px: int) -> np.ndarray:
+def _absorb_slivers(labels: np.ndarray, min_px: int) -> tuple[np.ndarray, np.ndarray]:
     """Hand the pixels of particles with fewer than ``min_px`` visible pixels (or split in pieces,
-    the smaller pieces) to the nearest other particle, then number 1..N in raster order."""
+    the smaller pieces) to the nearest other particle, then number 1..N in raster order.
+
+    Returns (labels (H, W) int32, old (N+1,) int64: the input label of each new one, old[0] = 0).
+    """
     from .types import relabel_consecutive
 
     out = labels.copy()
@@ -184,7 +223,10 @@ def _absorb_slivers(labels: np.ndarray, min_px: int) -> np.ndarray:
     if hole.any() and (out > 0).any():
         _, (ri, ci) = ndi.distance_transform_edt(out == 0, return_indices=True)
         out[hole] = out[ri[hole], ci[hole]]
-    return relabel_consecutive(out)
+    new = relabel_consecutive(out)
+    old = np.zeros(int(new.max()) + 1, np.int64)
+    old[new.ravel()] = out.ravel()
+    return new, old
 
 
 # ---------------------------------------------------------------------------------- rendering
@@ -207,20 +249,14 @@ def render_substrate(rng: np.random.Generator, height: int, width: int, level: f
     return bg.astype(np.float32)
 
 
-def render_sem(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
-    """SEM-like intensities in [0, 1] for an instance label image (H, W), before noise.
+def particle_heights(labels: np.ndarray, flat: np.ndarray | None = None, roof_slope: float = 0.75) -> np.ndarray:
+    """Height (H, W) float32 in px of each particle's visible surface above the substrate (0).
 
-    Each particle is a dome whose height follows its own distance transform; secondary-electron
-    yield rises with the surface slope (bright rims), a directional term shades one side, the
-    particle gets a brightness of its own and a fine texture, and the substrate darkens next to
-    particles (contact shadows).
+    From the distance to the particle's own visible outline (other particles count as outside):
+    a dome (a circular arc rising to the particle's inradius), or, where ``flat`` (N+1,) bool is
+    set, a roof ``roof_slope`` x that distance: flat facets meeting in ridges, as on a crystal.
     """
-    h, w = labels.shape
-    img = render_substrate(rng, h, w)
     fg = labels > 0
-    if not fg.any():
-        return img
-    # distance to the particle's own outline (other particles count as outside): a dome per particle
     edges = np.zeros_like(fg)
     edges[:-1] |= labels[:-1] != labels[1:]
     edges[1:] |= labels[:-1] != labels[1:]
@@ -232,15 +268,47 @@ def render_sem(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     inradius = np.maximum(ndi.maximum(dist, labels, index=np.arange(1, n + 1)), 1.0).astype(np.float32)
     radius = np.concatenate([[1.0], inradius])[labels]
     u = np.clip(dist / radius, 0, 1)
-    z = radius * np.sqrt(1 - (1 - u) ** 2)  # height in px
-    gy, gx = np.gradient(ndi.gaussian_filter(z, 0.7))
+    z = radius * np.sqrt(1 - (1 - u) ** 2)
+    if flat is not None and flat.any():
+        z = np.where(flat[labels], dist * roof_slope, z)
+    return z.astype(np.float32)
+
+
+def render_sem(rng: np.random.Generator, labels: np.ndarray, covered: np.ndarray | None = None,
+               flat: np.ndarray | None = None, depth_darkening: float = 0.0) -> np.ndarray:
+    """SEM-like intensities in [0, 1] for an instance label image (H, W), before noise.
+
+    Each particle is a dome whose height follows its own distance transform, or, where ``flat``
+    (N+1,) bool is set, a roof rising linearly with it (flat facets meeting in ridges, as on a
+    crystal); secondary-electron yield rises with the surface slope (bright rims) and on ridges,
+    a directional term shades one side (so facets differ), the particle gets a brightness of its
+    own and a fine texture, a particle with others painted over it (``covered`` (N+1,), counts)
+    is darker by up to ``depth_darkening``, and the substrate darkens next to particles (contact
+    shadows).
+    """
+    h, w = labels.shape
+    img = render_substrate(rng, h, w)
+    fg = labels > 0
+    if not fg.any():
+        return img
+    n = int(labels.max())
+    roof_slope = rng.uniform(0.5, 1.0) if flat is not None and flat.any() else 0.0
+    z = particle_heights(labels, flat, roof_slope)
+    zs = ndi.gaussian_filter(z, 0.7)
+    gy, gx = np.gradient(zs)
     slope = np.clip(np.hypot(gx, gy), 0, 6)
     light = rng.uniform(0, 2 * np.pi)
-    base = np.concatenate([[0.0], rng.uniform(0.45, 0.75, n)]).astype(np.float32)[labels]
+    level = rng.uniform(0.45, 0.75, n)
+    if covered is not None and depth_darkening > 0:
+        level = level * (1 - depth_darkening * np.minimum(covered[1:], 2) / 2)
+    base = np.concatenate([[0.0], level]).astype(np.float32)[labels]
     edge_gain = rng.uniform(0.08, 0.22)
     shade = rng.uniform(0.0, 0.12)
+    if flat is not None and flat.any():
+        shade = rng.uniform(0.06, 0.2)  # facets must differ to be seen as facets
     texture = rng.uniform(0.0, 0.05) * _smooth_noise(rng, (h, w), rng.uniform(0.8, 3.0))
-    particle = base * (1 + edge_gain * (np.sqrt(1 + slope**2) - 1)) \
+    ridge = np.where(fg, np.clip(-ndi.laplace(zs), 0, 1), 0) * rng.uniform(0.0, 0.3)
+    particle = base * (1 + edge_gain * (np.sqrt(1 + slope**2) - 1)) + ridge \
         + shade * (gx * np.cos(light) + gy * np.sin(light)) / np.sqrt(1 + slope**2) + texture
     out = np.where(fg, particle, img)
     # contact shadow on the substrate next to particles
@@ -324,8 +392,10 @@ def synth_sem(rng: np.random.Generator, settings: SynthSettings = SynthSettings(
     s = settings
     bar = round(0.1 * s.height) if rng.random() < s.info_bar_probability else 0
     h_img = s.height - bar
-    labels, params = place_particles(rng, h_img, s.width, s)
-    img = render_sem(rng, labels)
+    labels, params, covered, shape_of = place_particles(rng, h_img, s.width, s)
+    flat = np.isin(shape_of, CRYSTAL_SHAPES) & (rng.random() < s.facet_probability)
+    params["flat_facets"] = bool(flat.any())
+    img = render_sem(rng, labels, covered, flat, float(rng.uniform(*s.depth_darkening)))
     if rng.random() < s.charging_probability:
         img = add_charging(rng, img, labels)
         params["charging"] = True
