@@ -123,6 +123,19 @@ def test_info_bar_has_no_particles_and_is_detected():
     assert detect_infobar(s.image) == s.info_bar_rows
 
 
+@pytest.mark.parametrize("light", [False, True])
+def test_both_info_bar_styles_are_detected(light):
+    from emparticles.synth import draw_info_bar
+
+    rng = np.random.default_rng(6)
+    img = (np.clip(rng.normal(110, 30, (384, 512)), 0, 255)).astype(np.uint8)
+    out = draw_info_bar(rng, img, 38, 5.0, light=light)
+    assert np.array_equal(out[:-38], img[:-38])  # only the bar's rows are drawn on
+    band = out[-38:]
+    assert (np.median(band) > 200) == light and (np.median(band) < 30) == (not light)
+    assert detect_infobar(out) == 38
+
+
 def test_cut_and_paste_agglomerates():
     lab = np.zeros((80, 80), np.int32)
     lab[10:20, 10:20] = 1

@@ -353,30 +353,37 @@ def _nice_bar(pixel_size_nm: float, width: int) -> tuple[float, int]:
     return float(nm), max(1, round(nm / pixel_size_nm))
 
 
-def draw_info_bar(rng: np.random.Generator, img: np.ndarray, rows: int, pixel_size_nm: float) -> np.ndarray:
-    """Overwrite the bottom ``rows`` of an 8-bit image with a Zeiss-style info bar: black band,
-    white text, a scale bar drawn for ``pixel_size_nm``."""
+def draw_info_bar(rng: np.random.Generator, img: np.ndarray, rows: int, pixel_size_nm: float,
+                  light: bool | None = None) -> np.ndarray:
+    """Overwrite the bottom ``rows`` of an 8-bit image with a Zeiss-style info bar and a scale
+    bar drawn for ``pixel_size_nm``: a black band with white text, or (``light``; drawn at random
+    when None) a white band with black text framed by a black line, as SmartSEM writes it."""
     import cv2
 
     out = img.copy()
     h, w = out.shape
     top = h - rows
-    out[top:] = int(rng.integers(0, 25))
-    out[top] = 255 if rng.random() < 0.5 else out[top]  # a separator line, as some vendors draw
+    light = bool(rng.random() < 0.5) if light is None else light
+    ink = 0 if light else 255
+    out[top:] = int(rng.integers(235, 256)) if light else int(rng.integers(0, 25))
+    if light:
+        cv2.rectangle(out, (1, top + 1), (w - 2, h - 2), 0, 1)
+    elif rng.random() < 0.5:
+        out[top] = 255  # a separator line, as some vendors draw
     nm, px = _nice_bar(pixel_size_nm, w)
     text = f"{nm / 1000:g} um" if nm >= 1000 else f"{nm:g} nm"
     scale = max(rows / 60.0, 0.3)
     y_bar = top + rows // 3
     x0 = int(0.03 * w)
-    cv2.rectangle(out, (x0, y_bar), (x0 + px, y_bar + max(2, rows // 12)), 255, -1)
-    cv2.putText(out, text, (x0, top + int(rows * 0.8)), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, 1, cv2.LINE_AA)
+    cv2.rectangle(out, (x0, y_bar), (x0 + px, y_bar + max(2, rows // 12)), ink, -1)
+    cv2.putText(out, text, (x0, top + int(rows * 0.8)), cv2.FONT_HERSHEY_SIMPLEX, scale, ink, 1, cv2.LINE_AA)
     mag = rng.choice([5, 10, 20, 50, 100, 200])
     fields = [f"EHT = {rng.uniform(1, 20):.2f} kV", f"WD = {rng.uniform(2, 12):.1f} mm", f"Mag = {mag:.2f} K X",
               f"Signal A = {rng.choice(['SE2', 'InLens'])}"]
     for i, t in enumerate(fields):
         x = int(w * (0.3 + 0.35 * (i // 2)))
         y = top + int(rows * (0.4 + 0.4 * (i % 2)))
-        cv2.putText(out, t, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale * 0.8, 255, 1, cv2.LINE_AA)
+        cv2.putText(out, t, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale * 0.8, ink, 1, cv2.LINE_AA)
     return out
 
 
