@@ -159,3 +159,33 @@ def test_percentiles_and_normalise_match_numpy(dtype):
     assert norm.dtype == np.float32 and norm.min() == 0 and norm.max() == 1
     assert np.allclose(norm, img / 255)
     assert not normalise(np.full((4, 4), 7, dtype)).any()  # a uniform image maps to zeros
+
+
+def test_error_kinds_on_a_hand_built_pair():
+    from emparticles.evaluate import error_kinds
+
+    truth = np.zeros((60, 80), np.int32)
+    truth[5:15, 5:15] = 1  # A  } three touching particles predicted as one: all merged (IoU 1/3)
+    truth[5:15, 15:25] = 2  # B }
+    truth[5:15, 25:35] = 3  # C }
+    truth[30:40, 5:15] = 4  # D: found exactly
+    truth[30:40, 30:60] = 5  # E: predicted in thirds: split, three fragments
+    truth[50:58, 60:68] = 6  # F: not found at all
+    pred = np.zeros_like(truth)
+    pred[5:15, 5:35] = 7
+    pred[30:40, 5:15] = 3
+    pred[30:40, 30:40] = 1
+    pred[30:40, 40:50] = 2
+    pred[30:40, 50:60] = 4
+    pred[2:12, 60:70] = 9  # on background: false
+    k = error_kinds(truth, pred)
+    assert k == {"true": 6, "pred": 6, "matched": 1, "true_missed": 1, "true_merged": 3, "true_split": 1,
+                 "true_other": 0, "pred_false": 1, "pred_merging": 1, "pred_fragment": 3, "pred_other": 0}
+    # a shifted outline (IoU 0.43, holding 60% of the particle, nothing else): "other" both ways
+    shifted = np.zeros_like(truth)
+    shifted[30:40, 9:19] = 1
+    k = error_kinds(truth == 4, shifted)
+    assert (k["true_other"], k["pred_other"], k["matched"]) == (1, 1, 0)
+    # nothing predicted: every particle missed; identical images: everything matched
+    assert error_kinds(truth, np.zeros_like(truth))["true_missed"] == 6
+    assert error_kinds(truth, truth)["matched"] == 6

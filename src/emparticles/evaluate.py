@@ -78,6 +78,60 @@ def matching(y_true: np.ndarray, y_pred: np.ndarray, thresh: float = 0.5) -> Mat
     return Matching(thresh, nt, npred, tp, float(matched[good].mean()) if tp else 0.0)
 
 
+def error_kinds(y_true: np.ndarray, y_pred: np.ndarray, thresh: float = 0.5) -> dict[str, int]:
+    """What the unmatched particles of one image are, from two (H, W) label images (0 = background).
+
+    A particle is matched when a particle of the other image overlaps it with IoU >= ``thresh``
+    (>= 0.5 makes that pairing one-to-one, as in :func:`matching`). An unmatched true particle is
+    ``missed`` when most of its pixels are background in the prediction, ``merged`` when the
+    prediction holding most of it holds more than half of it and lies at least 20% on other true
+    particles, ``split`` when no prediction holds more than half of it, else ``other`` (a badly
+    drawn outline). An unmatched prediction is ``false`` when it lies mostly on background,
+    ``merging`` when two or more true particles each take at least 20% of it, ``fragment`` when it
+    holds at most half of every true particle it touches, else ``other``.
+
+    Returns counts: true, pred, matched, true_missed, true_merged, true_split, true_other,
+    pred_false, pred_merging, pred_fragment, pred_other.
+    """
+    from .types import relabel_consecutive
+
+    t = relabel_consecutive(y_true).astype(np.int64).ravel()
+    p = relabel_consecutive(y_pred).astype(np.int64).ravel()
+    nt, npred = int(t.max(initial=0)), int(p.max(initial=0))
+    inter = np.bincount(t * (npred + 1) + p, minlength=(nt + 1) * (npred + 1)).reshape(nt + 1, npred + 1)
+    area_t, area_p = inter.sum(axis=1), inter.sum(axis=0)
+    union = area_t[:, None] + area_p[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / union, 0.0)[1:, 1:]
+        of_true = inter / np.maximum(area_t, 1)[:, None]  # share of each true particle in each prediction
+        of_pred = inter / np.maximum(area_p, 1)[None, :]  # share of each prediction on each true particle
+    out = dict.fromkeys(["true_missed", "true_merged", "true_split", "true_other",
+                         "pred_false", "pred_merging", "pred_fragment", "pred_other"], 0)
+    matched_t = (iou >= thresh).any(axis=1) if npred else np.zeros(nt, bool)
+    matched_p = (iou >= thresh).any(axis=0) if nt else np.zeros(npred, bool)
+    for i in np.nonzero(~matched_t)[0] + 1:
+        if of_true[i, 0] > 0.5:
+            out["true_missed"] += 1
+            continue
+        j = 1 + int(np.argmax(inter[i, 1:])) if npred else 0
+        if j and of_true[i, j] > 0.5 and 1 - of_pred[0, j] - of_pred[i, j] >= 0.2:
+            out["true_merged"] += 1
+        elif not j or of_true[i, j] <= 0.5:
+            out["true_split"] += 1
+        else:
+            out["true_other"] += 1
+    for j in np.nonzero(~matched_p)[0] + 1:
+        if of_pred[0, j] > 0.5:
+            out["pred_false"] += 1
+        elif (of_pred[1:, j] >= 0.2).sum() >= 2:
+            out["pred_merging"] += 1
+        elif of_true[1:, j].max(initial=0) <= 0.5:
+            out["pred_fragment"] += 1
+        else:
+            out["pred_other"] += 1
+    return {"true": nt, "pred": npred, "matched": int(matched_t.sum()), **out}
+
+
 # ------------------------------------------------------------------------- dataset-level scores
 def semantic_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     """Foreground pixel accuracy, IoU and Dice of two label images (any particle vs background)."""
