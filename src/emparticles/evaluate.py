@@ -45,18 +45,26 @@ class Matching:
         return self.mean_matched_iou * self.f1 if self.tp else (1.0 if self.n_true == self.n_pred == 0 else 0.0)
 
 
-def iou_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """(N_true, N_pred) IoU between every true and predicted label (labels 1..N, 0 = background)."""
+def overlaps(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """(N_true + 1, N_pred + 1) pixel counts shared by every true and predicted label, row and
+    column 0 for the background (labels 1..N, 0 = background)."""
     t = np.asarray(y_true, np.int64).ravel()
     p = np.asarray(y_pred, np.int64).ravel()
     nt, npred = int(t.max(initial=0)), int(p.max(initial=0))
-    inter = np.bincount(t * (npred + 1) + p, minlength=(nt + 1) * (npred + 1)).reshape(nt + 1, npred + 1)
-    area_t = inter.sum(axis=1)
-    area_p = inter.sum(axis=0)
-    union = area_t[:, None] + area_p[None, :] - inter
+    return np.bincount(t * (npred + 1) + p, minlength=(nt + 1) * (npred + 1)).reshape(nt + 1, npred + 1)
+
+
+def _iou_from_overlaps(inter: np.ndarray) -> np.ndarray:
+    """(N_true, N_pred) IoU from an :func:`overlaps` table."""
+    union = inter.sum(axis=1)[:, None] + inter.sum(axis=0)[None, :] - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(union > 0, inter / union, 0.0)
     return iou[1:, 1:]
+
+
+def iou_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """(N_true, N_pred) IoU between every true and predicted label (labels 1..N, 0 = background)."""
+    return _iou_from_overlaps(overlaps(y_true, y_pred))
 
 
 def matching(y_true: np.ndarray, y_pred: np.ndarray, thresh: float = 0.5) -> Matching:
@@ -95,16 +103,11 @@ def error_kinds(y_true: np.ndarray, y_pred: np.ndarray, thresh: float = 0.5) -> 
     """
     from .types import relabel_consecutive
 
-    t = relabel_consecutive(y_true).astype(np.int64).ravel()
-    p = relabel_consecutive(y_pred).astype(np.int64).ravel()
-    nt, npred = int(t.max(initial=0)), int(p.max(initial=0))
-    inter = np.bincount(t * (npred + 1) + p, minlength=(nt + 1) * (npred + 1)).reshape(nt + 1, npred + 1)
-    area_t, area_p = inter.sum(axis=1), inter.sum(axis=0)
-    union = area_t[:, None] + area_p[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)[1:, 1:]
-        of_true = inter / np.maximum(area_t, 1)[:, None]  # share of each true particle in each prediction
-        of_pred = inter / np.maximum(area_p, 1)[None, :]  # share of each prediction on each true particle
+    inter = overlaps(relabel_consecutive(y_true), relabel_consecutive(y_pred))
+    nt, npred = inter.shape[0] - 1, inter.shape[1] - 1
+    iou = _iou_from_overlaps(inter)
+    of_true = inter / np.maximum(inter.sum(axis=1), 1)[:, None]  # share of each true particle in each prediction
+    of_pred = inter / np.maximum(inter.sum(axis=0), 1)[None, :]  # share of each prediction on each true particle
     out = dict.fromkeys(["true_missed", "true_merged", "true_split", "true_other",
                          "pred_false", "pred_merging", "pred_fragment", "pred_other"], 0)
     matched_t = (iou >= thresh).any(axis=1) if npred else np.zeros(nt, bool)

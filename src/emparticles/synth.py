@@ -292,7 +292,8 @@ def render_sem(rng: np.random.Generator, labels: np.ndarray, covered: np.ndarray
     if not fg.any():
         return img
     n = int(labels.max())
-    roof_slope = rng.uniform(0.5, 1.0) if flat is not None and flat.any() else 0.0
+    faceted = flat is not None and bool(flat.any())
+    roof_slope = rng.uniform(0.5, 1.0) if faceted else 0.0
     z = particle_heights(labels, flat, roof_slope)
     zs = ndi.gaussian_filter(z, 0.7)
     gy, gx = np.gradient(zs)
@@ -304,7 +305,7 @@ def render_sem(rng: np.random.Generator, labels: np.ndarray, covered: np.ndarray
     base = np.concatenate([[0.0], level]).astype(np.float32)[labels]
     edge_gain = rng.uniform(0.08, 0.22)
     shade = rng.uniform(0.0, 0.12)
-    if flat is not None and flat.any():
+    if faceted:
         shade = rng.uniform(0.06, 0.2)  # facets must differ to be seen as facets
     texture = rng.uniform(0.0, 0.05) * _smooth_noise(rng, (h, w), rng.uniform(0.8, 3.0))
     ridge = np.where(fg, np.clip(-ndi.laplace(zs), 0, 1), 0) * rng.uniform(0.0, 0.3)
