@@ -40,13 +40,20 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--data", type=Path, default=EMPS, help="folder with images/ and segmaps/ (default: EMPS)")
     parser.add_argument("--workers", type=int, default=0, help="processes building the batches (for a GPU)")
+    parser.add_argument("--extra-images", default="", help="a second set for training only (e.g. synthetic SEM)")
+    parser.add_argument("--extra-masks", default="")
+    parser.add_argument("--extra-fraction", type=float, default=0.3)
+    parser.add_argument("--paste-fraction", type=float, default=0.0,
+                        help="share of crops made by pasting training agglomerates on empty backgrounds")
     parser.add_argument("--stop-after-minutes", type=float, default=None,
                         help="stop after the first epoch that ends past this time; continue with --resume")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = MaskRCNNConfig(arch=args.arch, epochs=args.epochs, heads_epochs=args.heads_epochs, steps_per_epoch=args.steps,
                          batch_size=args.batch_size, crop=args.crop, lr=args.lr, device=args.device,
-                         lr_drop_epoch=max(1, int(0.75 * args.epochs)), max_val_images=args.max_val_images, workers=args.workers)
+                         lr_drop_epoch=max(1, int(0.75 * args.epochs)), max_val_images=args.max_val_images, workers=args.workers,
+                         extra_images=args.extra_images, extra_masks=args.extra_masks, extra_fraction=args.extra_fraction,
+                         paste_fraction=args.paste_fraction)
     stop = None if args.stop_after_minutes is None else 60 * args.stop_after_minutes
     best = train_maskrcnn(args.data / "images", args.data / "segmaps", args.out, cfg, resume=args.resume,
                           log=lambda m: print(m, flush=True), stop_after_s=stop)

@@ -99,8 +99,11 @@ def test_train_save_load_and_segment(tmp_path):
     write_disk_set(tmp_path, count=6, disks=3, radius=9, margin=12)
     torch.manual_seed(0)
     cfg = MaskRCNNConfig(epochs=2, heads_epochs=1, lr_drop_epoch=1, steps_per_epoch=1, batch_size=1, crop=64,
-                         tile=64, overlap=16, val_fraction=0.3, device="cpu")
-    best = train_maskrcnn(tmp_path / "img", tmp_path / "mask", tmp_path / "run", cfg, log=lambda m: None)
+                         tile=64, overlap=16, val_fraction=0.3, device="cpu", extra_images=str(tmp_path / "img"),
+                         extra_masks=str(tmp_path / "mask"), extra_fraction=0.5, paste_fraction=0.5)
+    said = []
+    best = train_maskrcnn(tmp_path / "img", tmp_path / "mask", tmp_path / "run", cfg, log=said.append)
+    assert any("6 extra training images" in m for m in said) and any("paste augmentation" in m for m in said)
     rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and "heads_only" in rows[0]
     config = json.loads((best / "config.json").read_text())
@@ -114,3 +117,25 @@ def test_train_save_load_and_segment(tmp_path):
     cfg.epochs = 3
     train_maskrcnn(tmp_path / "img", tmp_path / "mask", tmp_path / "run", cfg, resume=True, log=lambda m: None)
     assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 4
+
+
+def test_batches_draw_from_extra_and_pasted_sources():
+    """Mask R-CNN crops come from the extra (e.g. synthetic SEM) set, pasted agglomerates or the
+    training images in the shares asked for: told by their number of particles and size."""
+    from emparticles.train.data import PasteSource
+    from emparticles.train.maskrcnn import _batch
+
+    def identity(image, mask):
+        return {"image": image, "mask": mask}
+
+    two = disks_image([(30, 30), (60, 70)], radius=9, shape=(96, 96), seed=1)
+    five = disks_image([(20, 20), (20, 70), (50, 45), (80, 20), (80, 70)], radius=8, shape=(96, 96), seed=2)
+    train, extra = [(two[0] / 255.0, two[1])], [(five[0] / 255.0, five[1])]
+    rng = np.random.default_rng(0)
+    _, targets = _batch(rng, identity, train, 4, extra, extra_fraction=1.0)
+    assert [len(t["boxes"]) for t in targets] == [5, 5, 5, 5]
+    _, targets = _batch(rng, identity, train, 4, extra, extra_fraction=0.0)
+    assert [len(t["boxes"]) for t in targets] == [2, 2, 2, 2]
+    images, targets = _batch(rng, identity, train, 2, extra, 0.0, PasteSource(train), paste_fraction=1.0, paste_size=160)
+    assert [tuple(im.shape) for im in images] == [(1, 160, 160), (1, 160, 160)]
+    assert all(len(t["boxes"]) >= 1 for t in targets)

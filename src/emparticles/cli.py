@@ -373,12 +373,17 @@ def train(
         _fail(InputError(None, f"--workers {workers} is negative", "give 0 (batches built in the training process) or more"))
     if arch not in ARCHITECTURES and arch not in MASKRCNN_ARCHITECTURES:
         _fail(InputError(None, f"unknown architecture '{arch}'", f"use one of {', '.join([*ARCHITECTURES, *MASKRCNN_ARCHITECTURES])}"))
+    if not 0.0 <= paste_fraction <= 1.0 or not 0.0 <= extra_fraction <= 1.0:
+        _fail(InputError(None, "--paste-fraction and --extra-fraction are shares of the training crops", "give values between 0 and 1"))
+    if (extra_images is None) != (extra_masks is None):
+        _fail(InputError(extra_images or extra_masks, "--extra-images and --extra-masks go together", "give both folders"))
     if arch in MASKRCNN_ARCHITECTURES:
         from .train.maskrcnn import MaskRCNNConfig, train_maskrcnn
 
         mcfg = MaskRCNNConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
                               lr=lr, val_fraction=val_fraction, device=device, lr_drop_epoch=max(1, int(0.75 * epochs)),
-                              workers=workers)
+                              workers=workers, extra_images=str(extra_images or ""), extra_masks=str(extra_masks or ""),
+                              extra_fraction=extra_fraction, paste_fraction=paste_fraction)
         try:
             best = train_maskrcnn(images, masks, output, mcfg, resume=resume, log=lambda m: out.print(m, highlight=False))
         except EmparticlesError as exc:
@@ -391,10 +396,6 @@ def train(
                       paste_fraction=paste_fraction, average_epochs=average_epochs, workers=workers)
     if not 0 <= average_epochs <= epochs:
         _fail(InputError(None, f"--average-epochs {average_epochs} is not between 0 and --epochs ({epochs})", "average at most the epochs that run"))
-    if not 0.0 <= paste_fraction <= 1.0 or not 0.0 <= extra_fraction <= 1.0:
-        _fail(InputError(None, "--paste-fraction and --extra-fraction are shares of the training crops", "give values between 0 and 1"))
-    if (extra_images is None) != (extra_masks is None):
-        _fail(InputError(extra_images or extra_masks, "--extra-images and --extra-masks go together", "give both folders"))
     if init_from is not None:
         from .models.registry import MODELS, SHIPPED_DIR
 

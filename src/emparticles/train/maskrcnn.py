@@ -15,9 +15,9 @@ import torch
 from ..evaluate import matching
 from ..inference import pick_device
 from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, MIN_CONTRAST, build_maskrcnn, instance_targets
-from .data import augmenter, epoch_batches, find_pairs, load_pair, split_validation
+from .data import PasteSource, augmenter, epoch_batches, find_pairs, load_pair, split_validation
 from .lock import run_folder_lock
-from .loop import append_metrics, load_checkpoint, save_checkpoint
+from .loop import append_metrics, load_checkpoint, pick_sample, save_checkpoint
 
 
 @dataclass
@@ -44,6 +44,10 @@ class MaskRCNNConfig:
     device: str = "auto"
     max_val_images: int = 0  # 0 = all
     workers: int = 0  # processes that build the augmented batches (0: the training process itself)
+    extra_images: str = ""  # a second annotated set used for training only (e.g. synthetic SEM)
+    extra_masks: str = ""
+    extra_fraction: float = 0.3  # share of training crops drawn from the extra set
+    paste_fraction: float = 0.0  # share of crops made by pasting training agglomerates on empty backgrounds
 
 
 def _save(net, folder: Path, cfg: MaskRCNNConfig, epoch: int, val: dict) -> Path:
@@ -81,12 +85,16 @@ def train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRC
         return _train_maskrcnn(images_dir, masks_dir, out_dir, cfg, resume, log, stop_after_s)
 
 
-def _batch(rng: np.random.Generator, aug, train_data: list, batch_size: int):
+def _batch(rng: np.random.Generator, aug, train_data: list, batch_size: int, extra_data: list = (),
+           extra_fraction: float = 0.0, paste: PasteSource | None = None, paste_fraction: float = 0.0,
+           paste_size: int = 512):
     """``batch_size`` augmented crops: images as (1, h, w) float32 tensors in [0, 1] and their
-    torchvision targets (boxes, labels, masks), on the CPU."""
+    torchvision targets (boxes, labels, masks), on the CPU. Each crop comes from ``extra_data``
+    with probability ``extra_fraction``, from pasted agglomerates with ``paste_fraction``
+    (as for the U-Nets, :func:`~emparticles.train.loop.pick_sample`), else from ``train_data``."""
     images, targets = [], []
     for _ in range(batch_size):
-        img, lab = train_data[rng.integers(len(train_data))]
+        img, lab = pick_sample(rng, train_data, list(extra_data), extra_fraction, paste, paste_fraction, paste_size)
         out = aug(image=img, mask=lab.astype(np.int32))
         images.append(torch.from_numpy(out["image"].astype(np.float32))[None])
         targets.append(instance_targets(out["mask"]))
@@ -107,6 +115,14 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
     log(f"{len(train_pairs)} training and {len(val_pairs)} validation images")
     train_data = [load_pair(i, m) for i, m in train_pairs]
     val_data = [load_pair(i, m) for i, m in val_pairs]
+    extra_data = []
+    if cfg.extra_images:
+        extra_data = [load_pair(i, m) for i, m in find_pairs(Path(cfg.extra_images), Path(cfg.extra_masks))]
+        log(f"{len(extra_data)} extra training images from {cfg.extra_images} ({cfg.extra_fraction:.0%} of crops)")
+    paste = PasteSource(train_data) if cfg.paste_fraction > 0 else None
+    if paste is not None:
+        log(f"paste augmentation: agglomerates of {len(paste.pieces)} training images on empty backgrounds "
+            f"({cfg.paste_fraction:.0%} of crops)")
     net = build_maskrcnn(cfg.arch).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -124,7 +140,9 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
             group["lr"] = cfg.lr * (0.1 if epoch >= cfg.lr_drop_epoch else 1.0)
         net.train()
         t0, losses = time.perf_counter(), []
-        make = partial(_batch, aug=aug, train_data=train_data, batch_size=cfg.batch_size)
+        make = partial(_batch, aug=aug, train_data=train_data, batch_size=cfg.batch_size, extra_data=extra_data,
+                       extra_fraction=cfg.extra_fraction, paste=paste, paste_fraction=cfg.paste_fraction,
+                       paste_size=int(cfg.crop * cfg.scale_max))
         for images, targets in epoch_batches(make, cfg.steps_per_epoch, rng, cfg.seed, epoch, cfg.workers):
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
