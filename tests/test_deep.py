@@ -489,6 +489,42 @@ def test_batch_workers_split_an_epoch_and_draw_different_crops():
     assert len({x.sum().item() for x, _ in got}) == 5  # the workers' random streams differ
 
 
+def test_shared_pairs_give_the_same_arrays_and_batches_and_pickle_as_handles():
+    """Training images in shared memory: the same pixels and labels as the arrays they came from,
+    the same augmented batches from the same random draws, read-only, and a spawned worker
+    receives handles (a few kB) instead of the pixels."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401
+
+    from emparticles.train.data import SharedPairs, augmenter
+    from emparticles.train.loop import TrainConfig, batches
+
+    rng = np.random.default_rng(0)
+    plain = [(rng.random(shape).astype(np.float32), rng.integers(0, 9, shape).astype(np.int32))
+             for shape in [(80, 96), (120, 64), (64, 64)]]
+    shared = SharedPairs(plain)
+    assert len(shared) == 3 and shared[-1][0].shape == (64, 64)
+    for (img, lab), (simg, slab) in zip(plain, shared):
+        assert np.array_equal(img, simg) and np.array_equal(lab, slab)
+        assert simg.dtype == np.float32 and slab.dtype == np.int32 and not simg.flags.writeable
+    with pytest.raises(IndexError):
+        shared[3]
+    buf = io.BytesIO()
+    ForkingPickler(buf, -1).dump(shared)
+    assert buf.tell() < 10_000 < sum(i.nbytes + m.nbytes for i, m in plain)
+    cfg = TrainConfig(steps_per_epoch=3, batch_size=2, crop=32)
+    got = []
+    for data in (plain, shared):
+        aug = augmenter(32, (0.8, 1.2))
+        aug.set_random_seed(7)  # albumentations draws from its own generator
+        got.append(list(batches(np.random.default_rng(1), aug, cfg, data, [], None, torch.device("cpu"), epoch=0)))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*got))
+    with pytest.raises(ValueError, match="same shape"):
+        SharedPairs([(np.zeros((4, 4), np.float32), np.zeros((4, 5), np.int32))])
+
+
 def test_weight_average_is_the_mean_of_the_added_weights():
     from emparticles.train.loop import WeightAverage
 

@@ -107,6 +107,51 @@ class PasteSource:
         return normalise(img), labels
 
 
+class SharedPairs:
+    """(image, labels) pairs packed into two flat tensors in shared memory.
+
+    Batch-building workers are spawned processes, and everything their batch function holds is
+    pickled to each of them at every epoch. As plain arrays, 308 EMPS images and 192 synthetic
+    1024x768 frames pickle to 1.9 GB, about 4 s per worker in the training process before the
+    first batch, every epoch (``benchmarks/bench_batches.py``); torch's multiprocessing pickler
+    sends a shared tensor as a handle, so the workers map these two instead of copying them.
+    Indexing gives read-only numpy views: (image (H, W) float32, labels (H, W) int32).
+    """
+
+    def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]]):
+        shapes = [img.shape for img, _ in pairs]
+        if any(img.shape != lab.shape for img, lab in pairs):
+            raise ValueError("every image and its labels must have the same shape")
+        sizes = np.array([h * w for h, w in shapes], np.int64)
+        self.shapes = shapes
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.images = torch.empty(int(self.offsets[-1]), dtype=torch.float32)
+        self.labels = torch.empty(int(self.offsets[-1]), dtype=torch.int32)
+        images, labels = self.images.numpy(), self.labels.numpy()
+        for k, (img, lab) in enumerate(pairs):
+            images[self.offsets[k]:self.offsets[k + 1]] = np.asarray(img, np.float32).ravel()
+            labels[self.offsets[k]:self.offsets[k + 1]] = np.asarray(lab, np.int32).ravel()
+        self.images.share_memory_()
+        self.labels.share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, k) -> tuple[np.ndarray, np.ndarray]:
+        k = int(k)
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        k %= len(self)
+        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+        img, lab = self.images.numpy()[a:b].reshape(self.shapes[k]), self.labels.numpy()[a:b].reshape(self.shapes[k])
+        img.flags.writeable = False
+        lab.flags.writeable = False
+        return img, lab
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
 def epoch_batches(make_batch: Callable[[np.random.Generator], object], steps: int, rng: np.random.Generator,
                   seed: int, epoch: int, workers: int = 0, pin_memory: bool = False) -> Iterator:
     """The ``steps`` batches of one training epoch, ``make_batch(rng)`` each.

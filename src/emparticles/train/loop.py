@@ -24,6 +24,7 @@ from ..models.networks import build_network
 from ..types import THREE_CLASS, ProbabilityMap
 from .data import (
     PasteSource,
+    SharedPairs,
     augmented_sample,
     augmenter,
     epoch_batches,
@@ -232,6 +233,9 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
                                                     "validation": [p[0].stem for p in val_pairs]}, indent=1))
     weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in train_data],
                                              scheme=cfg.class_weighting)).to(device)
+    if cfg.workers > 0:  # spawned batch workers map the images instead of receiving copies
+        train_data = SharedPairs(train_data)
+        extra_data = SharedPairs(extra_data) if extra_data else []
     net = build_network(cfg.arch, 3)
     val_thresholds = None  # validation of a fresh network uses the default post-processing
     if cfg.init_from:

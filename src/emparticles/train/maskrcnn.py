@@ -15,7 +15,7 @@ import torch
 from ..evaluate import matching
 from ..inference import pick_device
 from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, MIN_CONTRAST, build_maskrcnn, instance_targets
-from .data import PasteSource, augmenter, epoch_batches, find_pairs, load_pair, split_validation
+from .data import PasteSource, SharedPairs, augmenter, epoch_batches, find_pairs, load_pair, split_validation
 from .lock import run_folder_lock
 from .loop import append_metrics, load_checkpoint, pick_sample, save_checkpoint
 
@@ -94,7 +94,7 @@ def _batch(rng: np.random.Generator, aug, train_data: list, batch_size: int, ext
     (as for the U-Nets, :func:`~emparticles.train.loop.pick_sample`), else from ``train_data``."""
     images, targets = [], []
     for _ in range(batch_size):
-        img, lab = pick_sample(rng, train_data, list(extra_data), extra_fraction, paste, paste_fraction, paste_size)
+        img, lab = pick_sample(rng, train_data, extra_data, extra_fraction, paste, paste_fraction, paste_size)
         out = aug(image=img, mask=lab.astype(np.int32))
         images.append(torch.from_numpy(out["image"].astype(np.float32))[None])
         targets.append(instance_targets(out["mask"]))
@@ -123,6 +123,9 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
     if paste is not None:
         log(f"paste augmentation: agglomerates of {len(paste.pieces)} training images on empty backgrounds "
             f"({cfg.paste_fraction:.0%} of crops)")
+    if cfg.workers > 0:  # spawned batch workers map the images instead of receiving copies
+        train_data = SharedPairs(train_data)
+        extra_data = SharedPairs(extra_data) if extra_data else []
     net = build_maskrcnn(cfg.arch).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
