@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors)
 
-from emparticles.train.data import PasteSource, SharedPairs, augmenter, epoch_batches, find_pairs, load_pair, split_validation
+from emparticles.train.data import (
+    PasteSource,
+    SharedPairs,
+    augmenter,
+    epoch_batches,
+    find_pairs,
+    load_pair,
+    split_validation,
+)
 from emparticles.train.loop import TrainConfig, training_batch
 
 EMPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "emps-train"

@@ -496,7 +496,7 @@ def test_shared_pairs_give_the_same_arrays_and_batches_and_pickle_as_handles():
     import io
     from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401
+    import torch.multiprocessing
 
     from emparticles.train.data import SharedPairs, augmenter
     from emparticles.train.loop import TrainConfig, batches

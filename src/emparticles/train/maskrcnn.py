@@ -15,7 +15,15 @@ import torch
 from ..evaluate import matching
 from ..inference import pick_device
 from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, MIN_CONTRAST, build_maskrcnn, instance_targets
-from .data import PasteSource, SharedPairs, augmenter, epoch_batches, find_pairs, load_pair, split_validation
+from .data import (
+    PasteSource,
+    SharedPairs,
+    augmenter,
+    epoch_batches,
+    find_pairs,
+    load_pair,
+    split_validation,
+)
 from .lock import run_folder_lock
 from .loop import append_metrics, load_checkpoint, pick_sample, save_checkpoint
 
