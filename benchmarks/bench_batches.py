@@ -1,9 +1,11 @@
-"""What batch-building workers cost before their first batch, with the training images handed
-to them as plain arrays or in shared memory (``emparticles.train.data.SharedPairs``).
+"""What one training crop costs by its source (EMPS, extra, pasted agglomerates), and what
+batch-building workers cost before their first batch, with the training images handed to them
+as plain arrays or in shared memory (``emparticles.train.data.SharedPairs``).
 
     python benchmarks/bench_batches.py [--extra-images DIR --extra-masks DIR] [--workers 2] [--runs 3]
 
-Prints the pickled size of the batch function (what each spawned worker receives at every
+Prints the median milliseconds of drawing and of augmenting one 320-px crop from each source,
+the pickled size of the batch function (what each spawned worker receives at every
 epoch), the seconds to pickle it, and the median seconds from the start of an epoch to its first
 batch and to its last (``--steps`` batches of 16 crops of 320 px, as a GPU run draws them), with
 the ratio of shared to plain in the same process.
@@ -25,6 +27,7 @@ import torch.multiprocessing  # noqa: F401  (registers the shared-memory reducti
 from emparticles.train.data import (
     PasteSource,
     SharedPairs,
+    augmented_sample,
     augmenter,
     epoch_batches,
     find_pairs,
@@ -42,6 +45,22 @@ def pickled(obj) -> tuple[int, float]:
     buf = io.BytesIO()
     ForkingPickler(buf, -1).dump(obj)
     return buf.tell(), time.perf_counter() - t
+
+
+def crop_costs(sources: dict, aug, n: int = 40) -> None:
+    """Print the median milliseconds of drawing one (image, labels) pair from each source and of
+    augmenting it into a crop with its 3-class target."""
+    for name, draw in sources.items():
+        picks, augs = [], []
+        for _ in range(n):
+            t = time.perf_counter()
+            img, lab = draw()
+            t1 = time.perf_counter()
+            augmented_sample(aug, img, lab, 2)
+            picks.append(t1 - t)
+            augs.append(time.perf_counter() - t1)
+        print(f"crop from {name:8s}: draw {1e3 * statistics.median(picks):6.1f} ms, "
+              f"augment {1e3 * statistics.median(augs):5.1f} ms")
 
 
 def epoch_times(make, steps: int, workers: int, runs: int) -> tuple[float, float]:
@@ -68,6 +87,12 @@ def main() -> None:
     extra = [load_pair(i, m) for i, m in find_pairs(args.extra_images, args.extra_masks)] if args.extra_images else []
     cfg = TrainConfig(batch_size=16, crop=320, scale_min=0.6, scale_max=1.8, extra_fraction=0.25, paste_fraction=0.1)
     aug, paste = augmenter(cfg.crop, (cfg.scale_min, cfg.scale_max)), PasteSource(train)
+    rng = np.random.default_rng(0)
+    sources = {"EMPS": lambda: train[rng.integers(len(train))],
+               "pasted": lambda: paste.sample(rng, int(cfg.crop * cfg.scale_max))}
+    if extra:
+        sources["extra"] = lambda: extra[rng.integers(len(extra))]
+    crop_costs(sources, aug)
     print(f"{len(train)} EMPS training images, {len(extra)} extra; {args.workers} workers, "
           f"{args.steps} batches of {cfg.batch_size} crops per epoch")
     results = {}

@@ -233,8 +233,19 @@ def _absorb_slivers(labels: np.ndarray, min_px: int) -> tuple[np.ndarray, np.nda
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Gaussian-filtered white noise scaled to unit standard deviation."""
-    n = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
+    """Gaussian-filtered white noise (periodic at the edges) scaled to unit standard deviation.
+
+    Coarse fields (``sigma`` >= 4 px) are filtered in Fourier space: the same field as
+    ``ndi.gaussian_filter(mode="wrap")`` but for that filter's kernel truncation at 4 sigma, and
+    for the substrate's 15-60 px texture (kernels of hundreds of taps) about 10 times faster; it
+    was half the time of a pasted-agglomerate training crop. Fine fields keep the spatial filter."""
+    white = rng.standard_normal(shape).astype(np.float32)
+    if sigma < 4:
+        n = ndi.gaussian_filter(white, sigma, mode="wrap")
+    else:
+        fy, fx = np.fft.fftfreq(shape[0])[:, None], np.fft.rfftfreq(shape[1])[None, :]
+        transfer = np.exp(-2.0 * (np.pi * sigma) ** 2 * (fy ** 2 + fx ** 2))
+        n = np.fft.irfft2(np.fft.rfft2(white) * transfer, s=shape).astype(np.float32)
     return n / max(float(n.std()), 1e-6)
 
 
