@@ -476,13 +476,20 @@ def paste_agglomerates(rng: np.random.Generator, background: np.ndarray, pieces:
     pasted outlines. Returns (image (H, W) float32, labels (H, W) int32 numbered 1..N)."""
     from .types import relabel_consecutive
 
+    img, labels = place_agglomerates(rng, background, pieces, count, gap_px, tries)
+    return median_band(img, labels > 0), relabel_consecutive(labels)
+
+
+def place_agglomerates(rng: np.random.Generator, background: np.ndarray, pieces: list[Agglomerate],
+                       count: int, gap_px: int = 3, tries: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """The placing of :func:`paste_agglomerates`, outlines left unfiltered: (image (H, W) float32,
+    labels (H, W) int32, not consecutive)."""
     img = background.astype(np.float32).copy()
     level = float(np.median(img))
     labels = np.zeros(img.shape, np.int32)
     occupied = np.zeros(img.shape, bool)
     h, w = img.shape
     next_label = 1
-    placed = []  # (y, x, height, width) of each pasted piece
     for _ in range(count):
         p = pieces[int(rng.integers(len(pieces)))]
         k = int(rng.integers(4))
@@ -502,21 +509,21 @@ def paste_agglomerates(rng: np.random.Generator, background: np.ndarray, pieces:
                 labels[y : y + ph, x : x + pw][m] = pl[m] + next_label - 1
                 occupied[y : y + ph, x : x + pw] |= m
                 next_label += int(pl.max())
-                placed.append((y, x, ph, pw))
                 break
-    fg = labels > 0
+    return img, labels
+
+
+def median_band(img: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """``img`` (H, W) with a 5x5 median filter applied on the band within 2 px of the outlines of
+    the mask ``fg`` (H, W), so that pasted edges do not stand out; elsewhere unchanged."""
     band = ndi.binary_dilation(fg, iterations=2) & ~ndi.binary_erosion(fg, iterations=2)
-    # The 5x5 median is needed on the band only, which lies within 2 px of a pasted piece: filter
-    # each piece's box grown by 4 px (2 for the band, 2 for the filter's reach) instead of the
-    # whole image. Same values (the boxes end at the image's edge where the whole-image filter
-    # reflects too), a third of the time of a pasted training crop.
-    source = img.copy()
-    for y, x, ph, pw in placed:
-        y0, x0, y1, x1 = max(y - 4, 0), max(x - 4, 0), min(y + ph + 4, h), min(x + pw + 4, w)
-        smoothed = ndi.median_filter(source[y0:y1, x0:x1], size=5)
-        # write only the piece's own band (box grown by 2): nearer the box's edge the filter
-        # reflected, and another piece's band there is written from that piece's box
-        a0, b0, a1, b1 = max(y - 2, 0), max(x - 2, 0), min(y + ph + 2, h), min(x + pw + 2, w)
-        sel = band[a0:a1, b0:b1]
-        img[a0:a1, b0:b1][sel] = smoothed[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0][sel]
-    return img, relabel_consecutive(labels)
+    img = img.copy()
+    # The 5x5 median is needed on the band only: gather the 25 neighbours of each band pixel
+    # (the image mirrored at its edges, as ndi.median_filter's 'reflect') and take the 13th
+    # smallest. The same values as the whole-image filter; a sixth of the time of filtering each
+    # pasted piece's box, which was itself a third of filtering the whole image.
+    ys, xs = np.nonzero(band)
+    padded = np.pad(img, 2, mode="symmetric")
+    window = np.stack([padded[ys + dy, xs + dx] for dy in range(5) for dx in range(5)])
+    img[ys, xs] = np.partition(window, 12, axis=0)[12]
+    return img
