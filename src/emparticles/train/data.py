@@ -152,6 +152,24 @@ class SharedPairs:
         return (self[k] for k in range(len(self)))
 
 
+def training_sources(train_data: list, extra_images: str, extra_masks: str, extra_fraction: float,
+                     paste_fraction: float, workers: int, log) -> tuple:
+    """What a training run draws its crops from: (training pairs, extra pairs (e.g. synthetic SEM;
+    empty without ``extra_images``), :class:`PasteSource` of the training images or None). With
+    batch workers (``workers`` > 0) both sets of pairs are :class:`SharedPairs`."""
+    extra_data: list = []
+    if extra_images:
+        extra_data = [load_pair(i, m) for i, m in find_pairs(Path(extra_images), Path(extra_masks))]
+        log(f"{len(extra_data)} extra training images from {extra_images} ({extra_fraction:.0%} of crops)")
+    paste = PasteSource(train_data) if paste_fraction > 0 else None
+    if paste is not None:
+        log(f"paste augmentation: agglomerates of {len(paste.pieces)} training images on empty backgrounds "
+            f"({paste_fraction:.0%} of crops)")
+    if workers > 0:  # spawned batch workers map the images instead of receiving copies
+        return SharedPairs(train_data), (SharedPairs(extra_data) if extra_data else []), paste
+    return train_data, extra_data, paste
+
+
 def epoch_batches(make_batch: Callable[[np.random.Generator], object], steps: int, rng: np.random.Generator,
                   seed: int, epoch: int, workers: int = 0, pin_memory: bool = False) -> Iterator:
     """The ``steps`` batches of one training epoch, ``make_batch(rng)`` each.

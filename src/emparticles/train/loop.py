@@ -24,13 +24,13 @@ from ..models.networks import build_network
 from ..types import THREE_CLASS, ProbabilityMap
 from .data import (
     PasteSource,
-    SharedPairs,
     augmented_sample,
     augmenter,
     epoch_batches,
     find_pairs,
     load_pair,
     split_validation,
+    training_sources,
 )
 from .lock import run_folder_lock
 from .targets import class_weights, three_class_target
@@ -221,21 +221,12 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     log(f"{len(train_pairs)} training and {len(val_pairs)} validation images")
     train_data = [load_pair(i, m) for i, m in train_pairs]
     val_data = [load_pair(i, m) for i, m in val_pairs]
-    extra_data = []
-    if cfg.extra_images:
-        extra_data = [load_pair(i, m) for i, m in find_pairs(Path(cfg.extra_images), Path(cfg.extra_masks))]
-        log(f"{len(extra_data)} extra training images from {cfg.extra_images} ({cfg.extra_fraction:.0%} of crops)")
-    paste = PasteSource(train_data) if cfg.paste_fraction > 0 else None
-    if paste is not None:
-        log(f"paste augmentation: agglomerates of {len(paste.pieces)} training images on empty backgrounds "
-            f"({cfg.paste_fraction:.0%} of crops)")
+    train_data, extra_data, paste = training_sources(train_data, cfg.extra_images, cfg.extra_masks, cfg.extra_fraction,
+                                                     cfg.paste_fraction, cfg.workers, log)
     (out_dir / "split.json").write_text(json.dumps({"train": [p[0].stem for p in train_pairs],
                                                     "validation": [p[0].stem for p in val_pairs]}, indent=1))
     weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in train_data],
                                              scheme=cfg.class_weighting)).to(device)
-    if cfg.workers > 0:  # spawned batch workers map the images instead of receiving copies
-        train_data = SharedPairs(train_data)
-        extra_data = SharedPairs(extra_data) if extra_data else []
     net = build_network(cfg.arch, 3)
     val_thresholds = None  # validation of a fresh network uses the default post-processing
     if cfg.init_from:

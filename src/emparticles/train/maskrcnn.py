@@ -17,12 +17,12 @@ from ..inference import pick_device
 from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, MIN_CONTRAST, build_maskrcnn, instance_targets
 from .data import (
     PasteSource,
-    SharedPairs,
     augmenter,
     epoch_batches,
     find_pairs,
     load_pair,
     split_validation,
+    training_sources,
 )
 from .lock import run_folder_lock
 from .loop import append_metrics, load_checkpoint, pick_sample, save_checkpoint
@@ -123,17 +123,8 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
     log(f"{len(train_pairs)} training and {len(val_pairs)} validation images")
     train_data = [load_pair(i, m) for i, m in train_pairs]
     val_data = [load_pair(i, m) for i, m in val_pairs]
-    extra_data = []
-    if cfg.extra_images:
-        extra_data = [load_pair(i, m) for i, m in find_pairs(Path(cfg.extra_images), Path(cfg.extra_masks))]
-        log(f"{len(extra_data)} extra training images from {cfg.extra_images} ({cfg.extra_fraction:.0%} of crops)")
-    paste = PasteSource(train_data) if cfg.paste_fraction > 0 else None
-    if paste is not None:
-        log(f"paste augmentation: agglomerates of {len(paste.pieces)} training images on empty backgrounds "
-            f"({cfg.paste_fraction:.0%} of crops)")
-    if cfg.workers > 0:  # spawned batch workers map the images instead of receiving copies
-        train_data = SharedPairs(train_data)
-        extra_data = SharedPairs(extra_data) if extra_data else []
+    train_data, extra_data, paste = training_sources(train_data, cfg.extra_images, cfg.extra_masks, cfg.extra_fraction,
+                                                     cfg.paste_fraction, cfg.workers, log)
     net = build_maskrcnn(cfg.arch).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
