@@ -1,6 +1,7 @@
 """What one training crop costs by its source (EMPS, extra, pasted agglomerates), and what
 batch-building workers cost before their first batch, with the training images handed to them
-as plain arrays or in shared memory (``emparticles.train.data.SharedPairs``).
+as plain arrays or in shared memory (``emparticles.train.data.SharedPairs``), and with workers
+kept for the whole run (``BatchWorkers``).
 
     python benchmarks/bench_batches.py [--extra-images DIR --extra-masks DIR] [--workers 2] [--runs 3]
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors)
 
 from emparticles.train.data import (
+    BatchWorkers,
     PasteSource,
     SharedPairs,
     augmented_sample,
@@ -63,12 +65,19 @@ def crop_costs(sources: dict, aug, n: int = 40) -> None:
               f"augment {1e3 * statistics.median(augs):5.1f} ms")
 
 
-def epoch_times(make, steps: int, workers: int, runs: int) -> tuple[float, float]:
-    """Median (seconds to the first batch, seconds to the last) of ``runs`` epochs."""
+def epoch_times(make, steps: int, workers: int, runs: int, pool: BatchWorkers | None = None) -> tuple[float, float]:
+    """Median (seconds to the first batch, seconds to the last) of ``runs`` epochs, from workers
+    started for each epoch or, with ``pool``, from the run's persistent workers (its first epoch,
+    which starts them, left out)."""
     first, total = [], []
-    for run in range(runs):
+    if pool is not None:
+        for _ in pool.epoch(0):
+            pass
+    for run in range(1, runs + 1) if pool is not None else range(runs):
         t = time.perf_counter()
-        for k, _ in enumerate(epoch_batches(make, steps, np.random.default_rng(run), 0, run, workers)):
+        source = pool.epoch(run) if pool is not None else epoch_batches(make, steps, np.random.default_rng(run), 0,
+                                                                          run, workers)
+        for k, _ in enumerate(source):
             if k == 0:
                 first.append(time.perf_counter() - t)
         total.append(time.perf_counter() - t)
@@ -104,8 +113,12 @@ def main() -> None:
         results[name] = (first, total)
         print(f"{name:14s} pickled {size / 1e6:8.1f} MB in {seconds:5.2f} s; epoch: first batch {first:6.2f} s, "
               f"all {total:6.2f} s")
-    (pf, pt), (sf, st) = results["plain arrays"], results["shared memory"]
-    print(f"shared / plain: first batch {sf / pf:.2f}, epoch {st / pt:.2f}")
+    first, total = epoch_times(make, args.steps, args.workers, args.runs, BatchWorkers(make, args.steps, 0, 0, args.workers))
+    results["persistent"] = (first, total)
+    print(f"{'persistent':14s} (shared memory, workers kept): epoch: first batch {first:6.2f} s, all {total:6.2f} s")
+    (pf, pt), (sf, st), (kf, kt) = results["plain arrays"], results["shared memory"], results["persistent"]
+    print(f"shared / plain: first batch {sf / pf:.2f}, epoch {st / pt:.2f}; "
+          f"persistent / plain: first batch {kf / pf:.2f}, epoch {kt / pt:.2f}")
 
 
 if __name__ == "__main__":

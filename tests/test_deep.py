@@ -489,6 +489,22 @@ def test_batch_workers_split_an_epoch_and_draw_different_crops():
     assert len({x.sum().item() for x, _ in got}) == 5  # the workers' random streams differ
 
 
+def test_persistent_batch_workers_give_each_epoch_the_batches_of_fresh_workers():
+    """Workers kept for a whole run give epoch k the same batches (same per-worker random
+    streams) as workers started for epoch k alone, and refuse epochs out of order."""
+    from emparticles.train.data import BatchWorkers, epoch_batches
+
+    draw = np.random.Generator.random  # a batch is one number drawn from the worker's stream
+    fresh = [[float(b) for b in epoch_batches(draw, 5, None, 7, epoch, 2)] for epoch in (1, 2, 3)]
+    pool = BatchWorkers(draw, 5, 7, 1, 2)
+    kept = [[float(b) for b in pool.epoch(epoch)] for epoch in (1, 2, 3)]
+    assert kept == fresh and len({tuple(e) for e in kept}) == 3
+    with pytest.raises(ValueError, match="epoch 2"):
+        pool.epoch(2)
+    with pytest.raises(ValueError, match="at least one worker"):
+        BatchWorkers(draw, 5, 7, 0, 0)
+
+
 def test_shared_pairs_give_the_same_arrays_and_batches_and_pickle_as_handles():
     """Training images in shared memory: the same pixels and labels as the arrays they came from,
     the same augmented batches from the same random draws, read-only, and a spawned worker

@@ -189,6 +189,31 @@ def epoch_batches(make_batch: Callable[[np.random.Generator], object], steps: in
                                            worker_init_fn=_one_thread, multiprocessing_context="spawn")
 
 
+
+class BatchWorkers:
+    """The batch-building processes of a whole training run, started once at ``first_epoch`` and
+    kept for the epochs after it: starting ``workers`` spawned processes (each importing torch
+    and receiving the batch function) at every epoch cost seconds per epoch that the GPU spent
+    waiting. Epoch k's batches are those :func:`epoch_batches` gives for epoch k (same random
+    streams per worker); epochs must be asked for in order, each consumed to its end."""
+
+    def __init__(self, make_batch: Callable[[np.random.Generator], object], steps: int, seed: int,
+                 first_epoch: int, workers: int, pin_memory: bool = False):
+        if workers <= 0:
+            raise ValueError("BatchWorkers needs at least one worker; build batches in-process with epoch_batches")
+        self.next_epoch = first_epoch
+        self._loader = torch.utils.data.DataLoader(
+            _BatchStream(make_batch, steps, seed, first_epoch), batch_size=None, num_workers=workers,
+            pin_memory=pin_memory, prefetch_factor=4, persistent_workers=True, worker_init_fn=_one_thread,
+            multiprocessing_context="spawn")
+
+    def epoch(self, epoch: int) -> Iterator:
+        """The batches of ``epoch``, the epoch after the last one asked for."""
+        if epoch != self.next_epoch:
+            raise ValueError(f"epoch {epoch} asked for, but the workers are at epoch {self.next_epoch}")
+        self.next_epoch += 1
+        return iter(self._loader)
+
 def _one_thread(_worker: int) -> None:
     """Each batch-building worker computes on one thread (OpenCV would start one per core)."""
     import cv2
@@ -204,8 +229,11 @@ class _BatchStream(torch.utils.data.IterableDataset):
         self.make_batch, self.steps, self.seed, self.epoch = make_batch, steps, seed, epoch
 
     def __iter__(self):
+        # each worker's copy counts its own epochs: a persistent worker is asked for one pass
+        # per epoch (BatchWorkers), a fresh one for the single epoch it was started for
+        epoch, self.epoch = self.epoch, self.epoch + 1
         info = torch.utils.data.get_worker_info()
         worker, n = (info.id, info.num_workers) if info else (0, 1)
-        rng = np.random.default_rng([self.seed, self.epoch, worker])
+        rng = np.random.default_rng([self.seed, epoch, worker])
         for _ in range(worker, self.steps, n):
             yield self.make_batch(rng)

@@ -23,6 +23,7 @@ from ..models.cnn import save_model_folder
 from ..models.networks import build_network
 from ..types import THREE_CLASS, ProbabilityMap
 from .data import (
+    BatchWorkers,
     PasteSource,
     augmented_sample,
     augmenter,
@@ -255,10 +256,13 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     metrics_path = out_dir / "metrics.csv"
     # bf16 autocast: asked for on CPU, always on CUDA (weights and optimiser stay float32)
     use_bf16 = (cfg.bf16 and device.type == "cpu") or device.type == "cuda"
+    pool = (BatchWorkers(batch_maker(aug, cfg, train_data, extra_data, paste), cfg.steps_per_epoch, cfg.seed,
+                         start_epoch, cfg.workers, pin_memory=device.type == "cuda")
+            if cfg.workers > 0 and start_epoch < cfg.epochs else None)
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         t0, losses = time.perf_counter(), []
-        for x, y in batches(rng, aug, cfg, train_data, extra_data, paste, device, epoch):
+        for x, y in batches(rng, aug, cfg, train_data, extra_data, paste, device, epoch, pool):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, weight=weights) + cfg.dice_weight * dice_loss(logits, y)
@@ -379,16 +383,24 @@ def training_batch(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: 
 
 
 def batches(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: list, extra_data: list,
-            paste: PasteSource | None, device, epoch: int):
+            paste: PasteSource | None, device, epoch: int, pool: BatchWorkers | None = None):
     """The ``cfg.steps_per_epoch`` training batches of one epoch (:func:`training_batch`) on
-    ``device``, built by ``cfg.workers`` processes when > 0 (:func:`~.data.epoch_batches`), else
+    ``device``: from ``pool`` (the run's :class:`~.data.BatchWorkers`) when given, else built by
+    ``cfg.workers`` processes started for this epoch when > 0 (:func:`~.data.epoch_batches`), else
     in this process from ``rng``."""
-    make = partial(training_batch, aug=aug, cfg=cfg, train_data=train_data, extra_data=extra_data, paste=paste,
-                   device=torch.device("cpu"))
-    for x, y in epoch_batches(make, cfg.steps_per_epoch, rng, cfg.seed, epoch, cfg.workers,
-                              pin_memory=device.type == "cuda"):
+    source = pool.epoch(epoch) if pool is not None else epoch_batches(
+        batch_maker(aug, cfg, train_data, extra_data, paste), cfg.steps_per_epoch, rng, cfg.seed, epoch, cfg.workers,
+        pin_memory=device.type == "cuda")
+    for x, y in source:
         yield (x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
                y.to(device, non_blocking=True))
+
+
+def batch_maker(aug, cfg: TrainConfig, train_data: list, extra_data: list, paste: PasteSource | None):
+    """:func:`training_batch` with everything but the random generator bound (picklable, for
+    batch workers); its batches stay on the CPU."""
+    return partial(training_batch, aug=aug, cfg=cfg, train_data=train_data, extra_data=extra_data, paste=paste,
+                   device=torch.device("cpu"))
 
 
 def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fraction: float,

@@ -16,6 +16,7 @@ from ..evaluate import matching
 from ..inference import pick_device
 from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, MIN_CONTRAST, build_maskrcnn, instance_targets
 from .data import (
+    BatchWorkers,
     PasteSource,
     augmenter,
     epoch_batches,
@@ -134,6 +135,11 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
         rng = np.random.default_rng(cfg.seed + start_epoch)
         log(f"resumed after epoch {start_epoch} (best F1 {best_f1:.3f})")
     aug = augmenter(cfg.crop, (cfg.scale_min, cfg.scale_max))
+    make = partial(_batch, aug=aug, train_data=train_data, batch_size=cfg.batch_size, extra_data=extra_data,
+                   extra_fraction=cfg.extra_fraction, paste=paste, paste_fraction=cfg.paste_fraction,
+                   paste_size=int(cfg.crop * cfg.scale_max))
+    pool = (BatchWorkers(make, cfg.steps_per_epoch, cfg.seed, start_epoch, cfg.workers)
+            if cfg.workers > 0 and start_epoch < cfg.epochs else None)
     for epoch in range(start_epoch, cfg.epochs):
         heads_only = epoch < cfg.heads_epochs
         for p in net.backbone.body.parameters():
@@ -142,10 +148,9 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
             group["lr"] = cfg.lr * (0.1 if epoch >= cfg.lr_drop_epoch else 1.0)
         net.train()
         t0, losses = time.perf_counter(), []
-        make = partial(_batch, aug=aug, train_data=train_data, batch_size=cfg.batch_size, extra_data=extra_data,
-                       extra_fraction=cfg.extra_fraction, paste=paste, paste_fraction=cfg.paste_fraction,
-                       paste_size=int(cfg.crop * cfg.scale_max))
-        for images, targets in epoch_batches(make, cfg.steps_per_epoch, rng, cfg.seed, epoch, cfg.workers):
+        source = pool.epoch(epoch) if pool is not None else epoch_batches(make, cfg.steps_per_epoch, rng, cfg.seed,
+                                                                          epoch, cfg.workers)
+        for images, targets in source:
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             loss = sum(net(images, targets).values())
