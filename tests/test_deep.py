@@ -467,6 +467,7 @@ def test_training_with_batch_workers_stops_on_time_and_resumes(tmp_path):
     best = train(tmp_path / "img", tmp_path / "mask", run, cfg, log=logs.append, tune=False, stop_after_s=0.0)
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 2 and any("stopped after epoch 1" in m for m in logs)
+    assert "batch_wait_s" in rows[0].split(",") and any("waiting for batches" in m for m in logs)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 0
     assert (best / "weights.safetensors").exists()
     assert "validation_tuned" not in json.loads((best / "config.json").read_text())
@@ -503,6 +504,36 @@ def test_persistent_batch_workers_give_each_epoch_the_batches_of_fresh_workers()
         pool.epoch(2)
     with pytest.raises(ValueError, match="at least one worker"):
         BatchWorkers(draw, 5, 7, 0, 0)
+
+
+def test_timed_batches_add_up_the_waits():
+    import time
+
+    from emparticles.train.data import TimedBatches
+
+    def slow():
+        for k in range(3):
+            time.sleep(0.05)
+            yield k
+
+    timed = TimedBatches(slow())
+    assert list(timed) == [0, 1, 2]
+    assert 0.15 <= timed.wait_s < 1.0
+
+
+def test_metrics_rows_stay_under_the_header_of_a_resumed_file(tmp_path):
+    import csv
+
+    from emparticles.train.loop import append_metrics
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,loss,val_f1\r\n1,0.5,0.7\r\n")  # written before a column was added
+    append_metrics(path, {"epoch": 2, "loss": 0.4, "batch_wait_s": 3.0, "val_f1": 0.8})
+    rows = list(csv.DictReader(path.open(newline="")))
+    assert rows == [{"epoch": "1", "loss": "0.5", "val_f1": "0.7"}, {"epoch": "2", "loss": "0.4", "val_f1": "0.8"}]
+    fresh = tmp_path / "new.csv"
+    append_metrics(fresh, {"epoch": 1, "batch_wait_s": 2.5})
+    assert fresh.read_text().splitlines() == ["epoch,batch_wait_s", "1,2.5"]
 
 
 def test_shared_pairs_give_the_same_arrays_and_batches_and_pickle_as_handles():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -213,6 +214,25 @@ class BatchWorkers:
             raise ValueError(f"epoch {epoch} asked for, but the workers are at epoch {self.next_epoch}")
         self.next_epoch += 1
         return iter(self._loader)
+
+
+class TimedBatches:
+    """Iterate over an epoch's batches and add up the seconds spent waiting for each one
+    (``wait_s``): the share of an epoch the training process was kept waiting by the batch
+    building, not by its own steps."""
+
+    def __init__(self, batches):
+        self._batches, self.wait_s = iter(batches), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self.wait_s += time.perf_counter() - t
 
 def _one_thread(_worker: int) -> None:
     """Each batch-building worker computes on one thread (OpenCV would start one per core)."""

@@ -25,6 +25,7 @@ from ..types import THREE_CLASS, ProbabilityMap
 from .data import (
     BatchWorkers,
     PasteSource,
+    TimedBatches,
     augmented_sample,
     augmenter,
     epoch_batches,
@@ -262,7 +263,8 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         t0, losses = time.perf_counter(), []
-        for x, y in batches(rng, aug, cfg, train_data, extra_data, paste, device, epoch, pool):
+        timed = TimedBatches(batches(rng, aug, cfg, train_data, extra_data, paste, device, epoch, pool))
+        for x, y in timed:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, weight=weights) + cfg.dice_weight * dice_loss(logits, y)
@@ -275,10 +277,12 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         val = validate(net, val_data, cfg, device, val_thresholds)
         val.pop("_probs")
         row = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean()), "lr": sched.get_last_lr()[0],
-               "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
+               "train_s": round(train_s, 1), "batch_wait_s": round(timed.wait_s, 1),
+               **{f"val_{k}": v for k, v in val.items()}}
         append_metrics(metrics_path, row)
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} val F1 {val['f1']:.3f} "
-            f"IoU {val['foreground_iou']:.3f} count {val['count_ratio']:.2f} ({train_s:.0f} s)")
+            f"IoU {val['foreground_iou']:.3f} count {val['count_ratio']:.2f} ({train_s:.0f} s, "
+            f"{timed.wait_s:.0f} s of it waiting for batches)")
         # With averaging, the best single epoch is kept beside the average, for comparison.
         if val["f1"] > best_f1:
             best_f1 = val["f1"]
@@ -415,10 +419,16 @@ def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fractio
 
 
 def append_metrics(path: Path, row: dict) -> None:
-    """Append one epoch's row to a metrics CSV (header written with the first row)."""
-    new = not path.exists()
+    """Append one epoch's row to a metrics CSV (header written with the first row). A run resumed
+    into a CSV with other columns keeps that file's columns (new ones are left out, missing
+    ones empty), so that every row stays under its header."""
+    new = not path.exists() or path.stat().st_size == 0
+    fields = list(row)
+    if not new:
+        with path.open(newline="") as fh:
+            fields = next(csv.reader(fh), fields)
     with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)

@@ -18,6 +18,7 @@ from ..models.maskrcnn import MASKRCNN_ARCHITECTURES, MIN_CONTRAST, build_maskrc
 from .data import (
     BatchWorkers,
     PasteSource,
+    TimedBatches,
     augmenter,
     epoch_batches,
     find_pairs,
@@ -150,7 +151,8 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
         t0, losses = time.perf_counter(), []
         source = pool.epoch(epoch) if pool is not None else epoch_batches(make, cfg.steps_per_epoch, rng, cfg.seed,
                                                                           epoch, cfg.workers)
-        for images, targets in source:
+        timed = TimedBatches(source)
+        for images, targets in timed:
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             loss = sum(net(images, targets).values())
@@ -163,10 +165,11 @@ def _train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskR
         last = _save(net, out_dir / "last", cfg, epoch + 1, {})
         val = validate_maskrcnn(last, val_data, device)
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
-               "heads_only": heads_only, "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
+               "heads_only": heads_only, "train_s": round(train_s, 1),
+               "batch_wait_s": round(timed.wait_s, 1), **{f"val_{k}": v for k, v in val.items()}}
         append_metrics(out_dir / "metrics.csv", row)
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} val F1 {val['f1']:.3f} "
-            f"count {val['count_ratio']:.2f} ({train_s:.0f} s)")
+            f"count {val['count_ratio']:.2f} ({train_s:.0f} s, {timed.wait_s:.0f} s of it waiting for batches)")
         if val["f1"] > best_f1:
             best_f1 = val["f1"]
             _save(net, out_dir / "best", cfg, epoch + 1, val)
