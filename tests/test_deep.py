@@ -536,6 +536,25 @@ def test_metrics_rows_stay_under_the_header_of_a_resumed_file(tmp_path):
     assert fresh.read_text().splitlines() == ["epoch,batch_wait_s", "1,2.5"]
 
 
+def test_paste_source_travels_to_workers_as_shared_memory_and_samples_the_same():
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from emparticles.train.data import PasteSource
+
+    images = [disks_image([(30, 30), (30, 52), (80, 60)], radius=10, shape=(120, 120), seed=k) for k in range(3)]
+    source = PasteSource([(img / 255.0, lab) for img, lab in images])
+    copy = pickle.loads(pickle.dumps(source))
+    assert [len(g) for g in copy.pieces] == [len(g) for g in source.pieces]
+    a, b = source.sample(np.random.default_rng(5), 160), copy.sample(np.random.default_rng(5), 160)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[1].max() >= 2
+    buf = io.BytesIO()
+    ForkingPickler(buf, -1).dump(source)
+    pixels = sum(x.image.nbytes + x.labels.nbytes for g in source.pieces for x in g)
+    assert buf.tell() < 5_000 < pixels
+
+
 def test_shared_pairs_give_the_same_arrays_and_batches_and_pickle_as_handles():
     """Training images in shared memory: the same pixels and labels as the arrays they came from,
     the same augmented batches from the same random draws, read-only, and a spawned worker

@@ -94,6 +94,24 @@ class PasteSource:
     def __bool__(self) -> bool:
         return bool(self.pieces)
 
+    def __getstate__(self) -> dict:
+        """For spawned batch workers: the pieces' pixels travel as one :class:`SharedPairs` (in
+        shared memory under torch's pickler: 155 MB of EMPS agglomerates became a handle), with
+        the grouping and background levels beside it."""
+        if getattr(self, "_shared", None) is None:
+            flat = [(a.image, a.labels) for group in self.pieces for a in group]
+            self._shared = SharedPairs(flat)
+        return {"shared": self._shared, "counts": [len(group) for group in self.pieces],
+                "levels": [a.background_level for group in self.pieces for a in group]}
+
+    def __setstate__(self, state: dict) -> None:
+        from ..synth import Agglomerate
+
+        self._shared = state["shared"]
+        flat = [Agglomerate(img, lab, level) for (img, lab), level in zip(self._shared, state["levels"])]
+        ends = np.cumsum(state["counts"]).tolist()
+        self.pieces = [flat[end - n:end] for n, end in zip(state["counts"], ends)]
+
     def sample(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
         """A (size, size) normalised image and its instance labels: 5-40 agglomerates from up to
         three training images, on a substrate at their background level with detector noise,
