@@ -488,6 +488,17 @@ def test_batch_workers_split_an_epoch_and_draw_different_crops():
     assert len(got) == 5
     assert all(x.shape == (3, 1, 32, 32) and y.shape == (3, 32, 32) and y.dtype == torch.int64 for x, y in got)
     assert len({x.sum().item() for x, _ in got}) == 5  # the workers' random streams differ
+    # a worker sends its targets as uint8 (an eighth of int64's bytes); batches() widens them
+    from emparticles.train.loop import training_batch
+
+    aug = augmenter(32, (1.0, 1.0))
+    aug.set_random_seed(3)
+    _, y8 = training_batch(np.random.default_rng(4), aug, cfg, data, [], None, torch.device("cpu"))
+    aug.set_random_seed(3)
+    cfg.workers = 0
+    _, y64 = next(batches(np.random.default_rng(4), aug, cfg, data, [], None, torch.device("cpu"), epoch=0))
+    assert y8.dtype == torch.uint8 and y64.dtype == torch.int64 and torch.equal(y8.long(), y64)
+    assert set(torch.unique(y64).tolist()) <= {0, 1, 2}
 
 
 def test_persistent_batch_workers_give_each_epoch_the_batches_of_fresh_workers():

@@ -376,13 +376,15 @@ def load_checkpoint(path: Path, net, opt, device, average: WeightAverage | None 
 def training_batch(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: list, extra_data: list,
                    paste: PasteSource | None, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``cfg.batch_size`` augmented crops: inputs (B, 1, crop, crop) float32, normalised and
-    channels_last, and 3-class targets (B, crop, crop) int64."""
+    channels_last, and 3-class targets (B, crop, crop) uint8 (a batch worker sends them to the
+    training process through shared memory: 1.6 MB for 16 crops of 320 px instead of 13 MB as
+    int64; :func:`batches` widens them on the device)."""
     batch = [augmented_sample(aug, *pick_sample(rng, train_data, extra_data, cfg.extra_fraction, paste,
                                                 cfg.paste_fraction, int(cfg.crop * cfg.scale_max)), cfg.border_width)
              for _ in range(cfg.batch_size)]
     x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
     x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
-    y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+    y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.uint8)).to(device)
     return x, y
 
 
@@ -397,7 +399,7 @@ def batches(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: list, e
         pin_memory=device.type == "cuda")
     for x, y in source:
         yield (x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-               y.to(device, non_blocking=True))
+               y.to(device, non_blocking=True).long())
 
 
 def batch_maker(aug, cfg: TrainConfig, train_data: list, extra_data: list, paste: PasteSource | None):
