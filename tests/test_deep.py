@@ -517,6 +517,29 @@ def test_persistent_batch_workers_give_each_epoch_the_batches_of_fresh_workers()
         BatchWorkers(draw, 5, 7, 0, 0)
 
 
+def test_augmenter_crops_as_padding_then_cropping_did():
+    """The crop pads small images itself (reflecting, centred): the same crops, from the same
+    random draws, as a separate PadIfNeeded before it, which copied every scaled image."""
+    import albumentations as A
+    import cv2
+
+    from emparticles.train.data import augmenter
+
+    rng = np.random.default_rng(0)
+    images = [(rng.random(shape).astype(np.float32), rng.integers(0, 50, shape).astype(np.int32))
+              for shape in [(768, 1024), (150, 200), (64, 90), (400, 400)]]
+    ours, other = augmenter(96, (0.6, 1.8)), augmenter(96, (0.6, 1.8))  # no transform shared
+    before = A.Compose([other.transforms[0], A.PadIfNeeded(96, 96, border_mode=cv2.BORDER_REFLECT_101),
+                        A.RandomCrop(96, 96), *other.transforms[2:]])
+    ours.set_random_seed(11)
+    before.set_random_seed(11)
+    for k in range(24):
+        img, lab = images[k % 4]
+        a, b = ours(image=img, mask=lab), before(image=img, mask=lab)
+        assert a["image"].shape == (96, 96)
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+
+
 def test_timed_batches_add_up_the_waits():
     import time
 
