@@ -294,6 +294,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         if stop_after_s is not None and time.perf_counter() - started > stop_after_s and epoch + 1 < cfg.epochs:
             log(f"stopped after epoch {epoch + 1} ({stop_after_s:.0f} s budget); continue with resume")
             return out_dir / "best"
+    pool = None  # the batch workers end here, before the averaging and tuning
     if cfg.average_epochs and average.count:
         save_averaged(net, average, cfg, out_dir, val_data, device, rng, train_data, extra_data, paste, aug, log,
                       val_thresholds)
