@@ -520,8 +520,8 @@ def median_band(img: np.ndarray, fg: np.ndarray) -> np.ndarray:
     img = img.copy()
     # The 5x5 median is needed on the band only: gather the 25 neighbours of each band pixel
     # (the image mirrored at its edges, as ndi.median_filter's 'reflect') and take the 13th
-    # smallest. The same values as the whole-image filter; a sixth of the time of filtering each
-    # pasted piece's box, which was itself a third of filtering the whole image.
+    # smallest. The same values as the whole-image filter; filtering each pasted piece's box
+    # instead left a pasted training crop at 109 ms, this at 74 ms.
     ys, xs = np.nonzero(band)
     padded = np.pad(img, 2, mode="symmetric")
     window = np.stack([padded[ys + dy, xs + dx] for dy in range(5) for dx in range(5)])

@@ -132,7 +132,7 @@ class SharedPairs:
 
     Batch-building workers are spawned processes, and everything their batch function holds is
     pickled to each of them at every epoch. As plain arrays, 308 EMPS images and 192 synthetic
-    1024x768 frames pickle to 1.9 GB, about 4 s per worker in the training process before the
+    1024x768 frames pickle to 1.9 GB, 3-4 s per worker in the training process before the
     first batch, every epoch (``benchmarks/bench_batches.py``); torch's multiprocessing pickler
     sends a shared tensor as a handle, so the workers map these two instead of copying them.
     Indexing gives read-only numpy views: (image (H, W) float32, labels (H, W) int32).
@@ -209,7 +209,6 @@ def epoch_batches(make_batch: Callable[[np.random.Generator], object], steps: in
                                            worker_init_fn=_one_thread, multiprocessing_context="spawn")
 
 
-
 class BatchWorkers:
     """The batch-building processes of a whole training run, started once at ``first_epoch`` and
     kept for the epochs after it: starting ``workers`` spawned processes (each importing torch
@@ -252,6 +251,7 @@ class TimedBatches:
             return next(self._batches)
         finally:
             self.wait_s += time.perf_counter() - t
+
 
 def _one_thread(_worker: int) -> None:
     """Each batch-building worker computes on one thread (OpenCV would start one per core)."""

@@ -5,6 +5,7 @@ instance F1 each epoch, best model kept, resumable from its checkpoint."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -95,7 +96,7 @@ def train_maskrcnn(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: MaskRC
         return _train_maskrcnn(images_dir, masks_dir, out_dir, cfg, resume, log, stop_after_s)
 
 
-def _batch(rng: np.random.Generator, aug, train_data: list, batch_size: int, extra_data: list = (),
+def _batch(rng: np.random.Generator, aug, train_data: Sequence, batch_size: int, extra_data: Sequence = (),
            extra_fraction: float = 0.0, paste: PasteSource | None = None, paste_fraction: float = 0.0,
            paste_size: int = 512):
     """``batch_size`` augmented crops: images as (1, h, w) float32 tensors in [0, 1] and their
