@@ -6,11 +6,12 @@ Without ``--images`` it uses the EMPS validation split (as ``bench_segment.py``)
 
 Prints pooled F1 at IoU 0.5 and the count ratio with the model's thresholds and with one setting
 changed at a time (seed threshold, minimum size, minimum relative area, foreground threshold),
-with test-time flips (the mean of the four flipped predictions), and with neighbouring particles
-merged where the border probability along the line between them averages below 0.75 or 0.85
-(a remedy for particles cut along their texture, not part of the pipeline); where the folder
-above the images has a ``synth.json`` (``emparticles synth``), also the mean F1 of its dense and
-sparse fields. Then, per image, the scale the resampling search chose and F1
+with test-time flips (the mean of the four flipped predictions), with the image smoothed by a
+1-px Gaussian first, and with neighbouring particles merged where the border probability along
+the line between them averages below 0.75 or 0.85, or below 0.95 where the merged particle stays
+convex (solidity >= 0.9) (remedies for particles cut along their texture, not part of the
+pipeline); where the folder above the images has a ``synth.json`` (``emparticles synth``), also
+the mean F1 of its dense fields, of its sparse fields, and of the fields with flat-faceted crystals. Then, per image, the scale the resampling search chose and F1
 with the number of particles at each fixed scale of ``--scales``.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from emparticles.evaluate import matching
 from emparticles.io import read_labels, read_micrograph
@@ -36,13 +38,29 @@ EMPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "emps-train"
 VARIANTS = {"model's own": {}, "seed 0.1": {"seed_threshold": 0.1}, "seed 0.35": {"seed_threshold": 0.35},
             "seed 0.5": {"seed_threshold": 0.5}, "min size 20 px": {"min_size_px": 20},
             "min relative area 0.05": {"min_relative_area": 0.05}, "foreground 0.3": {"foreground_threshold": 0.3},
-            "test-time flips": {}, "merge below 0.75": {}, "merge below 0.85": {}}
+            "test-time flips": {}, "smoothed (Gaussian 1 px)": {}, "merge below 0.75": {}, "merge below 0.85": {},
+            "merge below 0.95 if convex": {}}
 
 
-def merge_weak_borders(labels: np.ndarray, border: np.ndarray, threshold: float, min_length: int = 3) -> np.ndarray:
+def hull(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Vertices (K, 2) and area (px²) of the convex hull of (N, 2) points."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    try:
+        h = ConvexHull(points)
+    except QhullError:  # collinear points: a line of pixels has no area of its own
+        return points, 1.0
+    return points[h.vertices], float(h.volume)
+
+
+def merge_weak_borders(labels: np.ndarray, border: np.ndarray, threshold: float, min_length: int = 3,
+                       min_solidity: float | None = None) -> np.ndarray:
     """Merge touching particles of an (H, W) label image where the border probability (H, W),
     the larger of the two pixels on either side, averages below ``threshold`` along their shared
-    line of at least ``min_length`` pixel pairs (4-neighbours); weakest lines first."""
+    line of at least ``min_length`` pixel pairs (4-neighbours); weakest lines first. With
+    ``min_solidity``, only where the merged particle's area over its convex hull's (hull of the
+    pixel squares) stays at least that: fragments of one convex particle, not two particles
+    joined by a neck."""
     n = int(labels.max())
     sums: dict[tuple[int, int], list[float]] = {}
     for a, b, pa, pb in ((labels[:, :-1], labels[:, 1:], border[:, :-1], border[:, 1:]),
@@ -63,23 +81,45 @@ def merge_weak_borders(labels: np.ndarray, border: np.ndarray, threshold: float,
             x = parent[x]
         return x
 
+    area = np.bincount(labels.ravel(), minlength=n + 1).astype(float)
+    vertices: dict[int, np.ndarray] = {}
+    if min_solidity is not None:
+        corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+        for i, box in enumerate(ndi.find_objects(labels), 1):
+            if box is not None:
+                yx = np.argwhere(labels[box] == i) + [box[0].start, box[1].start]
+                vertices[i] = hull((yx[:, None, :] + corners).reshape(-1, 2))[0]
     for (a, b), (total, count) in sorted(sums.items(), key=lambda kv: kv[1][0] / kv[1][1]):
         if count >= min_length and total / count < threshold:
             ra, rb = root(a), root(b)
+            if ra == rb:
+                continue
+            if min_solidity is not None:
+                joined, hull_area = hull(np.concatenate([vertices[ra], vertices[rb]]))
+                if (area[ra] + area[rb]) / hull_area < min_solidity:
+                    continue
+                vertices[min(ra, rb)] = joined
+            area[min(ra, rb)] = area[ra] + area[rb]
             parent[max(ra, rb)] = min(ra, rb)
     return np.array([root(i) for i in range(n + 1)])[labels]
 
 
 def segmented(model, mg, name: str) -> np.ndarray:
     """(H, W) labels of a micrograph (info bar rows 0) under one of the non-threshold variants."""
-    if not name.startswith("merge"):
+    if name.startswith("smoothed"):
+        labels = model.segment_normalised(normalise(ndi.gaussian_filter(normalise(mg.analysed_pixels), 1.0)))[0].labels
+    elif name.startswith("merge"):
+        words = name.split()
+        inst, prob = model.segment_normalised(normalise(mg.analysed_pixels))
+        labels = merge_weak_borders(inst.labels, prob.channel("boundary"), float(words[2]),
+                                    min_solidity=0.9 if words[-1] == "convex" else None)
+    else:
         model.flips = name == "test-time flips"
         labels = segment_micrograph(mg, model)[1]
         model.flips = False
         return labels
-    inst, prob = model.segment_normalised(normalise(mg.analysed_pixels))
     full = np.zeros(mg.shape, np.int32)
-    full[: inst.labels.shape[0]] = merge_weak_borders(inst.labels, prob.channel("boundary"), float(name.split()[-1]))
+    full[: labels.shape[0]] = labels
     return full
 
 
@@ -105,15 +145,17 @@ def main() -> None:
     for name, change in VARIANTS.items():
         model.thresholds = {**own, **change}
         tp = n_true = n_pred = 0
-        kinds: dict[bool, list[float]] = {True: [], False: []}
+        kinds: dict[str, list[float]] = {"dense": [], "sparse": [], "flat-faceted": []}
         for stem, mg, truth in data:
             m = matching(truth, segmented(model, mg, name), 0.5)
             tp, n_true, n_pred = tp + m.tp, n_true + m.n_true, n_pred + m.n_pred
             if stem in meta:
-                kinds[bool(meta[stem].get("dense"))].append(2 * m.tp / max(1, m.n_true + m.n_pred))
-        by_kind = (f"; dense fields {np.mean(kinds[True]):.3f}, sparse {np.mean(kinds[False]):.3f}"
-                   if kinds[True] and kinds[False] else "")
-        print(f"{name:24s} F1 {2 * tp / max(1, n_true + n_pred):.3f}  count {n_pred / max(1, n_true):.2f}{by_kind}")
+                f1 = 2 * m.tp / max(1, m.n_true + m.n_pred)
+                kinds["dense" if meta[stem].get("dense") else "sparse"].append(f1)
+                if meta[stem].get("flat_facets"):
+                    kinds["flat-faceted"].append(f1)
+        by_kind = "".join(f"; {kind} {np.mean(v):.3f}" for kind, v in kinds.items() if v)
+        print(f"{name:26s} F1 {2 * tp / max(1, n_true + n_pred):.3f}  count {n_pred / max(1, n_true):.2f}{by_kind}")
     model.thresholds = own
     for stem, mg, truth in data:
         img = normalise(mg.analysed_pixels)
