@@ -11,8 +11,9 @@ with test-time flips (the mean of the four flipped predictions), with the image 
 the line between them averages below 0.75 or 0.85, or below 0.95 where the merged particle stays
 convex (solidity >= 0.9) (remedies for particles cut along their texture, not part of the
 pipeline); where the folder above the images has a ``synth.json`` (``emparticles synth``), also
-the mean F1 of its dense fields, of its sparse fields, and of the fields with flat-faceted crystals. Then, per image, the scale the resampling search chose and F1
-with the number of particles at each fixed scale of ``--scales``.
+the mean F1 of its dense fields, of its sparse fields, and of the fields with flat-faceted
+crystals. Then, per image, the scale the resampling search chose and F1 with the number of
+particles at each fixed scale of ``--scales``.
 """
 
 from __future__ import annotations
