@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,24 +29,44 @@ def find_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def split_validation(pairs: list, fraction: float = 0.15) -> tuple[list, list]:
-    """Deterministic split by a hash of the file stem (stable when images are added)."""
-    train, val = [], []
-    for pair in pairs:
-        h = int(hashlib.sha1(pair[0].stem.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (val if h < fraction else train).append(pair)
-    return train, val
+def split_pairs(pairs: list, validation: float = 0.15, test: float = 0.15, seed: int = 0) -> dict[str, list]:
+    """Image/mask pairs split into ``train``, ``validation`` and ``test`` by source (article,
+    sample group, series; :func:`~.splits.source_groups` reads it from the images' folder), whole
+    sources on each side (:func:`~.splits.split_by_source`). ``test`` is held out of training
+    and of every choice made on validation images, for the final figures."""
+    from .splits import source_groups, split_by_source
+
+    if not pairs:
+        return {"train": [], "validation": [], "test": []}
+    by_stem = {p[0].stem: p for p in pairs}
+    groups, _ = source_groups(Path(pairs[0][0]).parent, by_stem)
+    return {part: [by_stem[s] for s in stems]
+            for part, stems in split_by_source(groups, validation, test, seed).items()}
 
 
-def load_pair(image_path: Path, mask_path: Path):
-    """(normalised image (H, W) float32, instance labels (H, W) int32)."""
+def split_validation(pairs: list, fraction: float = 0.15, test: float = 0.15) -> tuple[list, list]:
+    """(training pairs, validation pairs) of :func:`split_pairs`: the test part is in neither."""
+    parts = split_pairs(pairs, fraction, test)
+    return parts["train"], parts["validation"]
+
+
+def load_pair(image_path: Path, mask_path: Path, kind: str = "instances"):
+    """(normalised image (H, W) float32, instance labels (H, W) int32).
+
+    ``kind="foreground"``: the mask outlines groups of particles (agglomerates), not single ones;
+    its foreground becomes -1, which :func:`~.targets.three_class_target` turns into
+    "particle or border, not known which" (learnt as foreground; the separation is not)."""
     from ..io.images import read_micrograph
     from ..io.writers import read_labels
 
+    if kind not in ("instances", "foreground"):
+        raise ValueError(f"unknown mask kind {kind!r}; use 'instances' or 'foreground'")
     img = normalise(read_micrograph(image_path).pixels)
     labels, _ = read_labels(mask_path)
     if labels.shape != img.shape:
         raise InputError(mask_path, f"mask is {labels.shape} but image is {img.shape}", "masks must match their images")
+    if kind == "foreground":
+        labels = -(np.asarray(labels) > 0).astype(np.int32)
     return img, labels
 
 

@@ -8,7 +8,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -25,17 +25,18 @@ from ..types import THREE_CLASS, ProbabilityMap
 from .data import (
     BatchWorkers,
     PasteSource,
+    SharedPairs,
     TimedBatches,
     augmented_sample,
     augmenter,
     epoch_batches,
     find_pairs,
     load_pair,
-    split_validation,
+    split_pairs,
     training_sources,
 )
 from .lock import run_folder_lock
-from .targets import class_weights, three_class_target
+from .targets import FOREGROUND_ONLY, class_weights, three_class_target
 
 
 @dataclass
@@ -52,7 +53,8 @@ class TrainConfig:
     border_width: int = 2
     dice_weight: float = 1.0
     class_weighting: str = "border"  # "border" (background = particle) or "tempered" (all classes)
-    val_fraction: float = 0.15
+    val_fraction: float = 0.15  # share of images (whole sources) that choose the epoch and settings
+    test_fraction: float = 0.15  # share of images (whole sources) left out of training and of every choice
     scale_min: float = 0.5
     scale_max: float = 2.0
     seed: int = 0
@@ -73,6 +75,10 @@ class TrainConfig:
     scale_search: bool = True  # the model chooses its resampling per image (SCALE_SEARCH)
     average_epochs: int = 0  # >0: the model is the mean of the weights after each of the last N epochs
     workers: int = 0  # processes that build the augmented batches (0: the training process itself)
+    # More annotated real sets, each {"images": DIR, "masks": DIR, "share": 0.2, "kind": "instances"}
+    # ("foreground" for agglomerate-level masks: learnt as particle vs substrate, separation left
+    # out). Each is split by source like the main set; its training part gives "share" of the crops.
+    real_sets: list = field(default_factory=list)
 
 
 #: Resampling search saved with trained models (see ``CNNSegmenter.choose_scale``): tried on EMPS
@@ -85,16 +91,34 @@ SCALE_SEARCH = {"start": [0.7, 1.0], "up": [1.4, 2.0], "down": [0.5], "tie": 0.0
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft Dice loss averaged over the foreground (particle + border) and the border map."""
+    """Soft Dice loss averaged over the foreground (particle + border) and the border map; the
+    border map leaves out pixels whose class is unknown (:data:`~.targets.FOREGROUND_ONLY`)."""
     p = F.softmax(logits.float(), dim=1)
     fg_p = p[:, 1] + p[:, 2]
     fg_t = (target > 0).float()
-    br_p, br_t = p[:, 2], (target == 2).float()
+    known = (target != FOREGROUND_ONLY).float()
+    br_p, br_t = p[:, 2] * known, (target == 2).float()
     loss = 0.0
     for a, b in ((fg_p, fg_t), (br_p, br_t)):
         inter = (a * b).sum()
         loss = loss + 1 - (2 * inter + 1) / (a.sum() + b.sum() + 1)
     return loss / 2
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                      dice_weight: float = 1.0) -> torch.Tensor:
+    """Weighted cross-entropy over the three classes plus ``dice_weight`` x :func:`dice_loss`.
+    Pixels of agglomerate-level masks (:data:`~.targets.FOREGROUND_ONLY`: particle or border, not
+    known which) leave the cross-entropy and count instead by the log-probability of particle +
+    border, so they teach what is particle and what is substrate without teaching where
+    particles part."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits, target, weight=weights, ignore_index=FOREGROUND_ONLY)
+    unknown = target == FOREGROUND_ONLY
+    if bool(unknown.any()):
+        log_fg = torch.logsumexp(F.log_softmax(logits, dim=1)[:, 1:], dim=1)
+        loss = loss - log_fg[unknown].mean() * unknown.float().mean()
+    return loss + dice_weight * dice_loss(logits, target)
 
 
 def pooled_figures(pairs) -> dict:
@@ -107,7 +131,7 @@ def pooled_figures(pairs) -> dict:
         m = matching(labels, predicted, 0.5)
         tp, n_true, n_pred = tp + m.tp, n_true + m.n_true, n_pred + m.n_pred
         matched_iou += m.mean_matched_iou * m.tp
-        fg_t, fg_p = labels > 0, predicted > 0
+        fg_t, fg_p = labels != 0, predicted > 0  # labels < 0: agglomerate-level foreground
         inter += int((fg_t & fg_p).sum())
         union += int((fg_t | fg_p).sum())
     return {"f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0,
@@ -127,6 +151,56 @@ def validate(net, val_data, cfg: TrainConfig, device, thresholds=None) -> dict:
     figures = pooled_figures((labels, instances_with(ProbabilityMap(p, THREE_CLASS, "val"), t).labels)
                              for p, (_, labels) in zip(probs, val_data))
     return {**figures, "_probs": probs}
+
+
+def foreground_figures(pairs) -> dict:
+    """Foreground IoU and the share of the predicted foreground that lies on true background
+    (``foreground_on_background``) pooled over (true labels, predicted labels) pairs; true
+    labels may be agglomerate-level (any non-zero value is foreground)."""
+    inter = union = pred = 0
+    for labels, predicted in pairs:
+        fg_t, fg_p = labels != 0, predicted > 0
+        inter += int((fg_t & fg_p).sum())
+        union += int((fg_t | fg_p).sum())
+        pred += int(fg_p.sum())
+    return {"foreground_iou": inter / union if union else 1.0,
+            "foreground_on_background": (pred - inter) / pred if pred else 0.0}
+
+
+def figures_line(fig: dict) -> str:
+    """One set's validation figures in a few words."""
+    if "f1" in fig:
+        return f"F1 {fig['f1']:.3f} IoU {fig['foreground_iou']:.3f} count {fig['count_ratio']:.2f}"
+    return f"IoU {fig['foreground_iou']:.3f} on bare substrate {fig['foreground_on_background']:.0%}"
+
+
+def validate_sets(net, val_sets: dict, cfg: TrainConfig, device, thresholds=None) -> dict:
+    """Validation on several sets at once: ``val_sets`` maps a name to (kind, pairs). Instance
+    sets give :func:`pooled_figures`, agglomerate-level ones :func:`foreground_figures`. The
+    ``score`` that chooses the best epoch is the mean over the sets of F1 (instances) or
+    foreground IoU (agglomerates), so that no set is traded for another; ``f1``,
+    ``foreground_iou`` and ``count_ratio`` are those of the first set."""
+    net.eval()
+    t = thresholds or DEFAULT_THRESHOLDS
+    sets, scores = {}, []
+    for name, (kind, data) in val_sets.items():
+        if not data:
+            continue
+        predicted = [instances_with(ProbabilityMap(predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap,
+                                                                 device=device, bf16=cfg.bf16, pad=cfg.pad),
+                                                   THREE_CLASS, "val"), t).labels for img, _ in data]
+        pairs = [(labels, pred) for (_, labels), pred in zip(data, predicted)]
+        if kind == "instances":
+            sets[name] = pooled_figures(pairs)
+            scores.append(sets[name]["f1"])
+        else:
+            sets[name] = foreground_figures(pairs)
+            scores.append(sets[name]["foreground_iou"])
+    first = next(iter(sets.values()), {})
+    return {"score": float(np.mean(scores)) if scores else 0.0, "f1": first.get("f1", math.nan),
+            "foreground_iou": first.get("foreground_iou", math.nan), "count_ratio": first.get("count_ratio", math.nan),
+            **{f"{name}_{k}": v for name, fig in sets.items() for k, v in fig.items()
+               if k in ("f1", "foreground_iou", "count_ratio", "foreground_on_background")}, "sets": sets}
 
 
 def pooled_counts(probs, val_data, thresholds: dict) -> tuple[int, int, int]:
@@ -218,16 +292,34 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
-    pairs = find_pairs(images_dir, masks_dir)
-    train_pairs, val_pairs = split_validation(pairs, cfg.val_fraction)
-    log(f"{len(train_pairs)} training and {len(val_pairs)} validation images")
-    train_data = [load_pair(i, m) for i, m in train_pairs]
-    val_data = [load_pair(i, m) for i, m in val_pairs]
+    split = split_pairs(find_pairs(images_dir, masks_dir), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    log(f"{len(split['train'])} training, {len(split['validation'])} validation and {len(split['test'])} test "
+        f"images of {Path(images_dir)}, split by source")
+    train_data = [load_pair(i, m) for i, m in split["train"]]
+    val_sets = {Path(images_dir).parent.name or "main": ("instances", [load_pair(i, m) for i, m in split["validation"]])}
+    splits = {"train": [p[0].stem for p in split["train"]], "validation": [p[0].stem for p in split["validation"]],
+              "test": [p[0].stem for p in split["test"]]}
+    others, instance_train = [], list(train_data)
+    for spec in cfg.real_sets:
+        kind, share = spec.get("kind", "instances"), float(spec["share"])
+        part = split_pairs(find_pairs(Path(spec["images"]), Path(spec["masks"])), cfg.val_fraction, cfg.test_fraction,
+                           cfg.seed)
+        name = Path(spec["images"]).parent.name
+        data = [load_pair(i, m, kind) for i, m in part["train"]]
+        others.append((data, share))
+        if kind == "instances":
+            instance_train += data
+        val_sets[name] = (kind, [load_pair(i, m, kind) for i, m in part["validation"]])
+        splits[name] = {k: [p[0].stem for p in v] for k, v in part.items()}
+        log(f"{name} ({kind}): {len(part['train'])} training, {len(part['validation'])} validation and "
+            f"{len(part['test'])} test images, {share:.0%} of crops")
+    val_data = [pair for kind, data in val_sets.values() if kind == "instances" for pair in data]
     train_data, extra_data, paste = training_sources(train_data, cfg.extra_images, cfg.extra_masks, cfg.extra_fraction,
                                                      cfg.paste_fraction, cfg.workers, log)
-    (out_dir / "split.json").write_text(json.dumps({"train": [p[0].stem for p in train_pairs],
-                                                    "validation": [p[0].stem for p in val_pairs]}, indent=1))
-    weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in train_data],
+    if cfg.workers > 0:
+        others = [(SharedPairs(data), share) for data, share in others]
+    (out_dir / "split.json").write_text(json.dumps(splits, indent=1))
+    weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in instance_train],
                                              scheme=cfg.class_weighting)).to(device)
     net = build_network(cfg.arch, 3)
     val_thresholds = None  # validation of a fresh network uses the default post-processing
@@ -257,35 +349,34 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     metrics_path = out_dir / "metrics.csv"
     # bf16 autocast: asked for on CPU, always on CUDA (weights and optimiser stay float32)
     use_bf16 = (cfg.bf16 and device.type == "cpu") or device.type == "cuda"
-    pool = (BatchWorkers(batch_maker(aug, cfg, train_data, extra_data, paste), cfg.steps_per_epoch, cfg.seed,
+    pool = (BatchWorkers(batch_maker(aug, cfg, train_data, extra_data, paste, others), cfg.steps_per_epoch, cfg.seed,
                          start_epoch, cfg.workers, pin_memory=device.type == "cuda")
             if cfg.workers > 0 and start_epoch < cfg.epochs else None)
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         t0, losses = time.perf_counter(), []
-        timed = TimedBatches(batches(rng, aug, cfg, train_data, extra_data, paste, device, epoch, pool))
+        timed = TimedBatches(batches(rng, aug, cfg, train_data, extra_data, paste, device, epoch, pool, others))
         for x, y in timed:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, weight=weights) + cfg.dice_weight * dice_loss(logits, y)
+            loss = segmentation_loss(logits, y, weights, cfg.dice_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.detach())
         train_s = time.perf_counter() - t0
-        val = validate(net, val_data, cfg, device, val_thresholds)
-        val.pop("_probs")
+        val = validate_sets(net, val_sets, cfg, device, val_thresholds)
         row = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean()), "lr": sched.get_last_lr()[0],
                "train_s": round(train_s, 1), "batch_wait_s": round(timed.wait_s, 1),
-               **{f"val_{k}": v for k, v in val.items()}}
+               **{f"val_{k}": v for k, v in val.items() if not isinstance(v, dict)}}
         append_metrics(metrics_path, row)
-        log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} val F1 {val['f1']:.3f} "
-            f"IoU {val['foreground_iou']:.3f} count {val['count_ratio']:.2f} ({train_s:.0f} s, "
-            f"{timed.wait_s:.0f} s of it waiting for batches)")
+        per_set = ", ".join(f"{name} {figures_line(fig)}" for name, fig in val["sets"].items())
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} val score {val['score']:.3f} ({per_set}) "
+            f"({train_s:.0f} s, {timed.wait_s:.0f} s of it waiting for batches)")
         # With averaging, the best single epoch is kept beside the average, for comparison.
-        if val["f1"] > best_f1:
-            best_f1 = val["f1"]
+        if val["score"] > best_f1:
+            best_f1 = val["score"]
             save_model_folder(net, out_dir / ("best-epoch" if cfg.average_epochs else "best"),
                               _model_config(cfg, epoch + 1, val))
         if cfg.average_epochs and epoch >= cfg.epochs - cfg.average_epochs:
@@ -296,8 +387,8 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
             return out_dir / "best"
     pool = None  # the batch workers end here, before the averaging and tuning
     if cfg.average_epochs and average.count:
-        save_averaged(net, average, cfg, out_dir, val_data, device, rng, train_data, extra_data, paste, aug, log,
-                      val_thresholds)
+        save_averaged(net, average, cfg, out_dir, val_sets, device, rng, train_data, extra_data, paste, aug, log,
+                      val_thresholds, others=others)
     return finalise(out_dir, cfg, val_data, device, log) if tune else out_dir / "best"
 
 
@@ -325,9 +416,9 @@ class WeightAverage:
                 self.state[k] = v
 
 
-def save_averaged(net, average: WeightAverage, cfg: TrainConfig, out_dir: Path, val_data, device, rng,
+def save_averaged(net, average: WeightAverage, cfg: TrainConfig, out_dir: Path, val_sets: dict, device, rng,
                   train_data, extra_data, paste, aug, log, val_thresholds: dict | None = None,
-                  bn_batches: int = 32) -> None:
+                  bn_batches: int = 32, others=()) -> None:
     """Load the averaged weights into ``net``, recompute its batch-norm statistics on
     ``bn_batches`` training batches (``torch.optim.swa_utils.update_bn``: averaged weights do not
     match averaged statistics), validate it with the post-processing the epochs were validated
@@ -335,17 +426,15 @@ def save_averaged(net, average: WeightAverage, cfg: TrainConfig, out_dir: Path, 
     from torch.optim.swa_utils import update_bn
 
     net.load_state_dict(average.state)
-    batches = [training_batch(rng, aug, cfg, train_data, extra_data, paste, device)[0] for _ in range(bn_batches)]
+    batches = [training_batch(rng, aug, cfg, train_data, extra_data, paste, device, others)[0] for _ in range(bn_batches)]
     with torch.no_grad():
         update_bn(batches, net, device)
-    val = validate(net, val_data, cfg, device, val_thresholds)
-    val.pop("_probs")
+    val = validate_sets(net, val_sets, cfg, device, val_thresholds)
     first = cfg.epochs - average.count + 1
     config = _model_config(cfg, cfg.epochs, val)
     config["averaged_epochs"] = [first, cfg.epochs]
     save_model_folder(net, out_dir / "best", config)
-    log(f"average of epochs {first}-{cfg.epochs}: val F1 {val['f1']:.3f} IoU {val['foreground_iou']:.3f} "
-        f"count {val['count_ratio']:.2f}")
+    log(f"average of epochs {first}-{cfg.epochs}: val score {val['score']:.3f}")
 
 
 def save_checkpoint(path: Path, net, opt, epoch: int, best_f1: float, average: WeightAverage | None = None) -> None:
@@ -375,13 +464,14 @@ def load_checkpoint(path: Path, net, opt, device, average: WeightAverage | None 
 
 
 def training_batch(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: list, extra_data: list,
-                   paste: PasteSource | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+                   paste: PasteSource | None, device, others=()) -> tuple[torch.Tensor, torch.Tensor]:
     """``cfg.batch_size`` augmented crops: inputs (B, 1, crop, crop) float32, normalised and
     channels_last, and 3-class targets (B, crop, crop) uint8 (a batch worker sends them to the
     training process through shared memory: 1.6 MB for 16 crops of 320 px instead of 13 MB as
     int64; :func:`batches` widens them on the device)."""
     batch = [augmented_sample(aug, *pick_sample(rng, train_data, extra_data, cfg.extra_fraction, paste,
-                                                cfg.paste_fraction, int(cfg.crop * cfg.scale_max)), cfg.border_width)
+                                                cfg.paste_fraction, int(cfg.crop * cfg.scale_max), others),
+                             cfg.border_width)
              for _ in range(cfg.batch_size)]
     x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
     x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
@@ -390,33 +480,43 @@ def training_batch(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: 
 
 
 def batches(rng: np.random.Generator, aug, cfg: TrainConfig, train_data: list, extra_data: list,
-            paste: PasteSource | None, device, epoch: int, pool: BatchWorkers | None = None):
+            paste: PasteSource | None, device, epoch: int, pool: BatchWorkers | None = None, others=()):
     """The ``cfg.steps_per_epoch`` training batches of one epoch (:func:`training_batch`) on
     ``device``: from ``pool`` (the run's :class:`~.data.BatchWorkers`) when given, else built by
     ``cfg.workers`` processes started for this epoch when > 0 (:func:`~.data.epoch_batches`), else
     in this process from ``rng``."""
     source = pool.epoch(epoch) if pool is not None else epoch_batches(
-        batch_maker(aug, cfg, train_data, extra_data, paste), cfg.steps_per_epoch, rng, cfg.seed, epoch, cfg.workers,
+        batch_maker(aug, cfg, train_data, extra_data, paste, others), cfg.steps_per_epoch, rng, cfg.seed, epoch,
+        cfg.workers,
         pin_memory=device.type == "cuda")
     for x, y in source:
         yield (x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
                y.to(device, non_blocking=True).long())
 
 
-def batch_maker(aug, cfg: TrainConfig, train_data: list, extra_data: list, paste: PasteSource | None):
+def batch_maker(aug, cfg: TrainConfig, train_data: list, extra_data: list, paste: PasteSource | None,
+                others=()):
     """:func:`training_batch` with everything but the random generator bound (picklable, for
     batch workers); its batches stay on the CPU."""
     return partial(training_batch, aug=aug, cfg=cfg, train_data=train_data, extra_data=extra_data, paste=paste,
-                   device=torch.device("cpu"))
+                   device=torch.device("cpu"), others=others)
 
 
 def pick_sample(rng: np.random.Generator, data: list, extra: list, extra_fraction: float,
-                paste: PasteSource | None = None, paste_fraction: float = 0.0, paste_size: int = 512):
+                paste: PasteSource | None = None, paste_fraction: float = 0.0, paste_size: int = 512,
+                others=()):
     """One (image, labels) pair: with probability ``paste_fraction`` pasted agglomerates of the
-    training images on an empty background (``paste_size`` pixels square), else from ``extra``
-    with probability ``extra_fraction``, else from ``data``."""
+    training images on an empty background (``paste_size`` pixels square), else from each
+    ``(pairs, share)`` of ``others`` with its share, else from ``extra`` with probability
+    ``extra_fraction``, else from ``data``."""
     if paste and paste_fraction > 0 and rng.random() < paste_fraction:
         return paste.sample(rng, paste_size)
+    if others:
+        r = rng.random()
+        for pairs, share in others:
+            if r < share and len(pairs):
+                return pairs[rng.integers(len(pairs))]
+            r -= share
     source = extra if extra and rng.random() < extra_fraction else data
     return source[rng.integers(len(source))]
 
@@ -441,7 +541,8 @@ def _model_config(cfg: TrainConfig, epoch: int, val: dict) -> dict:
     return {"name": out_name(cfg), "arch": cfg.arch, "classes": 3, "channels": list(THREE_CLASS),
             "normalisation": "percentile 0.5-99.5 to [0, 1], then (x - 0.5) / 0.25", "tile": cfg.tile,
             "overlap": cfg.overlap, "pad": cfg.pad, "bf16": cfg.bf16, "border_width": cfg.border_width, "epoch": epoch,
-            "validation": {k: v for k, v in val.items() if not k.startswith("_")}, "train_config": asdict(cfg),
+            "validation": {k: v for k, v in val.items() if not k.startswith("_") and k != "sets"},
+            "train_config": asdict(cfg),
             **({"scale_search": SCALE_SEARCH} if cfg.scale_search else {})}
 
 

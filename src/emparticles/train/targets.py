@@ -6,6 +6,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 BACKGROUND, PARTICLE, BORDER = 0, 1, 2
+#: Target of pixels known to be particle or border but not which (agglomerate-level masks, labels < 0)
+FOREGROUND_ONLY = 3
 
 
 def three_class_target(labels: np.ndarray, border_width: int = 2) -> np.ndarray:
@@ -14,9 +16,13 @@ def three_class_target(labels: np.ndarray, border_width: int = 2) -> np.ndarray:
     Border pixels are particle pixels within ``border_width`` pixels (chessboard distance) of a
     pixel that is not the same particle: the outline against background and, above all, the seam
     between touching particles, which is what lets the network separate them.
+
+    Negative labels mark foreground whose particles are not separated (agglomerate masks): they
+    become :data:`FOREGROUND_ONLY`.
     """
     lab = np.asarray(labels)
     target = np.where(lab > 0, PARTICLE, BACKGROUND).astype(np.uint8)
+    target[lab < 0] = FOREGROUND_ONLY
     if border_width <= 0 or not (lab > 0).any():
         return target
     size = 2 * border_width + 1

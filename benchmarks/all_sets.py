@@ -1,0 +1,144 @@
+"""Every model change judged on every real set at once, split by source, with the spread over folds.
+
+    python benchmarks/all_sets.py MODEL [MODEL ...] [--part test|validation|all] [--split RUN/split.json]
+        [--folds 5] [--synth runs/synth-val2] [--limit 0]
+
+MODEL is a registered name (``emparticles models``) or a model folder. The sets are those of
+``../shared/data``: EMPS split by article (``sources.csv``), JEOL silica by sample group,
+agglomerates on a textured polymer by sample (agglomerate-level masks: foreground figures only);
+``--synth`` adds a synthetic SEM set (a training aid, shown for reference, never a yardstick).
+``--part test`` (default) scores the images every training run of ``benchmarks/train_default.py``
+holds out of training and of every choice (the same split by source, or the one a run's
+``--split`` file lists); ``validation`` the images that chose its epoch and settings; ``all``
+every image (for a model that never saw the set).
+
+For each set it prints pooled F1 at IoU 0.5, precision, recall, panoptic quality, foreground IoU,
+count ratio, D50 error and KS of the ECD, and the share of the predicted foreground on bare
+substrate; then the same F1 (or foreground IoU) over ``--folds`` folds of whole sources, as
+mean +- standard deviation: a difference between models smaller than that spread is noise.
+Every image goes the road of ``emparticles segment`` (info bar found and left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emparticles.evaluate import size_agreement
+from emparticles.io import read_labels, read_micrograph
+from emparticles.measure import measure_labels
+from emparticles.models import load_model
+from emparticles.pipeline import locate_infobar, segment_micrograph
+from emparticles.train.data import find_pairs, split_pairs
+from emparticles.train.loop import foreground_figures, pooled_figures
+from emparticles.train.splits import group_folds, source_groups
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: (name, folder, masks sub-folder, kind)
+SETS = [("EMPS (by article)", DATA / "emps-train", "segmaps", "instances"),
+        ("SEM silica (by group)", DATA / "sem-silica", "segmaps", "instances"),
+        ("SEM agglomerates (by sample)", DATA / "sem-agglomerates", "masks", "foreground")]
+
+
+def set_pairs(folder: Path, masks: str, part: str, split_file: Path | None) -> list[tuple[Path, Path]]:
+    """The image/mask pairs of one set in the chosen part of its split by source."""
+    pairs = find_pairs(folder / "images", folder / masks)
+    if part == "all":
+        return pairs
+    if split_file is not None:
+        split = json.loads(split_file.read_text())
+        names = split.get(folder.name, split if folder.name == "emps-train" else None)
+        if names is not None and part in names:
+            wanted = set(names[part])
+            return [p for p in pairs if p[0].stem in wanted]
+    return split_pairs(pairs)[part]
+
+
+def figures(kind: str, truths: list[np.ndarray], preds: list[np.ndarray]) -> dict:
+    """Pooled figures of one set (see the module's docstring)."""
+    fg = foreground_figures(zip(truths, preds))
+    if kind == "foreground":
+        return fg
+    out = {**pooled_figures(zip(truths, preds)), **fg}
+    true_ecd = np.concatenate([measure_labels(t)["ecd_px"].to_numpy() for t in truths if t.max() > 0] or [np.zeros(0)])
+    pred_ecd = np.concatenate([measure_labels(p)["ecd_px"].to_numpy() for p in preds if p.max() > 0] or [np.zeros(0)])
+    agreement = size_agreement(true_ecd, pred_ecd)
+    out.update(d50_rel_error=agreement["d50_rel_error"], ks_statistic=agreement["ks_statistic"])
+    return out
+
+
+def fold_spread(kind: str, stems: list[str], truths, preds, groups: dict[str, str], k: int) -> tuple[float, float, int]:
+    """(mean, standard deviation, folds) of F1 (instances) or foreground IoU (agglomerates) over
+    ``k`` folds of whole sources."""
+    index = {s: i for i, s in enumerate(stems)}
+    values = []
+    for fold in group_folds({s: groups[s] for s in stems}, k):
+        sub = [index[s] for s in fold]
+        fig = figures(kind, [truths[i] for i in sub], [preds[i] for i in sub])
+        values.append(fig["f1"] if kind == "instances" else fig["foreground_iou"])
+    if len(values) < 2:
+        return (values[0] if values else float("nan")), float("nan"), len(values)
+    return float(np.mean(values)), float(np.std(values, ddof=1)), len(values)
+
+
+def _cell(fig: dict, key: str, fmt: str = ".3f") -> str:
+    return format(fig[key], fmt) if key in fig and np.isfinite(fig[key]) else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--part", default="test", choices=["test", "validation", "all"])
+    parser.add_argument("--split", type=Path, default=None, help="split.json of a training run")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--synth", type=Path, default=None, help="a synthetic SEM set (images/, masks/)")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N images of each set")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sets = [(name, kind, set_pairs(folder, masks, args.part, args.split)) for name, folder, masks, kind in SETS]
+    if args.synth:
+        sets.append(("synthetic SEM (aid only)", "instances", find_pairs(args.synth / "images", args.synth / "masks")))
+    rows = []
+    for model_name in args.models:
+        model = load_model(model_name, "cpu")
+        for name, kind, pairs in sets:
+            pairs = pairs[: args.limit] if args.limit else pairs
+            truths, preds, times = [], [], []
+            for image_path, mask_path in pairs:
+                mg = locate_infobar(read_micrograph(image_path))
+                t = time.perf_counter()
+                _, full = segment_micrograph(mg, model)
+                times.append(time.perf_counter() - t)
+                truths.append(read_labels(mask_path)[0])
+                preds.append(full)
+            stems = [p[0].stem for p in pairs]
+            groups, _ = source_groups(pairs[0][0].parent, stems)
+            fig = figures(kind, truths, preds)
+            mean, sd, k = fold_spread(kind, stems, truths, preds, groups, args.folds)
+            rows.append((Path(model_name).name, name, len(pairs), len(set(groups.values())), kind, fig, mean, sd, k,
+                         statistics.median(times)))
+            print(f"{Path(model_name).name} | {name}: {len(pairs)} images, {fig}", flush=True)
+    print()
+    print(f"part: {args.part}; spread: standard deviation over folds of whole sources")
+    print()
+    print("| model | set | images (sources) | F1@0.5 | P | R | PQ | fg IoU | on substrate | count | D50 err | KS "
+          "| F1 or IoU over folds | s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model_name, name, n, n_groups, kind, fig, mean, sd, k, sec in rows:
+        f = partial(_cell, fig)
+        print(f"| {model_name} | {name} | {n} ({n_groups}) | {f('f1')} | {f('precision', '.2f')} | {f('recall', '.2f')} "
+              f"| {f('panoptic_quality')} | {f('foreground_iou')} | {f('foreground_on_background', '.0%')} "
+              f"| {f('count_ratio', '.2f')} | {f('d50_rel_error', '+.1%')} | {f('ks_statistic')} "
+              f"| {mean:.3f} +- {sd:.3f} ({k}) | {sec:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
