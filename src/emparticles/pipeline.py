@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .agglomerates import AGGLOMERATE_COLUMNS, link_particles, measure_agglomerates
 from .errors import EmparticlesError, InputError
 from .instances import Instances
 from .io import images as io_images
@@ -70,6 +71,8 @@ ANALYSIS_COLUMNS: dict[str, tuple[str, str]] = {
     "edge_weight": ("", "weight in the size statistics (0 = excluded; >1 = Miles-Lantuejoul correction)"),
     "edge_mode": ("", "edge-particle handling: exclude, keep or miles-lantuejoul"),
     "included": ("", "used in the statistics (all_particles.csv only)"),
+    "agglomerate_id": ("", "the agglomerate (connected group of touching particles) it belongs to; see agglomerates.csv"),
+    "in_agglomerate": ("", "its agglomerate holds two or more particles (False: a free particle)"),
 }
 
 
@@ -82,6 +85,7 @@ class ImageResult:
     full_labels: np.ndarray  # (H, W) int32 at the input's full size, 0 in the info bar
     particles: pd.DataFrame  # the rows kept for statistics (column edge_weight)
     all_particles: pd.DataFrame  # every particle found (column included)
+    agglomerates: pd.DataFrame = field(default_factory=pd.DataFrame)  # every agglomerate (touching group)
     summary: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -165,6 +169,8 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     table["edge_weight"] = weights
     table["edge_mode"] = settings.edge_particles
     table["included"] = keep
+    agglomerates, of_particle = measure_agglomerates(instances.labels, mg.pixel_size_nm, image_name=mg.stem)
+    table = link_particles(table, of_particle, agglomerates)
     kept = table[keep].drop(columns="included").reset_index(drop=True)
     if mg.pixel_size_nm is None:
         warnings.append("pixel size unknown: all lengths are in pixels (give --pixel-size, e.g. 2.5nm)")
@@ -175,9 +181,21 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     coverage = float((instances.labels > 0).sum()) / mg.analysed_pixels.size
     summary = image_summary(mg, kept, detected=detected, n_edge=int(edge.sum()), n_small=int(small.sum()),
                             coverage=coverage)
+    summary.update(agglomeration_row(kept, agglomerates))
     summary["edge_mode"] = settings.edge_particles
     summary["model"] = model_used(model)
-    return ImageResult(mg, instances, full, kept, table, summary, warnings)
+    return ImageResult(mg, instances, full, kept, table, agglomerates, summary, warnings)
+
+
+def agglomeration_row(particles: pd.DataFrame, agglomerates: pd.DataFrame) -> dict:
+    """The agglomeration columns of an ``images.csv`` row (see
+    :func:`~emparticles.stats.agglomeration.agglomeration_summary`)."""
+    from .stats.agglomeration import agglomeration_summary
+
+    s = agglomeration_summary(particles, agglomerates)
+    return {k: s[k] for k in ("agglomerates", "agglomerates_of_two_or_more", "free_particles", "agglomerated_particles",
+                              "fraction_agglomerated", "particles_per_agglomerate_mean",
+                              "particles_per_agglomerate_median")}
 
 
 def image_summary(mg: Micrograph, particles: pd.DataFrame, detected: int, n_edge: int, n_small: int,
@@ -291,7 +309,10 @@ class BatchReport:
 
 
 _INTEGER_IMAGE_COLUMNS = ("width_px", "height_px", "infobar_rows", "particles_detected", "particles_measured",
-                          "edge_particles", "below_min_area")
+                          "edge_particles", "below_min_area", "agglomerates", "agglomerates_of_two_or_more",
+                          "free_particles", "agglomerated_particles")
+#: The per-image part tables of a finished image (``.parts/NAME.KIND.parquet``)
+PART_KINDS = ("particles", "all", "agglomerates")
 
 
 class AnalyzeRun:
@@ -330,7 +351,7 @@ class AnalyzeRun:
         # Tables of the images analysed in this process, so that combining after every image does
         # not read every earlier image's parts back from disk; images reused from an earlier run
         # are read from their parts.
-        self._tables: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+        self._tables: dict[str, tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] = {}
         self._combined = False  # the combined tables include every image recorded so far
         self._particles: pd.DataFrame | None = None  # the combined particle table, once combined
         self._last_combine = (0.0, 0.0)  # (when the last combine ended, how long it took), perf_counter s
@@ -345,10 +366,11 @@ class AnalyzeRun:
             return False
         if info.get("fingerprint") != self.settings.fingerprint() or info.get("status") != "ok":
             return False
-        return all(self._part(name, kind).exists() for kind in ("particles", "all"))
+        return all(self._part(name, kind).exists() for kind in PART_KINDS)
 
     def _part(self, name: str, kind: str) -> Path:
-        """Path of an image's part table: ``kind`` is ``particles`` (measured) or ``all``."""
+        """Path of an image's part table: ``kind`` is ``particles`` (measured), ``all`` or
+        ``agglomerates``."""
         return self.parts / f"{name}.{kind}.parquet"
 
     def record_done(self, name: str, path: Path) -> None:
@@ -377,9 +399,12 @@ class AnalyzeRun:
             everything["image"] = name
             write_parquet(particles, self._part(name, "particles"))
             write_parquet(everything, self._part(name, "all"))
+            agglomerates = result.agglomerates.copy()
+            agglomerates["image"] = name
+            write_parquet(agglomerates, self._part(name, "agglomerates"))
             write_imagej_rois(result.full_labels, self.out / "rois" / f"{name}.zip")
             pending.result()  # re-raises a failure to write them: the image is then not finished
-        self._tables[name] = (particles, everything)
+        self._tables[name] = (particles, everything, agglomerates)
         summary = {**result.summary, "image": name}
         status = "ok" if result.summary["particles_measured"] > 0 else "no particles"
         write_json({"fingerprint": self.settings.fingerprint(), "status": status, "summary": summary,
@@ -407,7 +432,7 @@ class AnalyzeRun:
     def combine(self) -> None:
         """Rewrite particles.csv, images.csv and run.json from the parts of this run's images."""
         start = time.perf_counter()
-        tables, everything, rows = [], [], []
+        tables, everything, agglomerates, rows = [], [], [], []
         for name in self.report.statuses:
             meta_path = self.parts / f"{name}.json"
             try:
@@ -419,7 +444,8 @@ class AnalyzeRun:
             row["message"] = self.report.statuses[name].get("message", "")
             rows.append(row)
             if info.get("status") in ("ok", "no particles"):
-                for k, (kind, into) in enumerate((("particles", tables), ("all", everything))):
+                for k, (kind, into) in enumerate((("particles", tables), ("all", everything),
+                                                  ("agglomerates", agglomerates))):
                     part = self._part(name, kind)
                     if name in self._tables:
                         df = self._tables[name][k]
@@ -428,10 +454,14 @@ class AnalyzeRun:
                     if df is not None and len(df):
                         into.append(df)
         empty = empty_particle_table(True, ultimate_points=True)
-        particles = pd.concat(tables, ignore_index=True) if tables else empty.assign(edge_weight=[])
+        particles = (pd.concat(tables, ignore_index=True) if tables
+                     else empty.assign(edge_weight=[], agglomerate_id=[], in_agglomerate=[]))
         write_csv(particles, self.out / "particles.csv")
-        write_csv(pd.concat(everything, ignore_index=True) if everything else empty.assign(edge_weight=[], included=[]),
+        write_csv(pd.concat(everything, ignore_index=True) if everything else empty.assign(edge_weight=[], included=[], agglomerate_id=[],
+                                                                             in_agglomerate=[]),
                   self.out / "all_particles.csv")
+        write_csv(pd.concat(agglomerates, ignore_index=True) if agglomerates
+                  else pd.DataFrame({c: [] for c in AGGLOMERATE_COLUMNS}), self.out / "agglomerates.csv")
         images = pd.DataFrame(rows)
         for col in _INTEGER_IMAGE_COLUMNS:
             if col in images:

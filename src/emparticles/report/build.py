@@ -1,7 +1,7 @@
 """Statistics, plots, ``summary.json`` and the self-contained ``report.html`` of an analyze run.
 
 Reads only the run's tables (``images.csv``, ``particles.csv``, ``all_particles.csv``,
-``run.json``), so a report can be rebuilt at any time with ``emparticles report RUN_DIR``.
+``agglomerates.csv``, ``run.json``), so a report can be rebuilt at any time with ``emparticles report RUN_DIR``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..io.writers import _write, write_json
+from ..stats.agglomeration import EU_RANGE_NM, agglomeration_summary, nano_share
 from ..stats.distribution import describe_sizes
 from ..stats.spatial import spatial_summary
 from . import plots
@@ -28,6 +29,7 @@ SECTIONS = {
     "images": "Per-image results",
     "distribution": "Pooled size distribution",
     "plots": "Plots",
+    "agglomerates": "Agglomerates and the EU nanomaterial share",
     "spatial": "Spatial arrangement",
     "methods": "Methods and definitions",
 }
@@ -57,6 +59,20 @@ t-test (equal variances) or Welch's t-test, at &alpha; = 0.01; a significant dif
 self-avoiding (larger NND) or clustered (smaller NND). The theoretical random NND is 0.5&radic;(A/n).
 Clark-Evans R uses Donnelly's edge-corrected expectation and variance; Ripley's L uses the
 translation edge correction with the envelope and MAD test of 99 random patterns.</p>
+<p><b>Agglomerates</b> (ISO/TS 80004-2): two particles belong to the same agglomerate when a pixel of
+one touches a pixel of the other, sideways or diagonally (8-connectivity), in the segmentation; an
+agglomerate is a connected group of touching particles, and a free particle an agglomerate of one.
+Strongly bound aggregates and weakly bound agglomerates look alike in a projection and are not told
+apart. Agglomerates touching the field border are listed but left out of the agglomerate size
+distribution and of the particles-per-agglomerate figures, since they are cut.</p>
+<p><b>EU nanomaterial share</b> (Commission Recommendation 2022/C 229/01): the share, by number, of
+the constituent particles (inside agglomerates included) whose minimum external dimension lies in
+1-100 nm, estimated by the minimum Feret diameter; 95% percentile bootstrap interval over particles.
+Verdict: yes when the whole interval is at or above 50%, no when it is below, undecided otherwise.
+Caveats: a projection shows two dimensions, so a plate lying flat shows its large dimensions and
+its thickness is not measured; particles smaller than a few pixels are not detected, so at coarse
+pixel sizes the smallest particles are missing and the share is underestimated; particles cut by
+the field border follow the edge-particle mode of the run.</p>
 """
 
 CSS = """
@@ -201,6 +217,8 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0, measure
         spatial_rows.append({"image": row["image"], **s})
     spatial_df = pd.DataFrame(spatial_rows)
 
+    agglomeration = agglomerate_statistics(run_dir, ok, pooled, unit, column, n_boot, seed)
+
     # plots
     plots_dir = run_dir / "plots"
     figures = []
@@ -221,6 +239,11 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0, measure
         if len(particles) >= 3:
             figures.append((_save(plots.correlation_matrix(particles), plots_dir, "shape_correlation"),
                             "Spearman correlation of shape descriptors"))
+    if agglomeration.get("figure") is not None:
+        figures.append((_save(agglomeration.pop("figure"), plots_dir, "particles_and_agglomerates_ecd"),
+                        ("ECD of the constituent particles and of the agglomerates (free particles count "
+                         "as agglomerates of one; agglomerates cut by the border left out)")))
+    agglomeration.pop("figure", None)
     for i, (name, (rip, u)) in enumerate(ripleys.items()):
         if i >= 6:
             break
@@ -232,15 +255,81 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0, measure
         "pooled": dist.to_dict(), "pooled_area_weighted": weighted.get("area").to_dict() if weighted else None,
         "pooled_volume_weighted": weighted.get("volume").to_dict() if weighted else None,
         "per_image": per_image, "spatial": spatial_rows, "warnings": warnings,
+        "agglomeration": agglomeration.get("summary"), "agglomerate_size": agglomeration.get("size"),
+        "eu_nano_share": agglomeration.get("nano"),
         "settings": settings, "versions": run.get("versions", {}),
     }
     write_json(summary, run_dir / "summary.json")
     _write(run_dir / "report.html", lambda p: p.write_text(
-        _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit, name_of), encoding="utf-8"))
+        _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit, name_of,
+              agglomeration), encoding="utf-8"))
     return summary
 
 
-def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit, name_of="ECD") -> str:
+def agglomerate_statistics(run_dir: Path, ok: pd.DataFrame, particles: pd.DataFrame, unit: str, column: str,
+                           n_boot: int, seed: int) -> dict:
+    """Agglomeration summary, agglomerate size distribution (ECD, agglomerates not cut by the
+    border) and EU nanomaterial share of the pooled particles; a figure of both distributions.
+    Empty for a run without ``agglomerates.csv``."""
+    path = run_dir / "agglomerates.csv"
+    if not path.exists():
+        return {}
+    agglomerates = pd.read_csv(path)
+    agglomerates = agglomerates[agglomerates["image"].isin(set(ok["image"]))] if len(agglomerates) else agglomerates
+    if set(particles["image"]) != set(ok["image"]) and len(particles):
+        agglomerates = agglomerates[agglomerates["image"].isin(set(particles["image"]))]
+    summary = agglomeration_summary(particles, agglomerates)
+    length_unit = "nm" if unit.startswith("nm") else "px"
+    ecd_col = f"ecd_{length_unit}"
+    whole = agglomerates[~agglomerates["touches_edge"].astype(bool)] if len(agglomerates) else agglomerates
+    sizes = whole[ecd_col].to_numpy(float) if ecd_col in whole else np.zeros(0)
+    size = describe_sizes(sizes, unit=length_unit, n_boot=max(200, n_boot // 4), seed=seed) if sizes.size else None
+    if length_unit == "nm" and "feret_min_nm" in particles:
+        w = particles["edge_weight"].to_numpy(float) if "edge_weight" in particles else None
+        nano = nano_share(particles["feret_min_nm"].to_numpy(float), w, n_boot=n_boot, seed=seed).to_dict()
+        smallest = float(np.nanmax(ok["pixel_size_nm"])) * 3 if len(ok) else float("nan")
+        nano["resolution_note"] = (f"particles below about {smallest:.3g} nm (3 pixels at the coarsest pixel size of "
+                                   f"the run) cannot be detected and are missing from the count")
+    else:
+        nano = {"verdict": "not assessable", "explanation": "The pixel size is unknown for some images, so minimum "
+                "dimensions in nm, and the EU share, cannot be given. Give --pixel-size."}
+    nano["range_nm"] = list(EU_RANGE_NM)
+    p_ecd = particles[ecd_col].to_numpy(float) if ecd_col in particles else np.zeros(0)
+    figure = plots.particles_and_agglomerates(p_ecd, sizes, length_unit) if p_ecd.size and sizes.size else None
+    return {"summary": summary, "size": size.to_dict() if size else None, "nano": nano, "figure": figure,
+            "unit": length_unit}
+
+
+def _agglomerate_html(agglomeration: dict) -> str:
+    if not agglomeration:
+        return "<p>No agglomerate table in this run (made by an older version): run analyze again.</p>"
+    s, nano, u = agglomeration["summary"], agglomeration["nano"], agglomeration["unit"]
+    size = agglomeration.get("size") or {}
+    rows = [("constituent particles (in the statistics)", s["particles"]),
+            ("free particles", s["free_particles"]),
+            ("particles in agglomerates of two or more", s["agglomerated_particles"]),
+            ("fraction agglomerated", _fmt(s["fraction_agglomerated"], 3)),
+            ("agglomerates (free particles included)", s["agglomerates"]),
+            ("of which not cut by the border", s["agglomerates_not_touching_edge"]),
+            ("of two or more particles", s["agglomerates_of_two_or_more"]),
+            ("particles per agglomerate: mean", _fmt(s["particles_per_agglomerate_mean"], 3)),
+            ("particles per agglomerate: median", _fmt(s["particles_per_agglomerate_median"], 3)),
+            ("particles per agglomerate: largest", s["particles_per_agglomerate_max"])]
+    if size:
+        for q in ("d10", "d50", "d90"):
+            iv = size[q]
+            rows.append((f"agglomerate ECD {q.upper()} ({u}) [95% CI]",
+                         f"{_fmt(iv['value'])} [{_fmt(iv['low'])}, {_fmt(iv['high'])}]"))
+    body = _table(pd.DataFrame(rows, columns=["agglomeration", "value"]))
+    verdict = {"yes": "Yes", "no": "No", "undecided": "Undecided"}.get(nano.get("verdict"), "Not assessable")
+    body += (f"<p><b>Nanomaterial by the EU definition: {verdict}.</b> {html.escape(nano.get('explanation', ''))}</p>")
+    if "resolution_note" in nano:
+        body += f"<p>Caveat: {html.escape(nano['resolution_note'])}; see Methods for the others.</p>"
+    return body
+
+
+def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit, name_of="ECD",
+          agglomeration: dict | None = None) -> str:
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>emparticles report</title>"
             f"<style>{CSS}</style></head><body><h1>Particle analysis report</h1>"
             f"<p>{html.escape(str(len(images)))} image(s); updated {html.escape(run.get('updated', ''))}; "
@@ -296,6 +385,8 @@ def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures
         body = _table(spatial_df[[c for c in scols if c in spatial_df]])
     else:
         body = "<p>Too few particles for spatial statistics.</p>"
+    parts.append(f"<section id='agglomerates'><h2>{SECTIONS['agglomerates']}</h2>"
+                 f"{_agglomerate_html(agglomeration or {})}</section>")
     parts.append(f"<section id='spatial'><h2>{SECTIONS['spatial']}</h2>{body}</section>")
     parts.append(f"<section id='methods'><h2>{SECTIONS['methods']}</h2>{METHODS}</section>")
     parts.append("</body></html>")

@@ -133,3 +133,20 @@ def d50_trend(rows: pd.DataFrame, unit: str):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def particles_and_agglomerates(particle_ecd, agglomerate_ecd, unit: str):
+    """Number distributions of the ECD of the constituent particles and of the agglomerates
+    (free particles count as agglomerates of one), on common log-spaced bins."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    both = np.concatenate([np.asarray(particle_ecd, float), np.asarray(agglomerate_ecd, float)])
+    both = both[np.isfinite(both) & (both > 0)]
+    edges = np.geomspace(both.min(), both.max() * 1.0001, 30) if both.size >= 2 else 10
+    ax.hist(particle_ecd, bins=edges, color="#8fb8de", edgecolor="#2b5d8a", alpha=0.8, label="constituent particles")
+    ax.hist(agglomerate_ecd, bins=edges, histtype="step", lw=2, color="#c05a00", label="agglomerates")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"ECD ({unit})")
+    ax.set_ylabel("count")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
