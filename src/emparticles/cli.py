@@ -91,6 +91,8 @@ def analyze(
     crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar (no detection).")] = None,
     no_infobar: Annotated[bool, typer.Option("--no-infobar", help="The images have no info bar: analyse every row.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already finished in OUTPUT.")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", help="Analyse on a local dask.distributed cluster of N worker processes (the cores shared among them).", min=1)] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Analyse on the dask.distributed cluster at this address (tcp://HOST:8786); OUTPUT must be on storage every worker mounts at the same path.")] = None,
 ) -> None:
     """Segment and measure particles; write particles.csv, images.csv, labels/, overlays/ and run.json."""
     from .models.registry import load_model
@@ -116,7 +118,10 @@ def analyze(
         settings = AnalysisSettings(model=model or DEFAULT_MODEL, pixel_size_nm=ps, crop_bottom=crop_bottom,
                                     detect_infobar=not no_infobar, edge_particles=mode,
                                     min_area=min_area, device=device, particle_size=particle_size)
-        segmenter = load_model(settings.model, device)
+        if workers and scheduler:
+            raise InputError(None, "--workers and --scheduler both given", "give one: --workers starts a local cluster")
+        distributed = bool(workers or scheduler)
+        segmenter = load_model(settings.model, device)  # on a cluster too: a bad --model fails here, once
         _settle_heap()
         run = AnalyzeRun(output, settings, overwrite=overwrite)
     except EmparticlesError as exc:
@@ -128,8 +133,10 @@ def analyze(
     names = unique_stems(files)
     with _progress() as progress:
         task = progress.add_task("analysing", total=len(files))
+        if distributed:
+            _analyze_on_cluster(run, files, names, settings, workers, scheduler, progress, task)
         try:
-            for path, name in zip(files, names):
+            for path, name in ([] if distributed else zip(files, names)):
                 progress.update(task, description=f"analysing {path.name}")
                 if run.is_done(name):
                     run.record_done(name, path)
@@ -157,6 +164,36 @@ def analyze(
     out.print(f"{ok} image(s) analysed, {len(failed)} failed or without particles -> {output}", highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+def _analyze_on_cluster(run, files, names, settings, workers, scheduler, progress, task) -> None:
+    """The images of an ``analyze`` run on a dask.distributed cluster (:mod:`emparticles.batch`)."""
+    from .batch import close_client, run_on_cluster, start_client, wait_for_workers
+
+    def done(name, path, status) -> None:
+        for w in status.get("warnings", []):
+            _warn(path, w)
+        if status.get("status") == "failed":
+            err.print(ERROR, f"{path}: {status.get('message', '')}", highlight=False, soft_wrap=True)
+        progress.advance(task)
+
+    progress.update(task, description="starting the cluster")
+    try:
+        client, cluster = start_client(workers, scheduler)
+    except EmparticlesError as exc:
+        _fail(exc)
+    try:
+        if cluster is not None:
+            wait_for_workers(client, int(workers))
+        progress.update(task, description=f"analysing on {len(client.scheduler_info()['workers'])} workers")
+        run_on_cluster(run, files, names, settings, client, done)
+    except EmparticlesError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        run.combine()  # the tables of every image finished so far
+        raise
+    finally:
+        close_client(client, cluster)
 
 
 @app.command()
@@ -610,4 +647,8 @@ def annotations_export(
 
 
 def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":
     app()

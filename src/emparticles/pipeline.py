@@ -379,6 +379,21 @@ class AnalyzeRun:
                                       "warnings": info.get("warnings", [])}
         self._combined = False
 
+    def record_result(self, name: str, path: Path, status: dict) -> None:
+        """Record an image that another process (a cluster worker) analysed and saved into this
+        folder; ``status`` holds its ``status``, ``message`` and ``warnings``."""
+        self.report.statuses[name] = {"path": str(path), **status}
+        self._combined = False
+
+    def keep_order(self, names: list[str]) -> None:
+        """Order the images of the combined tables as ``names`` (the inputs' order), whatever
+        order they finished in; input problems recorded before them stay first."""
+        first = [k for k in self.report.statuses if k.startswith("input:")]
+        ordered = first + [n for n in names if n in self.report.statuses]
+        rest = [k for k in self.report.statuses if k not in set(ordered)]
+        self.report.statuses = {k: self.report.statuses[k] for k in ordered + rest}
+        self._combined = False
+
     def save_image(self, name: str, result: ImageResult) -> None:
         mg = result.micrograph
         particles = result.particles.copy()
