@@ -25,8 +25,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # No console markup: file names and messages are printed as they are ("run[2].tif" stays whole).
-out = Console(markup=False)
-err = Console(stderr=True, markup=False)
+# soft_wrap: lines are never broken at the console's width (80 columns when the output is a file
+# or a pipe, which cut messages and paths in logs); a terminal wraps them itself.
+out = Console(markup=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, soft_wrap=True)
 ERROR = Text("error:", style="red")
 WARNING = Text("warning:", style="yellow")
 
@@ -254,29 +256,39 @@ def segment(
 
 @app.command()
 def measure(
-    labels: Annotated[list[Path], typer.Argument(help="Label images (16-bit PNG/TIFF, 0 = background).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="CSV file to write.")],
-    image: Annotated[Path | None, typer.Option("--image", help="The micrograph (for grey values and its pixel size); one label file only.")] = None,
+    labels: Annotated[list[Path] | None, typer.Argument(help="Label images (16-bit PNG/TIFF, 0 = background).")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="CSV file to write.")] = Path("particles.csv"),
+    image: Annotated[Path | None, typer.Option("--image", help="The micrograph (for grey values and its pixel size); one label file or ROI set only.")] = None,
+    rois: Annotated[list[Path] | None, typer.Option("--rois", help="An ImageJ ROI set (.zip from Fiji's ROI Manager, or the rois/<image>.zip of an analyze run) to measure instead of a label image; needs --image.")] = None,
     pixel_size: PixelSizeOpt = None,
 ) -> None:
-    """Measure label images made elsewhere (ImageJ definitions); one row per particle."""
+    """Measure label images or ImageJ ROI sets made elsewhere (ImageJ definitions); one row per particle."""
     import pandas as pd
 
+    from .io.exports import read_imagej_rois
     from .io.images import read_micrograph
     from .io.writers import read_labels, write_csv
     from .measure import measure_labels
 
+    labels, rois = list(labels or []), list(rois or [])
     try:
         ps_user = _pixel_size(pixel_size)
-        if image is not None and len(labels) != 1:
-            raise InputError(image, "--image goes with exactly one label file", "measure the files one at a time")
+        if not labels and not rois:
+            raise InputError(None, "nothing to measure", "give label images, or --rois ROISET.zip --image IMAGE")
+        if rois and image is None:
+            raise InputError(rois[0], "an ROI set has no image size", "add --image with the micrograph the ROIs were drawn on")
+        if image is not None and len(labels) + len(rois) != 1:
+            raise InputError(image, "--image goes with exactly one label file or ROI set", "measure the files one at a time")
         grey_mg = read_micrograph(image) if image is not None else None
     except EmparticlesError as exc:
         _fail(exc)
     tables, failures = [], 0
-    for path in labels:
+    for path in labels + rois:
         try:
-            lab, ps_file = read_labels(path)
+            if path in rois:
+                lab, ps_file = read_imagej_rois(path, grey_mg.shape), None
+            else:
+                lab, ps_file = read_labels(path)
             grey = None
             ps = ps_user if ps_user is not None else ps_file
             if grey_mg is not None:
@@ -284,7 +296,7 @@ def measure(
                     raise InputError(path, f"labels are {lab.shape[1]}x{lab.shape[0]} but --image is {grey_mg.shape[1]}x{grey_mg.shape[0]}", "pass the image the labels were drawn on")
                 grey = grey_mg.pixels
                 ps = ps if ps is not None else grey_mg.pixel_size_nm
-            df = measure_labels(lab, grey, ps, image_name=path.stem)
+            df = measure_labels(lab, grey, ps, image_name=(image.stem if path in rois else path.stem))
             if ps is None:
                 _warn(path, "pixel size unknown, lengths in pixels (give --pixel-size)")
             if len(df) == 0:
@@ -389,7 +401,7 @@ def train(
     steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch")] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, one-cycle cosine; Mask R-CNN: SGD, try 1e-3).")] = 3e-3,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Images held out for validation (by a hash of the name).")] = 0.15,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of the images held out for validation, whole sources on each side (sources.csv / images.csv / groups.csv beside the images folder, or the file stem without its frame number).")] = 0.15,
     device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt.")] = False,
     extra_images: Annotated[Path | None, typer.Option("--extra-images", help="A second annotated set used for training only, e.g. from 'emparticles synth'.")] = None,
@@ -449,6 +461,44 @@ def train(
     except EmparticlesError as exc:
         _fail(exc)
     out.print(f"best model -> {best}  (use it with --model {best})")
+
+
+@app.command()
+def finetune(
+    images: Annotated[Path, typer.Option("--images", help="Folder of your micrographs.")],
+    masks: Annotated[Path, typer.Option("--masks", help="Their annotations: a folder of 16-bit label images or ImageJ ROI zips (<stem>.png / <stem>.zip, as analyze writes them and Fiji saves them), or one COCO / labelme / VIA file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model folder to write; use it with --model OUTPUT.")],
+    base: Annotated[str | None, typer.Option("--base", help="Model to start from (default: the default model).")] = None,
+    minutes: Annotated[float, typer.Option("--minutes", help="Time budget for the whole run, loading and scoring included.", min=0.2)] = 10.0,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the decoder (the encoder gets 0.3 of it).")] = 5e-4,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Adapt a model to your material from a few annotated or corrected images, within a time budget;
+    the result is kept only if it beats the base on images held out of the fine-tuning."""
+    from rich.progress import TimeRemainingColumn
+
+    from .inference import pick_device
+    from .train.finetune import FinetuneConfig, read_annotated
+    from .train.finetune import finetune as run_finetune
+
+    cfg = FinetuneConfig(base=base or "", minutes=minutes, lr=lr, device=device)
+    try:
+        pick_device(device)
+        data = read_annotated(images, masks)
+        out.print(f"{len(data)} annotated image(s); budget {minutes:g} min", highlight=False)
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), TimeElapsedColumn(),
+                      TextColumn("left"), TimeRemainingColumn(), console=err, transient=True) as progress:
+            task = progress.add_task("fine-tuning", total=1.0)
+
+            def show(fraction: float, what: str) -> None:
+                progress.update(task, completed=min(fraction, 1.0), description=what)
+
+            result = run_finetune(data, output, cfg, images_dir=images, log=lambda m: out.print(m, highlight=False),
+                                  progress=show)
+    except EmparticlesError as exc:
+        _fail(exc)
+    out.print(f"{result.kept} weights in {output} ({result.seconds / 60:.1f} min); use it with --model {output}",
+              highlight=False)
 
 
 @app.command()

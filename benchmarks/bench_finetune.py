@@ -1,0 +1,94 @@
+"""Fine-tuning on a few images of one source, scored on the rest of the set: before, after, time.
+
+    python benchmarks/bench_finetune.py [--set sem-silica|sem-agglomerates|emps-train] [--source A02]
+        [--k 4] [--minutes 10] [--base MODEL]
+
+Takes the first ``--k`` images of one source (a silica sample group, an agglomerate sample, an
+EMPS article; default: the source with the most images), runs ``emparticles finetune`` on them
+(which itself holds a quarter out to decide whether to keep the result), then scores base and
+fine-tuned models on every other image of the set (instance sets: F1, foreground IoU, count
+ratio, D50 error; agglomerate masks: foreground IoU and the share on bare substrate), and prints
+the wall time of the fine-tuning against its budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from emparticles.io import read_labels, read_micrograph
+from emparticles.models import load_model
+from emparticles.pipeline import locate_infobar, segment_micrograph
+from emparticles.train.data import find_pairs
+from emparticles.train.finetune import FinetuneConfig, finetune, read_annotated
+from emparticles.train.loop import foreground_figures, pooled_figures
+from emparticles.train.splits import source_groups
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def score(model, pairs, kind: str) -> dict:
+    truths, preds = [], []
+    for image_path, mask_path in pairs:
+        _, full = segment_micrograph(locate_infobar(read_micrograph(image_path)), model)
+        truths.append(read_labels(mask_path)[0])
+        preds.append(full)
+    fig = foreground_figures(zip(truths, preds))
+    if kind == "instances":
+        fig.update(pooled_figures(zip(truths, preds)))
+    return fig
+
+
+def line(fig: dict) -> str:
+    parts = [f"{k} {fig[k]:.3f}" for k in ("f1", "foreground_iou", "count_ratio", "foreground_on_background") if k in fig]
+    return ", ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", default="sem-silica", choices=["sem-silica", "sem-agglomerates", "emps-train"])
+    parser.add_argument("--source", default=None)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--base", default="")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = DATA / args.set
+    masks = folder / ("masks" if args.set == "sem-agglomerates" else "segmaps")
+    kind = "foreground" if args.set == "sem-agglomerates" else "instances"
+    pairs = find_pairs(folder / "images", masks)
+    groups, _ = source_groups(folder / "images", [p[0].stem for p in pairs])
+    source = args.source or Counter(groups.values()).most_common(1)[0][0]
+    chosen = [p for p in pairs if groups[p[0].stem] == source][: args.k]
+    rest = [p for p in pairs if p not in chosen]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    for sub in ("images", "masks"):
+        (tmp / sub).mkdir()
+    for image_path, mask_path in chosen:
+        shutil.copy(image_path, tmp / "images" / image_path.name)
+        shutil.copy(mask_path, tmp / "masks" / mask_path.name)
+    print(f"{args.set}: fine-tuning on {len(chosen)} image(s) of source {source}, scoring {len(rest)} others")
+    t = time.monotonic()
+    result = finetune(read_annotated(tmp / "images", tmp / "masks"), tmp / "model",
+                      FinetuneConfig(base=args.base, minutes=args.minutes), images_dir=tmp / "images")
+    took = time.monotonic() - t
+    base = load_model(args.base or None, "cpu")
+    before, after = score(base, rest, kind), score(load_model(str(tmp / "model"), "cpu"), rest, kind)
+    print(f"  kept: {result.kept} ({result.reason})")
+    print(f"  time: {took / 60:.1f} min for a budget of {args.minutes:g} min ({result.steps} steps)")
+    print(f"  before: {line(before)}")
+    print(f"  after:  {line(after)}")
+    if kind == "instances":
+        print(f"  F1 change on the other images: {after['f1'] - before['f1']:+.3f}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

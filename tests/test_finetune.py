@@ -1,0 +1,160 @@
+"""emparticles finetune: ROI-zip masks, the time budget, the not-better guard, interruption, NaN."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from emparticles.io.exports import read_imagej_rois, write_imagej_rois
+from emparticles.train import finetune as ft
+
+from .conftest import disks_image
+
+
+def test_roi_zip_round_trip_is_pixel_exact(tmp_path):
+    lab = np.zeros((60, 80), np.int32)
+    yy, xx = np.mgrid[:60, :80]
+    lab[((yy - 20) ** 2 + (xx - 20) ** 2) <= 81] = 3
+    lab[((yy - 20) ** 2 + (xx - 38) ** 2) <= 64] = 7  # touching 3, painted over it
+    lab[40:55, 50:75] = 12
+    lab[45:50, 60:65] = 0  # a hole in 12 ...
+    lab[46:49, 61:64] = 15  # ... with a particle inside it
+    lab[0:6, 70:80] = 4  # at the border
+    write_imagej_rois(lab, tmp_path / "r.zip")
+    back = read_imagej_rois(tmp_path / "r.zip", lab.shape)
+    expected = lab.copy()
+    expected[45:50, 60:65][lab[45:50, 60:65] == 0] = 12  # ImageJ's traced ROI covers the hole
+    np.testing.assert_array_equal(back, expected)
+    with pytest.raises(Exception, match="not an ImageJ ROI set"):
+        (tmp_path / "bad.zip").write_bytes(b"not a zip")
+        read_imagej_rois(tmp_path / "bad.zip", lab.shape)
+
+
+def test_roi_sets_drawn_in_fiji_rectangles_ovals_and_unnamed(tmp_path):
+    import roifile
+
+    rect = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, top=2, left=3, bottom=6, right=10, name="a")
+    oval = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.OVAL, top=10, left=10, bottom=20, right=20, name="b")
+    roifile.roiwrite(tmp_path / "fiji.zip", [rect, oval], mode="w")
+    lab = read_imagej_rois(tmp_path / "fiji.zip", (30, 30))
+    assert (lab == 1).sum() == 4 * 7 and (lab[2:6, 3:10] == 1).all()  # names not numbers: 1..N in order
+    yy, xx = np.mgrid[:30, :30]
+    disk = ((yy + 0.5 - 15) / 5) ** 2 + ((xx + 0.5 - 15) / 5) ** 2 <= 1
+    np.testing.assert_array_equal(lab == 2, disk)
+
+
+def write_set(folder, count=4, rois=False):
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        centres = [(rng.uniform(15, 81), rng.uniform(15, 81)) for _ in range(4)]
+        img, lab = disks_image(centres, radius=9, shape=(96, 96), seed=k)
+        Image.fromarray(img).save(folder / "images" / f"img{k}.png")
+        if rois:
+            write_imagej_rois(lab, folder / "masks" / f"img{k}.zip")
+        else:
+            Image.fromarray(lab.astype(np.uint16)).save(folder / "masks" / f"img{k}.png")
+    return folder / "images", folder / "masks"
+
+
+def test_read_annotated_takes_label_images_or_roi_zips(tmp_path):
+    images, masks = write_set(tmp_path / "png")
+    images2, masks2 = write_set(tmp_path / "zip", rois=True)
+    a, b = ft.read_annotated(images, masks), ft.read_annotated(images2, masks2)
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == ["img0", "img1", "img2", "img3"]
+    for (_, _, la), (_, _, lb) in zip(a, b):
+        assert ((la > 0) == (lb > 0)).all() and la.max() == lb.max()
+    with pytest.raises(Exception, match="no annotation matches"):
+        ft.read_annotated(images, tmp_path)
+
+
+def test_budget_is_honoured_and_the_folder_is_a_model(tmp_path):
+    from emparticles.models import load_model
+
+    images, masks = write_set(tmp_path)
+    data = ft.read_annotated(images, masks)
+    cfg = ft.FinetuneConfig(minutes=0.3, crop=96, batch_size=2)
+    t = time.monotonic()
+    result = ft.finetune(data, tmp_path / "model", cfg, images_dir=images, log=lambda m: None)
+    took = time.monotonic() - t
+    assert took < 0.3 * 60 + 15, took  # the budget plus a margin for a loaded machine
+    assert result.steps > 0 and result.holdout_images and result.kept in ("fine-tuned", "base")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["finetune"]["held_out_images"] == result.holdout_images
+    assert "Kept:" in (tmp_path / "model" / "MODEL_CARD.md").read_text()
+    seg = load_model(str(tmp_path / "model"), "cpu")
+    inst, _ = seg.segment(data[0][1])
+    assert inst.labels.shape == (96, 96)
+
+
+def test_not_better_keeps_the_base(tmp_path, monkeypatch):
+    images, masks = write_set(tmp_path)
+    data = ft.read_annotated(images, masks)
+    calls = []
+
+    def scripted(seg, hold):
+        calls.append(seg)
+        f1 = 0.80 if len(calls) == 1 else 0.70  # the fine-tuned model scores worse
+        return {"f1": f1, "foreground_iou": 0.9, "count_ratio": 1.0, "precision": f1, "recall": f1,
+                "panoptic_quality": f1, "d50_rel_error": 0.0}
+
+    monkeypatch.setattr(ft, "figures", scripted)
+    result = ft.finetune(data, tmp_path / "model", ft.FinetuneConfig(minutes=0.15, crop=96, batch_size=2),
+                         images_dir=images, log=lambda m: None)
+    assert result.kept == "base" and "not better" in result.reason
+    base = load_file(str(ft.resolve_base("") / "weights.safetensors"))
+    kept = load_file(str(tmp_path / "model" / "weights.safetensors"))
+    assert all(np.array_equal(base[k].numpy(), kept[k].numpy()) for k in base)
+    card = (tmp_path / "model" / "MODEL_CARD.md").read_text()
+    assert "Kept: base" in card and "| f1 | 0.800 | 0.700 |" in card
+
+
+def test_interruption_leaves_a_usable_folder(tmp_path, monkeypatch):
+    from emparticles.models import load_model
+    from emparticles.train import data as data_mod
+
+    images, masks = write_set(tmp_path)
+    original, calls = data_mod.augmented_sample, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 6:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "augmented_sample", interrupted)
+    result = ft.finetune(ft.read_annotated(images, masks), tmp_path / "model",
+                         ft.FinetuneConfig(minutes=2, crop=96, batch_size=2), images_dir=images, log=lambda m: None)
+    assert "interrupted" in result.reason and result.steps == 3
+    assert not (tmp_path / "model.writing").exists()
+    load_model(str(tmp_path / "model"), "cpu").segment(np.zeros((64, 64), np.float32) + np.eye(64, dtype=np.float32))
+
+
+def test_a_non_finite_loss_stops_with_a_message(tmp_path, monkeypatch):
+    import torch
+
+    from emparticles.train import loop
+
+    images, masks = write_set(tmp_path)
+    original, calls = loop.segmentation_loss, []
+
+    def exploding(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * torch.tensor(float("nan")) if len(calls) == 4 else loss
+
+    monkeypatch.setattr(loop, "segmentation_loss", exploding)
+    messages = []
+    result = ft.finetune(ft.read_annotated(images, masks), tmp_path / "model",
+                         ft.FinetuneConfig(minutes=1, crop=96, batch_size=2), images_dir=images, log=messages.append)
+    assert result.steps == 3 and any("loss became nan" in m for m in messages)
+    assert "loss became nan" in result.reason
+    weights = load_file(str(tmp_path / "model" / "weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
