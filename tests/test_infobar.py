@@ -107,3 +107,29 @@ def test_black_bar_under_dark_substrate_is_found():
     assert detect_infobar(img) == 44
     # the same dark frame without a bar has none
     assert detect_infobar(frame) == 0
+
+
+def smartsem_black_bar(seed: int, particles: int, h: int = 768, w: int = 1024, bar: int = 56) -> np.ndarray:
+    """A Zeiss SmartSEM-like frame: bright particles on a substrate clipped to black, and under it
+    a black data bar of ``bar`` rows with white text and a white scale bar."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0, 3, (h, w))
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(particles):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(10, 45)
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        img = np.where(d <= r, rng.uniform(90, 200) + 40 * (1 - d / r), img)
+    img = np.clip(img + rng.normal(0, 6, (h, w)), 0, 255)
+    img[h - bar:] = 0
+    for x0 in range(30, w - 120, 140):
+        img[h - bar + 14:h - bar + 30, x0:x0 + 90] = np.where(rng.random((16, 90)) < 0.35, 255, 0)
+    img[h - bar + 40:h - bar + 46, 40:160] = 255
+    return img.astype(np.uint8)
+
+
+@pytest.mark.parametrize("particles", [20, 40, 150])
+def test_black_smartsem_bar_under_a_black_substrate(particles):
+    for seed in range(2):
+        img = smartsem_black_bar(seed, particles)
+        assert detect_infobar(img) == 56
+        assert detect_infobar(img[:712]) == 0  # the frame alone has no bar

@@ -64,7 +64,8 @@ def detect_infobar(pixels: np.ndarray) -> int:
         if above.size and _flatness(above) >= 0.95 and _flatness(band) < 0.95:
             continue
         return int(h - y)
-    return _uniform_band(levels, start, min_rows)
+    return (_uniform_band(levels, start, min_rows) or _straight_edge_band(levels, jumps, start, min_rows)
+            or _two_level_rows(levels, start, min_rows))
 
 
 def _uniform_band(levels: np.ndarray, start: int, min_rows: int) -> int:
@@ -98,3 +99,57 @@ def fei_infobar_rows(metadata: dict, height: int) -> int | None:
     if 0 < frame < height and height - frame <= MAX_BAR_FRACTION * height:
         return height - frame
     return None
+
+
+def _straight_edge_band(levels: np.ndarray, jumps: np.ndarray, start: int, min_rows: int) -> int:
+    """Third test, for a black bar with white text under a frame with a dark substrate (Zeiss
+    SmartSEM's data bar under particles on carbon tape): where the frame is dark, nothing jumps
+    at the bar's top, so fewer columns than :data:`EDGE_COLUMNS` do, and the dark substrate
+    above (clipped to black, often) shares the bar's level. But every column that does jump,
+    jumps on the same row, many times more of them than on the rows around it; below that row,
+    most pixels of every row take one exact grey level (the bar's background) and the band has
+    two levels (text and background), where the frame above has particles in many greys."""
+    h = levels.shape[0]
+    fraction = jumps.mean(axis=1)
+    for k in np.nonzero(fraction >= 0.1)[0]:
+        y = int(k) + start
+        if h - y < min_rows:
+            break
+        around = np.r_[fraction[max(0, k - 4):k], fraction[k + 1:k + 3]]
+        if around.size and fraction[k] < 8 * max(float(around.max()), 0.005):
+            continue
+        band = levels[y:]
+        level = int(np.argmax(np.bincount(band.ravel(), minlength=256)))
+        near = np.abs(band.astype(np.int16) - level) <= 1
+        if near.mean() < 0.6 or near.mean(axis=1).min() < 0.3 or _flatness(band) < 0.85:
+            continue
+        # the frame above is not two-level: particles come in many greys, even on a substrate
+        # clipped to black
+        above = levels[max(0, y - (h - y)):y]
+        if above.size and _flatness(above) > _flatness(band) - 0.1:
+            continue
+        return int(h - y)
+    return 0
+
+
+def _two_level_rows(levels: np.ndarray, start: int, min_rows: int) -> int:
+    """Fourth test, for a black-and-white bar whose top no edge reveals (a black bar under a
+    frame whose substrate is black along the bar): the bar's rows hold nothing but its two levels
+    (background and text, exactly), while a micrograph's rows, even on a black substrate, hold
+    particles in other greys or noise. The run of such rows from the bottom is the bar."""
+    h = levels.shape[0]
+    bottom = levels[-min_rows:]
+    hist = np.bincount(bottom.ravel(), minlength=256)
+    first = int(np.argmax(hist))
+    rest = hist.copy()
+    rest[max(0, first - 2):first + 3] = 0
+    second = int(np.argmax(rest))
+    lv = levels[start:].astype(np.int16)
+    two = ((np.abs(lv - first) <= 1) | (np.abs(lv - second) <= 1)).mean(axis=1) >= 0.97
+    if not two[-1]:
+        return 0
+    run = int(np.argmin(two[::-1])) if not two.all() else two.size
+    top = h - run
+    if run < min_rows or top <= start or abs(first - second) < 64:
+        return 0
+    return run
