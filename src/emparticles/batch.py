@@ -77,7 +77,7 @@ def analyse_on_worker(path: str, name: str, out_dir: str, settings: dict, model_
         run.save_image(name, result)
     except Exception as exc:  # noqa: BLE001 - one bad file never stops a batch
         message = error_message(exc)
-        run.save_failure(name, Path(path), message)
+        run.save_failure(name, Path(path), message, getattr(exc, "known", None))
         return {"status": "failed", "message": message, "warnings": []}
     return {k: run.report.statuses[name][k] for k in ("status", "message", "warnings")}
 

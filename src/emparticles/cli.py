@@ -91,6 +91,7 @@ def analyze(
     min_area: Annotated[str, typer.Option("--min-area", help="Drop particles smaller than this: pixels (20) or an area (100nm2).")] = "0",
     particle_size: Annotated[str | None, typer.Option("--particle-size", help="Typical particle diameter (20nm or 15px) to resample the image for the network; automatic when not given.")] = None,
     crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar (no detection).")] = None,
+    scale_bar: Annotated[str, typer.Option("--scale-bar", help="auto: read the burned-in scale bar, to calibrate images without a pixel size in their metadata and to cross-check those with one; off: never.")] = "auto",
     no_infobar: Annotated[bool, typer.Option("--no-infobar", help="The images have no info bar: analyse every row.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already finished in OUTPUT.")] = False,
     workers: Annotated[int | None, typer.Option("--workers", help="Analyse on a local dask.distributed cluster of N worker processes (the cores shared among them).", min=1)] = None,
@@ -119,7 +120,10 @@ def analyze(
 
         settings = AnalysisSettings(model=model or DEFAULT_MODEL, pixel_size_nm=ps, crop_bottom=crop_bottom,
                                     detect_infobar=not no_infobar, edge_particles=mode,
-                                    min_area=min_area, device=device, particle_size=particle_size)
+                                    min_area=min_area, device=device, particle_size=particle_size,
+                                    scale_bar=scale_bar)
+        if scale_bar not in ("auto", "off"):
+            raise InputError(None, f"--scale-bar {scale_bar!r} is not a mode", "use auto or off")
         if workers and scheduler:
             raise InputError(None, "--workers and --scheduler both given", "give one: --workers starts a local cluster")
         distributed = bool(workers or scheduler)
@@ -149,7 +153,7 @@ def analyze(
                         for w in result.warnings:
                             _warn(path, w)
                     except Exception as exc:  # noqa: BLE001 - one bad file never stops a batch
-                        run.save_failure(name, path, _report_error(path, exc))
+                        run.save_failure(name, path, _report_error(path, exc), getattr(exc, "known", None))
                 run.combine_if_due()
                 progress.advance(task)
         except KeyboardInterrupt:
@@ -196,6 +200,68 @@ def _analyze_on_cluster(run, files, names, settings, workers, scheduler, progres
         raise
     finally:
         close_client(client, cluster)
+
+
+@app.command()
+def calibrate(
+    paths: Annotated[list[str], typer.Argument(help="Images, folders of images, or glob patterns.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="CSV file to write (e.g. calibration.csv).")] = None,
+    crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar.")] = None,
+) -> None:
+    """Check the pixel size of every image before a long batch, without segmenting: from the
+    metadata and from the burned-in scale bar, and whether the two agree."""
+    import numpy as np
+    import pandas as pd
+    from rich.table import Table
+
+    from .io.images import read_micrograph
+    from .io.writers import write_csv
+    from .pipeline import calibrate_from_scale_bar, find_images, locate_infobar, unique_stems
+
+    files, problems = find_images(paths)
+    for item, message in problems:
+        err.print(ERROR, f"{item}: {message}", highlight=False, soft_wrap=True)
+    rows, failures = [], len(problems)
+    for path, name in zip(files, unique_stems(files)):
+        try:
+            mg = locate_infobar(read_micrograph(path), crop_bottom)
+            metadata_ps, metadata_source = mg.pixel_size_nm, mg.pixel_size_source
+            mg = calibrate_from_scale_bar(mg)
+            sb = mg.metadata.get("scale_bar", {})
+            rows.append({"image": name, "pixel_size_nm": mg.pixel_size_nm,
+                         "pixel_size_source": mg.pixel_size_source or "unknown",
+                         "scale_bar_value_nm": sb.get("value_nm"), "scale_bar_px": sb.get("bar_px"),
+                         "scale_bar_confidence": sb.get("confidence", ""), "scale_bar_text": sb.get("text", ""),
+                         "metadata_pixel_size_nm": metadata_ps, "metadata_source": metadata_source,
+                         "agreement": sb.get("agreement"), "infobar_rows": mg.infobar_rows,
+                         "note": "; ".join(n for n in mg.notes if "scale bar" in n) or sb.get("reason", ""),
+                         "path": str(path)})
+        except Exception as exc:  # noqa: BLE001 - one bad file never stops a batch
+            failures += 1
+            _report_error(path, exc)
+    table = Table(title=f"pixel sizes of {len(rows)} image(s)")
+    for col in ("image", "nm/px", "source", "scale bar", "bar px", "confidence", "metadata nm/px", "agreement"):
+        table.add_column(col, overflow="fold")
+
+    def num(v, fmt: str) -> str:
+        return "" if v is None or np.isnan(v) else format(v, fmt)
+
+    for r in rows:
+        table.add_row(r["image"], num(r["pixel_size_nm"], ".4g"), r["pixel_size_source"], r["scale_bar_text"],
+                      num(r["scale_bar_px"], ".0f"), r["scale_bar_confidence"], num(r["metadata_pixel_size_nm"], ".4g"),
+                      num(r["agreement"], "+.1%"))
+    out.print(table, width=None if out.is_terminal else 200)
+    if output is not None and rows:
+        try:
+            write_csv(pd.DataFrame(rows), output)
+        except OSError as exc:
+            _fail(InputError(output, f"cannot be written ({exc.strerror})", "choose another -o path"))
+        out.print(f"-> {output}")
+    uncalibrated = sum(r["pixel_size_nm"] is None for r in rows)
+    if uncalibrated:
+        _warn("calibration", f"{uncalibrated} of {len(rows)} image(s) have no pixel size: give --pixel-size for them")
+    if failures:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -48,6 +48,8 @@ class AnalysisSettings:
     min_area : smallest particle kept: pixels (``"20"``) or an area (``"100nm2"``).
     device : ``auto``, ``cpu`` or ``cuda``.
     particle_size : typical particle diameter hint (``"20nm"`` or ``"15px"``), or None (automatic).
+    scale_bar : ``auto``: read the burned-in scale bar; it calibrates an image without a pixel size
+        in its metadata (when read with high confidence) and cross-checks one with; ``off``: never.
     """
 
     model: str = "classical"
@@ -58,6 +60,7 @@ class AnalysisSettings:
     min_area: str = "0"
     device: str = "auto"
     particle_size: str | None = None
+    scale_bar: str = "auto"
 
     def fingerprint(self) -> str:
         """Short hash of the settings; a finished image is reused only if this matches."""
@@ -134,10 +137,11 @@ def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | No
     """
     field_pixels = mg.analysed_pixels
     if float(field_pixels.min()) == float(field_pixels.max()):
+        where = (f"the field above the {mg.infobar_rows}-row info bar" if mg.infobar_rows else "the image")
         raise InputError(
             mg.path,
-            f"image is uniform (every pixel = {field_pixels.flat[0]}), nothing to segment",
-            "check the exposure/detector settings or the export",
+            f"{where} is uniform (every pixel = {field_pixels.flat[0]}), nothing to segment",
+            "check the exposure/detector settings or the export" + (", or the info bar (--crop-bottom)" if mg.infobar_rows else ""),
         )
     instances, _ = model.segment(field_pixels, particle_size_px(particle_size, mg.pixel_size_nm, mg.path))
     full = np.zeros(mg.shape, np.int32)
@@ -214,6 +218,7 @@ def image_summary(mg: Micrograph, particles: pd.DataFrame, detected: int, n_edge
         "length_unit": "nm" if ps is not None else "px",
         "infobar_rows": mg.infobar_rows,
         "infobar_source": mg.infobar_source,
+        **scale_bar_columns(mg),
         "particles_detected": detected,
         "particles_measured": len(particles),
         "edge_particles": n_edge,
@@ -225,6 +230,17 @@ def image_summary(mg: Micrograph, particles: pd.DataFrame, detected: int, n_edge
         "ecd_d90_nm": d[2] * ps if ps else np.nan,
     }
     return row
+
+
+def scale_bar_columns(mg: Micrograph) -> dict:
+    """The scale-bar reading's columns of ``images.csv`` (empty when none was looked for)."""
+    sb = mg.metadata.get("scale_bar") or {}
+    box = sb.get("box")
+    return {"scale_bar_value_nm": sb.get("value_nm") if sb.get("value_nm") is not None else np.nan,
+            "scale_bar_px": sb.get("bar_px") if sb.get("bar_px") is not None else np.nan,
+            "scale_bar_text": sb.get("text", ""), "scale_bar_confidence": sb.get("confidence", ""),
+            "scale_bar_box": " ".join(str(v) for v in box) if box else "",
+            "scale_bar_agreement": sb.get("agreement", np.nan)}
 
 
 # ----------------------------------------------------------------------------------- batches
@@ -429,12 +445,15 @@ class AnalyzeRun:
                                       "message": "; ".join(result.warnings), "warnings": result.warnings}
         self._combined = False
 
-    def save_failure(self, name: str, path: Path, message: str) -> None:
+    def save_failure(self, name: str, path: Path, message: str, known: dict | None = None) -> None:
+        """Record a failed image, with what was read of it before it failed (``known``: pixel
+        size, its source, info bar...; see :func:`known_facts`)."""
         self.report.statuses[name] = {"path": str(path), "status": "failed", "message": message, "warnings": []}
         self._tables.pop(name, None)
         self._combined = False
+        facts = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in (known or {}).items()}
         write_json({"fingerprint": self.settings.fingerprint(), "status": "failed", "message": message,
-                    "summary": {"image": name, "path": str(path)}}, self.parts / f"{name}.json")
+                    "summary": {"image": name, "path": str(path), **facts}}, self.parts / f"{name}.json")
 
     def combine_if_due(self) -> None:
         """:meth:`combine`, unless the last combine took more than :attr:`COMBINE_SHARE` of the
@@ -521,10 +540,61 @@ class AnalyzeRun:
 
 
 def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> ImageResult:
-    """Read, locate the info bar, segment and measure one file."""
+    """Read, locate the info bar, read the scale bar, segment and measure one file."""
     mg = io_images.read_micrograph(path, settings.pixel_size_nm)
     mg = locate_infobar(mg, settings.crop_bottom, settings.detect_infobar)
-    return analyse_micrograph(mg, model, settings)
+    mg = calibrate_from_scale_bar(mg, settings.scale_bar)
+    try:
+        return analyse_micrograph(mg, model, settings)
+    except EmparticlesError as exc:
+        exc.known = known_facts(mg)  # a failed image still records what was read of it
+        raise
+
+
+def known_facts(mg: Micrograph) -> dict:
+    """What is known of an image before segmentation: its ``images.csv`` columns of size,
+    calibration, info bar and scale bar."""
+    ps = mg.pixel_size_nm
+    return {"width_px": mg.shape[1], "height_px": mg.shape[0], "pixel_size_nm": ps if ps is not None else np.nan,
+            "pixel_size_source": mg.pixel_size_source or "unknown", "length_unit": "nm" if ps is not None else "px",
+            "infobar_rows": mg.infobar_rows, "infobar_source": mg.infobar_source, **scale_bar_columns(mg)}
+
+
+#: A scale bar and the metadata disagreeing by more than this is reported
+SCALE_BAR_TOLERANCE = 0.03
+
+
+def calibrate_from_scale_bar(mg: Micrograph, mode: str = "auto") -> Micrograph:
+    """Read the burned-in scale bar (:func:`~emparticles.io.scalebar.read_scale_bar`) and record
+    it in ``mg.metadata["scale_bar"]``. Precedence: ``--pixel-size``, then the file's metadata,
+    then the bar: a ``high`` reading calibrates an image that has no pixel size (source
+    ``scale-bar``); one that has is cross-checked, with a note when they differ by more than
+    :data:`SCALE_BAR_TOLERANCE`. A ``low`` reading never calibrates; its reason becomes a note."""
+    if mode == "off":
+        return mg
+    if mode != "auto":
+        raise InputError(None, f"--scale-bar {mode!r} is not a mode", "use auto or off")
+    from .io.scalebar import read_scale_bar
+
+    reading = read_scale_bar(mg.pixels, mg.infobar_rows)
+    record = {"confidence": reading.confidence, "value_nm": reading.value_nm, "text": reading.text,
+              "bar_px": reading.bar_px, "box": list(reading.box) if reading.box else None,
+              "label_box": list(reading.label_box) if reading.label_box else None, "reason": reading.reason,
+              "pixel_size_nm": reading.pixel_size_nm}
+    notes = list(mg.notes)
+    changes: dict = {}
+    if mg.pixel_size_nm is None:
+        if reading.pixel_size_nm:
+            changes = {"pixel_size_nm": reading.pixel_size_nm, "pixel_size_source": "scale-bar"}
+        elif reading.confidence == "low":
+            notes.append(f"a scale bar was found but not trusted ({reading.reason}): give --pixel-size")
+    elif reading.pixel_size_nm and mg.pixel_size_source != "user":
+        record["agreement"] = reading.pixel_size_nm / mg.pixel_size_nm - 1
+        if abs(record["agreement"]) > SCALE_BAR_TOLERANCE:
+            notes.append(f"the scale bar ({reading.text} over {reading.bar_px:.0f} px: {reading.pixel_size_nm:.4g} nm/px) "
+                         f"disagrees with the file's {mg.pixel_size_source} pixel size ({mg.pixel_size_nm:.4g} nm/px) by "
+                         f"{100 * record['agreement']:+.1f}%; the metadata is used: check which is right")
+    return mg.with_(metadata={**mg.metadata, "scale_bar": record}, notes=tuple(notes), **changes)
 
 
 def error_message(exc: BaseException) -> str:

@@ -1,0 +1,332 @@
+"""Reading the scale bar burned into a micrograph: its length in pixels and its label.
+
+Figure crops, PNG/JPEG exports and many instrument files carry no calibration but the bar. The
+reading is:
+
+1. **Where**: the info bar's rows when the image has one, else the four corners (overlaid bars).
+2. **The bar**: connected components of the region's extreme grey levels (light bars on dark and
+   dark on light) that are long and flat: a solid bar (its pixels fill its box) or a line with
+   end ticks (one row runs nearly its full width). Its length is its horizontal extent, edge to
+   edge, as a person reads a bar against a ruler: ``bar_px``.
+3. **The label**: text near the bar, read by RapidOCR (PP-OCR models that ship inside its PyPI
+   package; nothing is downloaded) and parsed as a number and a length unit (nm, um, µm, μm, mm,
+   Å, A, pm; "1µm", "0.5 um", "200nm", "5 Å").
+4. **Confidence**: ``high`` only when exactly one bar has a readable label next to it, the bar is
+   not cut by the image's border and the OCR is sure of the text; ``low`` when a bar was found
+   but something is off (the reason says what); empty when no bar was found. Only a ``high``
+   reading may calibrate an image.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+#: Length units of scale-bar labels, in nm
+UNITS_NM = {"pm": 1e-3, "a": 0.1, "å": 0.1, "nm": 1.0, "um": 1e3, "µm": 1e3, "μm": 1e3, "mm": 1e6}
+#: A label is a number and a unit and nothing else ("WD 4.0mm" in a data bar is no label)
+_LABEL = re.compile(r"^\W*(\d+(?:[.,]\d+)?)\s*(pm|nm|[uµμ]m|mm|å|a)\W*$", re.IGNORECASE)
+#: OCR scores below this make a reading ``low``
+MIN_TEXT_SCORE = 0.8
+
+
+@dataclass(frozen=True)
+class ScaleBarReading:
+    """What was read off a scale bar. ``box``/``label_box``: (x0, y0, x1, y1) in image pixels,
+    inclusive-exclusive."""
+
+    confidence: str = ""  # "high", "low" or "" (no bar found)
+    reason: str = "no scale bar found"
+    value_nm: float | None = None
+    text: str = ""
+    bar_px: float | None = None
+    box: tuple[int, int, int, int] | None = None
+    label_box: tuple[int, int, int, int] | None = None
+
+    @property
+    def pixel_size_nm(self) -> float | None:
+        """nm per pixel when the reading is ``high``, else None."""
+        if self.confidence != "high" or not self.value_nm or not self.bar_px:
+            return None
+        return self.value_nm / self.bar_px
+
+
+def parse_label(text: str) -> tuple[float, str] | None:
+    """(value in nm, the matched text) of a scale-bar label, or None: "100 nm" -> 100,
+    "1µm" -> 1000, "0,5 um" -> 500, "5 Å" -> 0.5."""
+    t = text.replace("μ", "µ").replace("Â", "Å").strip()
+    m = _LABEL.match(t)
+    if not m:
+        return None
+    value = float(m.group(1).replace(",", "."))
+    unit = m.group(2).lower().replace("μ", "µ")
+    unit = "um" if unit in ("µm", "um") else unit
+    factor = {"pm": 1e-3, "a": 0.1, "å": 0.1, "nm": 1.0, "um": 1e3, "mm": 1e6}[unit]
+    return (value * factor, m.group(0).strip()) if value > 0 else None
+
+
+@dataclass(frozen=True)
+class _Bar:
+    x0: int
+    y0: int
+    x1: int  # exclusive
+    y1: int
+    length: float
+    touches_border: bool
+
+
+def _bar_length(comp: np.ndarray) -> float | None:
+    """Length of one bar-like component (bool, its bounding box), or None when it is no bar.
+
+    A solid bar (it fills its box): its extent, edge to edge (JEOL's 100 nm bar of 32 px is
+    32 px). A line with end ticks or end dots (one band of rows runs its full width, both ends
+    rise above it): the distance between the ticks' centres, as Zeiss and FEI draw them (Zeiss's
+    200 um bar at 2614.5 nm/px spans 76.5 px between its ticks, 78 px edge to edge)."""
+    bh, bw = comp.shape
+    if comp.mean() >= 0.9:  # solid: a clean rectangle, not a table cell with text in it
+        clean = comp.mean() >= 0.97 and ndi.binary_fill_holes(comp).sum() == comp.sum()
+        return float(bw) if bw >= 2 * bh and clean else None
+    if bw < 1.4 * bh:  # wider than tall, unlike an "H"
+        return None
+    full = np.nonzero(comp.sum(axis=1) >= 0.9 * bw)[0]
+    if full.size == 0 or full[-1] - full[0] + 1 != full.size or full.size > max(3, bh // 3):
+        return None  # no line, or a box outline (full rows at its top and its bottom)
+    if full[0] == 0 or full[-1] == bh - 1:
+        return None  # ticks rise on one side only: the corner of a table cell, not a bar
+    line = np.zeros(bh, bool)
+    line[full] = True
+    rising = comp[~line].sum(axis=0) > 0  # columns with pixels off the line: ticks, dots, text
+    ends = max(2, bw // 12)
+    if not rising[:ends].any() or not rising[-ends:].any():
+        return None
+    left = np.nonzero(rising[:ends])[0]
+    right = np.nonzero(rising[-ends:])[0] + bw - ends
+    left, right = left[left <= left[0] + 8], right[right >= right[-1] - 8]  # the end ticks only
+    return float(right.mean() - left.mean())
+
+
+def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[int, int]) -> list[_Bar]:
+    """Bar-like components of both polarities in a uint8 region (see the module's docstring).
+    A bar broken by its label (FEI: dot, line, label, line, dot) is joined into one."""
+    _h, w = region.shape
+    lo, hi = np.percentile(region, (1, 99))
+    if hi - lo < 40:
+        return []
+    bars = []
+    for mask in (region >= hi - 0.15 * (hi - lo), region <= lo + 0.15 * (hi - lo)):
+        labels, _n = ndi.label(mask, structure=np.ones((3, 3)))
+        found = []
+        for k, sl in enumerate(ndi.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            bh, bw = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+            if bh > max(30, 0.06 * image_shape[0]) or bw > 0.7 * w or bw < 10:
+                continue
+            comp = labels[sl] == k
+            length = _bar_length(comp)
+            if length is None:
+                half = _half_bar(comp)
+                if half is None:
+                    continue
+                found.append(("half", sl, half))
+                continue
+            found.append(("bar", sl, length))
+        found += _joined_halves([f for f in found if f[0] == "half"])
+        for kind, sl, length in found:
+            if kind == "half" or length < max(12, 0.015 * image_shape[1]):
+                continue
+            y0, x0 = sl[0].start + offset[0], sl[1].start + offset[1]
+            y1, x1 = sl[0].stop + offset[0], sl[1].stop + offset[1]
+            touches = x0 == 0 or y0 == 0 or x1 >= image_shape[1] or y1 >= image_shape[0]
+            bars.append(_Bar(x0, y0, x1, y1, float(length), touches))
+    return bars
+
+
+def _half_bar(comp: np.ndarray) -> tuple[str, float] | None:
+    """("left", x of its tick centre) or ("right", ...) for one half of a bar broken by its label:
+    a line that rises at one end only; None otherwise."""
+    bh, bw = comp.shape
+    if bw < 3 * bh:
+        return None
+    full = np.nonzero(comp.sum(axis=1) >= 0.85 * bw)[0]
+    if full.size == 0 or full[-1] - full[0] + 1 != full.size or full.size > max(3, bh // 3):
+        return None
+    if full[0] == 0 or full[-1] == bh - 1:
+        return None
+    line = np.zeros(bh, bool)
+    line[full] = True
+    rising = np.nonzero(comp[~line].sum(axis=0) > 0)[0]
+    if rising.size == 0:
+        return None
+    if rising.max() < bw // 4:
+        return "left", float(rising[rising <= rising[0] + 8].mean())
+    if rising.min() > bw - bw // 4:
+        return "right", float(rising[rising >= rising[-1] - 8].mean())
+    return None
+
+
+def _joined_halves(halves: list) -> list:
+    """Left and right halves on the same rows, the left one first, joined into bars."""
+    joined = []
+    for _, la, (side_a, xa) in halves:
+        for _, lb, (side_b, xb) in halves:
+            if side_a != "left" or side_b != "right" or lb[1].start <= la[1].stop:
+                continue
+            if abs(la[0].start - lb[0].start) > 2 or abs(la[0].stop - lb[0].stop) > 2:
+                continue
+            gap = lb[1].start - la[1].stop
+            if gap > 1.5 * max(la[1].stop - la[1].start, lb[1].stop - lb[1].start):
+                continue
+            sl = (slice(min(la[0].start, lb[0].start), max(la[0].stop, lb[0].stop)), slice(la[1].start, lb[1].stop))
+            joined.append(("bar", sl, (lb[1].start + xb) - (la[1].start + xa)))
+    return joined
+
+
+_OCR = None
+_OCR_LOCK = threading.Lock()
+
+
+def ocr_engine():
+    """The RapidOCR engine of this process (models from the rapidocr package), made once."""
+    global _OCR
+    with _OCR_LOCK:
+        if _OCR is None:
+            try:
+                from rapidocr import RapidOCR
+            except ImportError:
+                from ..errors import InputError
+
+                raise InputError(None, "reading scale bars needs the rapidocr package",
+                                 'pip install "emparticles" again (it is a dependency), or give --pixel-size') from None
+            # The detector's default enlarges an image until its short side is 736 px: a 64 x 400
+            # crop of an info bar became 736 x 4600 and took 3.4 s; at its own size (long side at
+            # most 640) it reads the same labels.
+            _OCR = RapidOCR(params={"Global.log_level": "critical", "Global.use_cls": False,
+                                    "Det.limit_type": "max", "Det.limit_side_len": 640,
+                                    "EngineConfig.onnxruntime.intra_op_num_threads": 1})
+        return _OCR
+
+
+def _prepared(crop: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """(RGB image for RapidOCR, enlargement factor, padding) of a uint8 crop."""
+    import cv2
+
+    # small text (FEI's 8-px label inside its bar, a 29-row data bar) is missed by the detector:
+    # a crop under 48 rows is enlarged to 64, up to 4x (larger ones read best as they are)
+    factor = float(np.clip(64.0 / crop.shape[0], 1.0, 4.0)) if crop.shape[0] < 48 else 1.0
+    if factor > 1.0:
+        crop = cv2.resize(crop, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
+    pad = 8  # text touching the crop's edge is read poorly
+    padded = np.pad(crop, pad, mode="edge")
+    return np.ascontiguousarray(np.stack([padded] * 3, axis=-1)), factor, pad
+
+
+def text_boxes(crop: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Boxes (x0, y0, x1, y1) in the crop of the text lines RapidOCR's detector finds (no
+    recognition: that is the costly step, done only where needed by :func:`recognise`)."""
+    if crop.size == 0 or min(crop.shape) < 8:
+        return []
+    rgb, factor, pad = _prepared(crop)
+    result = ocr_engine()(rgb, use_det=True, use_cls=False, use_rec=False)
+    if result is None or result.boxes is None:
+        return []
+    boxes = []
+    for quad in result.boxes:
+        q = (np.asarray(quad) - pad) / factor
+        boxes.append((max(0, int(q[:, 0].min())), max(0, int(q[:, 1].min())),
+                      min(crop.shape[1], int(np.ceil(q[:, 0].max()))), min(crop.shape[0], int(np.ceil(q[:, 1].max())))))
+    return boxes
+
+
+def recognise(crop: np.ndarray, box: tuple[int, int, int, int]) -> tuple[str, float]:
+    """(text, score) of one detected text line of a crop."""
+    x0, y0, x1, y1 = box
+    m = 2
+    line = crop[max(0, y0 - m):y1 + m, max(0, x0 - m):x1 + m]
+    if line.size == 0:
+        return "", 0.0
+    rgb, _, _ = _prepared(line)
+    result = ocr_engine()(rgb, use_det=False, use_cls=False, use_rec=True)
+    if result is None or not result.txts:
+        return "", 0.0
+    return str(result.txts[0]), float(result.scores[0])
+
+
+def _regions(shape: tuple[int, int], infobar_rows: int) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of the places a scale bar is looked for."""
+    h, w = shape
+    if infobar_rows > 0:
+        return [(h - infobar_rows, h, 0, w)]
+    ch, cw = max(24, int(0.22 * h)), max(48, int(0.4 * w))
+    return [(h - ch, h, 0, cw), (h - ch, h, w - cw, w), (0, ch, 0, cw), (0, ch, w - cw, w)]
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    a = np.asarray(pixels, np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    return np.zeros(a.shape, np.uint8) if hi <= lo else ((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Share of box ``b`` covered by box ``a``."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return w * h / max(1, (b[2] - b[0]) * (b[3] - b[1]))
+
+
+def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading:
+    """Find and read the scale bar of a (H, W) micrograph; see the module's docstring."""
+    img = _to_uint8(pixels)
+    h, w = img.shape
+    readings = []
+    for y0, y1, x0, x1 in _regions(img.shape, infobar_rows):
+        region = img[y0:y1, x0:x1]
+        for bar in find_bars(region, (y0, x0), (h, w)):
+            bw, bh = bar.x1 - bar.x0, bar.y1 - bar.y0
+            margin_y = max(40, 4 * bh)
+            cy0, cy1 = max(y0, bar.y0 - margin_y), min(y1, bar.y1 + margin_y)
+            cx0, cx1 = max(x0, bar.x0 - bw // 2 - 40), min(x1, bar.x1 + max(bw, 100) + 250)
+            crop = img[cy0:cy1, cx0:cx1]
+            boxes = [(b, (b[0] + cx0, b[1] + cy0, b[2] + cx0, b[3] + cy0)) for b in text_boxes(crop)]
+            on_bar = [(local, box) for local, box in boxes if _overlap(box, (bar.x0, bar.y0, bar.x1, bar.y1)) > 0.5]
+            if any(box[2] - box[0] > 1.5 * bw and sum(c.isalnum() for c in recognise(crop, local)[0]) >= 2
+                   for local, box in on_bar):
+                continue  # the "bar" is part of a word ("mm" in a bold font)
+            boxes = [b for b in boxes if b not in on_bar]  # the detector takes a bar for text too
+
+            def gap(box, bar=bar) -> float:
+                return float(np.hypot(max(0, box[0] - bar.x1, bar.x0 - box[2]), max(0, box[1] - bar.y1, bar.y0 - box[3])))
+
+            labels = []
+            for local, box in sorted(boxes, key=lambda b: gap(b[1]))[:4]:  # the nearest lines, nearest first
+                text, score = recognise(crop, local)
+                parsed = parse_label(text)
+                if parsed is not None:
+                    labels.append((gap(box), parsed, score, box))
+                    break
+            if labels:
+                _, (value, text), score, box = min(labels, key=lambda t: t[0])
+                readings.append((bar, value, text, score, box))
+            else:
+                readings.append((bar, None, "", 0.0, None))
+    labelled = [r for r in readings if r[1] is not None]
+    if not readings:
+        return ScaleBarReading()
+    if not labelled:
+        bar = readings[0][0]
+        return ScaleBarReading("low", "a bar was found but no length label next to it could be read",
+                               bar_px=bar.length, box=(bar.x0, bar.y0, bar.x1, bar.y1))
+    bar, value, text, score, box = labelled[0]
+    reading = {"value_nm": value, "text": text, "bar_px": bar.length, "box": (bar.x0, bar.y0, bar.x1, bar.y1), "label_box": box}
+    distinct = {(r[0].length, r[1]) for r in labelled}
+    if len(distinct) > 1:
+        return ScaleBarReading("low", f"{len(distinct)} scale bars with labels were found", **reading)
+    if bar.touches_border:
+        return ScaleBarReading("low", "the bar touches the image border and may be cut", **reading)
+    if score < MIN_TEXT_SCORE:
+        return ScaleBarReading("low", f"the label was read with little certainty ({score:.2f})", **reading)
+    return ScaleBarReading("high", "", **reading)
