@@ -149,6 +149,31 @@ def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | No
     return instances, full
 
 
+def drop_scale_bar(instances: Instances, full: np.ndarray, mg: Micrograph) -> tuple[Instances, np.ndarray]:
+    """Leave out particles on a scale bar or its label drawn over the field (a bar in the info
+    bar is already outside it): the bar is kept out of the measurement like the info bar."""
+    sb = mg.metadata.get("scale_bar") or {}
+    boxes = [b for b in (sb.get("box"), sb.get("label_box")) if b] if sb.get("confidence") else []
+    h = instances.labels.shape[0]
+    hit: set[int] = set()
+    for x0, y0, x1, y1 in boxes:
+        if y0 >= h:
+            continue
+        patch = instances.labels[max(0, y0 - 2):min(h, y1 + 2), max(0, x0 - 2):x1 + 2]
+        hit |= set(np.unique(patch[patch > 0]).tolist())
+    if not hit:
+        return instances, full
+    keep = np.ones(instances.count + 1, bool)
+    keep[list(hit)] = False
+    keep[0] = False
+    new_id = np.zeros(instances.count + 1, np.int32)
+    new_id[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    labels = new_id[instances.labels]
+    out = np.zeros_like(full)
+    out[:h] = labels
+    return Instances(labels, instances.scores[keep[1:]]), out
+
+
 def model_used(model: Segmenter) -> str:
     """The model that segmented the latest image: the chosen member of a selecting model
     (``emps-sem-auto``), else the model itself."""
@@ -159,6 +184,7 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     """Segment and measure one prepared micrograph (info bar already located)."""
     warnings: list[str] = list(mg.notes)
     instances, full = segment_micrograph(mg, model, settings.particle_size)
+    instances, full = drop_scale_bar(instances, full, mg)
     table = measure_labels(instances.labels, mg.analysed_pixels, mg.pixel_size_nm, image_name=mg.stem,
                            ultimate_points=True)
     if len(table):

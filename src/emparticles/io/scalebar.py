@@ -59,6 +59,11 @@ def parse_label(text: str) -> tuple[float, str] | None:
     """(value in nm, the matched text) of a scale-bar label, or None: "100 nm" -> 100,
     "1µm" -> 1000, "0,5 um" -> 500, "5 Å" -> 0.5."""
     t = text.replace("μ", "µ").replace("Â", "Å").strip()
+    # OCR reads a 1 as l, I or |, and a 0 as O or o, in the number: "lum" is "1um", "5Onm" "50nm"
+    number = re.match(r"^\W*([0-9lI|Oo.,]*[0-9lI|][0-9lI|Oo.,]*)\s*(?=[a-zA-Zµå])", t)
+    if number and any(c.isdigit() or c in "lI|" for c in number.group(1)):
+        fixed = number.group(1).translate(str.maketrans("lI|Oo", "11100"))
+        t = t[: number.start(1)] + fixed + t[number.end(1):]
     m = _LABEL.match(t)
     if not m:
         return None
@@ -134,16 +139,28 @@ def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[in
                     continue
                 found.append(("half", sl, half))
                 continue
-            found.append(("bar", sl, length))
+            found.append(("solid" if comp.mean() >= 0.9 else "bar", sl, length))
         found += _joined_halves([f for f in found if f[0] == "half"])
         for kind, sl, length in found:
             if kind == "half" or length < max(12, 0.015 * image_shape[1]):
+                continue
+            if kind == "solid" and not _stands_out(region, sl, hi - lo):
                 continue
             y0, x0 = sl[0].start + offset[0], sl[1].start + offset[1]
             y1, x1 = sl[0].stop + offset[0], sl[1].stop + offset[1]
             touches = x0 == 0 or y0 == 0 or x1 >= image_shape[1] or y1 >= image_shape[0]
             bars.append(_Bar(x0, y0, x1, y1, float(length), touches))
     return bars
+
+
+def _stands_out(region: np.ndarray, sl: tuple[slice, slice], contrast: float) -> bool:
+    """A drawn bar differs sharply from what is around it (a 3-px ring outside its box); a
+    bright patch of a particle fades into the particle."""
+    y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+    outer = region[max(0, y0 - 3):y1 + 3, max(0, x0 - 3):x1 + 3].astype(np.float32)
+    inner = region[y0:y1, x0:x1].astype(np.float32)
+    ring = (outer.sum() - inner.sum()) / max(1, outer.size - inner.size)
+    return abs(float(np.median(inner)) - ring) >= 0.35 * contrast
 
 
 def _half_bar(comp: np.ndarray) -> tuple[str, float] | None:
@@ -246,7 +263,8 @@ def recognise(crop: np.ndarray, box: tuple[int, int, int, int]) -> tuple[str, fl
     """(text, score) of one detected text line of a crop."""
     x0, y0, x1, y1 = box
     m = 2
-    line = crop[max(0, y0 - m):y1 + m, max(0, x0 - m):x1 + m]
+    mx = max(m, int(0.4 * (y1 - y0)))  # the detector's box can clip a narrow first or last glyph ("1 um")
+    line = crop[max(0, y0 - m):y1 + m, max(0, x0 - mx):x1 + mx]
     if line.size == 0:
         return "", 0.0
     rgb, _, _ = _prepared(line)
@@ -269,6 +287,19 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     a = np.asarray(pixels, np.float32)
     lo, hi = float(a.min()), float(a.max())
     return np.zeros(a.shape, np.uint8) if hi <= lo else ((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _beside(box: tuple[int, int, int, int], bar: _Bar) -> bool:
+    """Where a bar's label stands: on the bar's rows to its left or right (JEOL: "100nm" 140 px to
+    the right), or just above or below it (within 2.5 text heights) over or near its span."""
+    text_h = max(1, box[3] - box[1])
+    rows_overlap = min(box[3], bar.y1) - max(box[1], bar.y0) > 0
+    if rows_overlap:
+        return box[0] - bar.x1 <= 3 * (bar.x1 - bar.x0) + 150 and bar.x0 - box[2] <= 2 * (bar.x1 - bar.x0) + 100
+    vertical_gap = max(box[1] - bar.y1, bar.y0 - box[3])
+    centre = (box[0] + box[2]) / 2
+    near_span = bar.x0 - (box[2] - box[0]) <= centre <= bar.x1 + (box[2] - box[0])
+    return vertical_gap <= 2.5 * text_h and near_span
 
 
 def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -302,7 +333,8 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
                 return float(np.hypot(max(0, box[0] - bar.x1, bar.x0 - box[2]), max(0, box[1] - bar.y1, bar.y0 - box[3])))
 
             labels = []
-            for local, box in sorted(boxes, key=lambda b: gap(b[1]))[:4]:  # the nearest lines, nearest first
+            near = [b for b in boxes if _beside(b[1], bar)]
+            for local, box in sorted(near, key=lambda b: gap(b[1]))[:4]:  # the nearest lines, nearest first
                 text, score = recognise(crop, local)
                 parsed = parse_label(text)
                 if parsed is not None:

@@ -1,0 +1,154 @@
+"""Scale bars: labels, bars drawn in known places, real JEOL frames, calibration precedence."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from emparticles.io.scalebar import parse_label, read_scale_bar
+
+from .conftest import SHARED, need
+
+SILICA = SHARED / "sem-silica"
+
+
+@pytest.mark.parametrize("text, nm", [("100nm", 100), ("1 µm", 1000), ("1μm", 1000), ("0.5 um", 500),
+                                      ("200nm", 200), ("5 Å", 0.5), ("0,5 µm", 500), ("2 mm", 2e6), ("500 pm", 0.5)])
+def test_labels_in_every_spelling(text, nm):
+    assert parse_label(text)[0] == pytest.approx(nm)
+
+
+@pytest.mark.parametrize("text", ["WD 4.0mm", "x30,000", "15.00 kV", "JEOL", "nm", "0 nm"])
+def test_things_that_are_not_labels(text):
+    assert parse_label(text) is None
+
+
+def field(w=640, h=480, dark=True, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(90 if dark else 170, 12, (h, w))
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(25):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 25)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 150 if dark else 100
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def draw_bar(im: Image.Image, x0: int, y0: int, length: int, label: str, ink: int, ticks: bool = False) -> None:
+    d = ImageDraw.Draw(im)
+    if ticks:  # |-----| with the line in the middle of the ticks
+        d.rectangle([x0, y0 + 5, x0 + length, y0 + 6], fill=ink)
+        d.rectangle([x0 - 1, y0, x0 + 1, y0 + 11], fill=ink)
+        d.rectangle([x0 + length - 1, y0, x0 + length + 1, y0 + 11], fill=ink)
+    else:
+        d.rectangle([x0, y0, x0 + length - 1, y0 + 7], fill=ink)
+    d.text((x0 + 10, y0 - 35), label, fill=ink, font=ImageFont.load_default(size=26))
+
+
+@pytest.mark.parametrize("ink, dark", [(255, True), (0, False)])
+def test_overlaid_solid_bar_light_on_dark_and_dark_on_light(ink, dark):
+    im = field(dark=dark)
+    draw_bar(im, 480, 430, 120, "500 nm", ink)
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 500.0, 120.0)
+    assert r.pixel_size_nm == pytest.approx(500 / 120)
+    assert r.box == (480, 430, 600, 438)
+
+
+def test_line_with_end_ticks_is_measured_between_the_ticks():
+    im = field(seed=3)
+    draw_bar(im, 40, 440, 150, "2 um", 255, ticks=True)  # the test font has no µ
+    r = read_scale_bar(np.array(im))
+    assert r.confidence == "high" and r.value_nm == 2000.0
+    assert r.bar_px == pytest.approx(150.0, abs=0.5)
+
+
+def test_no_bar_no_confidence_and_no_pixel_size():
+    r = read_scale_bar(np.array(field(seed=5)))
+    assert r.confidence == "" and r.pixel_size_nm is None and r.reason
+
+
+def test_unsure_readings_never_calibrate():
+    two = field(seed=1)
+    draw_bar(two, 470, 430, 120, "500 nm", 255)
+    draw_bar(two, 40, 430, 60, "200 nm", 255)
+    r = read_scale_bar(np.array(two))
+    assert r.confidence == "low" and "2 scale bars" in r.reason and r.pixel_size_nm is None
+    cut = field(seed=2)
+    draw_bar(cut, 560, 430, 80, "1 um", 255)  # runs off the right border
+    r = read_scale_bar(np.array(cut))
+    assert r.confidence == "low" and r.pixel_size_nm is None
+    unlabelled = field(seed=4)
+    ImageDraw.Draw(unlabelled).rectangle([480, 430, 599, 437], fill=255)
+    r = read_scale_bar(np.array(unlabelled))
+    assert r.confidence == "low" and "no length label" in r.reason and r.pixel_size_nm is None
+
+
+def test_jeol_frames_read_within_two_percent():
+    rows = list(csv.DictReader((need(SILICA) / "images.csv").open()))[::4]  # one frame in four, all bar lengths
+    from emparticles.io.infobar import detect_infobar
+
+    for row in rows:
+        img = np.array(Image.open(SILICA / "images" / f"{row['image']}.png"))
+        r = read_scale_bar(img, detect_infobar(img))
+        assert r.confidence == "high", (row["image"], r.reason)
+        assert r.pixel_size_nm == pytest.approx(float(row["pixel_size_nm"]), rel=0.02), row["image"]
+
+
+def test_analyze_calibrates_from_the_bar_and_keeps_it_out(tmp_path):
+    from typer.testing import CliRunner
+
+    from emparticles.cli import app
+
+    im = field(seed=7)
+    draw_bar(im, 480, 430, 120, "500 nm", 255)
+    im.save(tmp_path / "fig.png")
+    runner = CliRunner()
+    res = runner.invoke(app, ["analyze", str(tmp_path / "fig.png"), "-o", str(tmp_path / "a"), "--model", "classical",
+                              "--no-report"])
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(tmp_path / "a" / "images.csv").iloc[0]
+    assert row["pixel_size_source"] == "scale-bar" and row["pixel_size_nm"] == pytest.approx(500 / 120)
+    assert row["scale_bar_confidence"] == "high" and row["scale_bar_px"] == 120
+    import tifffile
+
+    labels = tifffile.imread(tmp_path / "a" / "labels" / "fig.tif")
+    x0, y0, x1, y1 = (int(v) for v in row["scale_bar_box"].split())
+    assert (labels[y0:y1, x0:x1] == 0).all()  # the bar is no particle
+    before = tifffile.imread(tmp_path / "b" / "labels" / "fig.tif") if (tmp_path / "b").exists() else None
+    assert before is None
+    # --scale-bar off: no calibration
+    res = runner.invoke(app, ["analyze", str(tmp_path / "fig.png"), "-o", str(tmp_path / "b"), "--model", "classical",
+                              "--no-report", "--scale-bar", "off"])
+    assert pd.read_csv(tmp_path / "b" / "images.csv").iloc[0]["pixel_size_source"] == "unknown"
+    unmasked = tifffile.imread(tmp_path / "b" / "labels" / "fig.tif")
+    assert (unmasked[y0:y1, x0:x1] > 0).any()  # without the bar reading, classical takes the bar for a particle
+    # --pixel-size wins over the bar
+    res = runner.invoke(app, ["analyze", str(tmp_path / "fig.png"), "-o", str(tmp_path / "c"), "--model", "classical",
+                              "--no-report", "--pixel-size", "2nm"])
+    row = pd.read_csv(tmp_path / "c" / "images.csv").iloc[0]
+    assert row["pixel_size_source"] == "user" and row["pixel_size_nm"] == 2.0
+
+
+def test_calibrate_command_lists_every_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from emparticles.cli import app
+
+    im = field(seed=8)
+    draw_bar(im, 480, 430, 100, "1 um", 255)
+    im.save(tmp_path / "bar.png")
+    field(seed=9).save(tmp_path / "nobar.png")
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path), "-o", str(tmp_path / "calibration.csv")])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "calibration.csv").set_index("image")
+    for col in ("pixel_size_nm", "pixel_size_source", "scale_bar_value_nm", "scale_bar_px", "scale_bar_confidence",
+                "metadata_pixel_size_nm", "agreement"):
+        assert col in table.columns
+    assert table.loc["bar", "pixel_size_nm"] == pytest.approx(10.0)
+    assert table.loc["bar", "pixel_size_source"] == "scale-bar"
+    assert table.loc["nobar", "pixel_size_source"] == "unknown"
+    assert "no pixel size" in res.output
