@@ -77,7 +77,7 @@ def test_cluster_gives_the_serial_tables_and_reuses_finished_images(tmp_path, cl
     # a re-run reuses every finished image and runs nothing
     again = AnalyzeRun(tmp_path / "par", SETTINGS)
     run_on_cluster(again, paths, [p.stem for p in paths], SETTINGS, cluster)
-    assert {s["message"] for s in again.report.statuses.values()} == {"reused from an earlier run"}
+    assert all(s.get("reused") for s in again.report.statuses.values())
 
 
 def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path, cluster):

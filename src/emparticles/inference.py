@@ -8,9 +8,17 @@ from torch.nn import functional as F
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
+    """``auto`` -> CUDA when present, else CPU. An unknown device, or ``cuda`` on a machine
+    without a usable GPU, raises :class:`~emparticles.errors.InputError` with one clear line."""
+    from .errors import InputError
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(None, f"--device {device!r} is not a device", "use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(None, "--device cuda: no usable GPU on this machine (or torch was built without CUDA)",
+                         "use --device cpu, or auto")
     return torch.device(device)
 
 

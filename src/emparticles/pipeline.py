@@ -241,6 +241,7 @@ def image_summary(mg: Micrograph, particles: pd.DataFrame, detected: int, n_edge
         "height_px": mg.shape[0],
         "pixel_size_nm": ps if ps is not None else np.nan,
         "pixel_size_source": mg.pixel_size_source or "unknown",
+        **pixel_size_xy(mg),
         "length_unit": "nm" if ps is not None else "px",
         "infobar_rows": mg.infobar_rows,
         "infobar_source": mg.infobar_source,
@@ -256,6 +257,15 @@ def image_summary(mg: Micrograph, particles: pd.DataFrame, detected: int, n_edge
         "ecd_d90_nm": d[2] * ps if ps else np.nan,
     }
     return row
+
+
+def pixel_size_xy(mg: Micrograph) -> dict:
+    """Pixel width and height (nm) as the file states them when they are what is used, else the
+    pixel size used for both (``--pixel-size``, a scale bar)."""
+    ps = mg.pixel_size_nm if mg.pixel_size_nm is not None else np.nan
+    from_file = mg.pixel_size_source not in ("user", "scale-bar") and "pixel_size_x_nm" in mg.metadata
+    return {"pixel_size_x_nm": mg.metadata["pixel_size_x_nm"] if from_file else ps,
+            "pixel_size_y_nm": mg.metadata["pixel_size_y_nm"] if from_file else ps}
 
 
 def scale_bar_columns(mg: Micrograph) -> dict:
@@ -417,8 +427,9 @@ class AnalyzeRun:
 
     def record_done(self, name: str, path: Path) -> None:
         info = json.loads((self.parts / f"{name}.json").read_text())
-        self.report.statuses[name] = {"path": str(path), "status": "ok", "message": "reused from an earlier run",
-                                      "warnings": info.get("warnings", [])}
+        warnings = info.get("warnings", [])
+        self.report.statuses[name] = {"path": str(path), "status": "ok", "message": "; ".join(warnings),
+                                      "warnings": warnings, "reused": True}
         self._combined = False
 
     def record_result(self, name: str, path: Path, status: dict) -> None:
@@ -522,7 +533,7 @@ class AnalyzeRun:
                   self.out / "all_particles.csv")
         write_csv(pd.concat(agglomerates, ignore_index=True) if agglomerates
                   else pd.DataFrame({c: [] for c in AGGLOMERATE_COLUMNS}), self.out / "agglomerates.csv")
-        images = pd.DataFrame(rows)
+        images = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["image", "path", "status", "message"])
         for col in _INTEGER_IMAGE_COLUMNS:
             if col in images:
                 images[col] = images[col].astype("Int64")
@@ -559,7 +570,7 @@ class AnalyzeRun:
                 info = json.loads((self.parts / f"{name}.json").read_text())
                 scores[name] = np.asarray(info.get("scores", []), float)
         write_coco(labels, self.out / "coco_instances.json", scores)
-        if report:
+        if report and labels:  # no report of a run without one analysed image
             from .report import build_report
 
             build_report(self.out)
@@ -582,7 +593,8 @@ def known_facts(mg: Micrograph) -> dict:
     calibration, info bar and scale bar."""
     ps = mg.pixel_size_nm
     return {"width_px": mg.shape[1], "height_px": mg.shape[0], "pixel_size_nm": ps if ps is not None else np.nan,
-            "pixel_size_source": mg.pixel_size_source or "unknown", "length_unit": "nm" if ps is not None else "px",
+            "pixel_size_source": mg.pixel_size_source or "unknown",
+            **pixel_size_xy(mg), "length_unit": "nm" if ps is not None else "px",
             "infobar_rows": mg.infobar_rows, "infobar_source": mg.infobar_source, **scale_bar_columns(mg)}
 
 

@@ -42,7 +42,10 @@ def parse_length_nm(text: str, what: str = "--pixel-size") -> float:
     ``"2.5nm"``, ``"25 A"``, ``"0.3um"``, ``"0.3µm"``, ``"300pm"`` are accepted; a bare number is
     refused, because silently guessing the unit of a pixel size is how results go wrong by 1000x.
     """
-    match = _LENGTH.match(str(text))
+    stripped = str(text).strip()
+    if stripped.startswith("-"):
+        raise InputError(None, f"{what} '{text}' is negative", "give a positive length, e.g. 2.5nm")
+    match = _LENGTH.match(stripped)
     if not match:
         raise InputError(
             None,
@@ -50,6 +53,8 @@ def parse_length_nm(text: str, what: str = "--pixel-size") -> float:
             "write a number followed by a unit, e.g. 2.5nm, 25A, 0.3um or 300pm",
         )
     value, unit = float(match.group(1)), match.group(2)
+    if value == 0:
+        raise InputError(None, f"{what} '{text}' is zero", "give the pixel size of the image, e.g. 2.5nm")
     if not unit:
         raise InputError(
             None,
@@ -66,7 +71,15 @@ def parse_length_nm(text: str, what: str = "--pixel-size") -> float:
         ) from None
     if not (nm > 0 and math.isfinite(nm)):
         raise InputError(None, f"{what} '{text}' must be greater than zero", "give a positive length")
+    if nm < MIN_PIXEL_NM or nm > MAX_PIXEL_NM:
+        raise InputError(None, f"{what} '{text}' is {nm:g} nm, outside what an electron micrograph's pixel can be "
+                               f"({MIN_PIXEL_NM:g} nm to {MAX_PIXEL_NM / 1e6:g} mm)", "check the unit (pm, A, nm, um, mm)")
     return nm
+
+
+#: Plausible pixel sizes of electron micrographs, from atomic-resolution STEM to navigation
+#: camera views (an FEI navcam frame is 264 um per pixel)
+MIN_PIXEL_NM, MAX_PIXEL_NM = 1e-3, 1e7
 
 
 def parse_area_px(text: str, pixel_size_nm: float | None, what: str = "--min-area") -> float:

@@ -82,9 +82,12 @@ def read_micrograph(path: str | Path, pixel_size_nm: float | None = None) -> Mic
 
     if calib is None and suffix not in DM_SUFFIXES:
         calib = sidecar_pixel_size(path, pixels.shape[1])
-    if calib is not None and not calib.is_square:
+    if calib is not None and calib.x_nm != calib.y_nm:
+        differ = abs(calib.x_nm - calib.y_nm) / max(calib.x_nm, calib.y_nm)
         notes.append(
-            f"pixels are not square ({calib.x_nm:.6g} x {calib.y_nm:.6g} nm); lengths use their mean"
+            f"pixels are not square ({calib.x_nm:.8g} nm wide x {calib.y_nm:.8g} nm high, {100 * differ:.2g}% apart); "
+            "lengths use their mean" + ("" if calib.is_square else ": areas and Feret angles are distorted, resample "
+                                        "the image to square pixels for exact shapes")
         )
     if calib is not None:
         metadata["pixel_size_x_nm"] = calib.x_nm

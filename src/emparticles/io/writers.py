@@ -16,15 +16,25 @@ import pandas as pd
 from ..errors import InputError
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under the process's umask (0o644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path next to ``path``; on success it replaces ``path``."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path``. The file gets the
+    mode any new file gets under the umask (``mkstemp`` makes it private, 0o600, so colleagues on
+    a shared drive could not read the results)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -28,14 +28,17 @@ def save_model_folder(net: torch.nn.Module, folder: Path, config: dict, threshol
     """Write a model folder (weights as safetensors, never pickles)."""
     from safetensors.torch import save_file
 
+    from ..io.writers import _write
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(folder / "weights.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "thresholds.json").write_text(json.dumps(thresholds or DEFAULT_THRESHOLDS, indent=2) + "\n")
+    # each file atomically and with the umask's mode (safetensors alone leaves its file 0o600)
+    _write(folder / "weights.safetensors", lambda p: save_file(state, str(p)))
+    _write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    _write(folder / "thresholds.json", lambda p: p.write_text(json.dumps(thresholds or DEFAULT_THRESHOLDS, indent=2) + "\n"))
     if card:
-        (folder / "MODEL_CARD.md").write_text(card)
+        _write(folder / "MODEL_CARD.md", lambda p: p.write_text(card))
     return folder
 
 

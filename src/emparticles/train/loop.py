@@ -272,20 +272,21 @@ def tune_thresholds(probs, val_data, start: dict | None = None,
 
 
 def train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False,
-          log=print, tune: bool = True, stop_after_s: float | None = None) -> Path:
+          log=print, tune: bool = True, stop_after_s: float | None = None, progress=None) -> Path:
     """Train, validate every epoch, keep the best model folder in ``out_dir/best`` and a resumable
     checkpoint in ``out_dir/checkpoint.pt``, then tune the best model's post-processing on the
     validation images (:func:`finalise`; ``tune=False`` leaves that to a later
     ``benchmarks/retune.py``). With ``stop_after_s`` the run stops after the first epoch that ends
     past that many seconds, its checkpoint saved for ``resume`` (for machines lent for a fixed
     time). Returns the best model folder. One process at a time trains into ``out_dir``
-    (:func:`~emparticles.train.lock.run_folder_lock`)."""
+    (:func:`~emparticles.train.lock.run_folder_lock`). ``progress(steps done, total steps)`` is
+    called after every step; the time a run will take is logged after its first steps."""
     with run_folder_lock(out_dir):
-        return _train(images_dir, masks_dir, out_dir, cfg, resume, log, tune, stop_after_s)
+        return _train(images_dir, masks_dir, out_dir, cfg, resume, log, tune, stop_after_s, progress)
 
 
 def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool, log,
-           tune: bool = True, stop_after_s: float | None = None) -> Path:
+           tune: bool = True, stop_after_s: float | None = None, progress=None) -> Path:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -356,7 +357,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         net.train()
         t0, losses = time.perf_counter(), []
         timed = TimedBatches(batches(rng, aug, cfg, train_data, extra_data, paste, device, epoch, pool, others))
-        for x, y in timed:
+        for step, (x, y) in enumerate(timed, start=1):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(x)
             loss = segmentation_loss(logits, y, weights, cfg.dice_weight)
@@ -365,6 +366,14 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
             opt.step()
             sched.step()
             losses.append(loss.detach())
+            if progress is not None:
+                progress(epoch * cfg.steps_per_epoch + step, total)
+            if epoch == start_epoch and step == min(10, cfg.steps_per_epoch):
+                per_step = (time.perf_counter() - t0) / step
+                left = per_step * (total - epoch * cfg.steps_per_epoch - step)
+                log(f"about {per_step * cfg.steps_per_epoch / 60:.1f} min per epoch of {cfg.steps_per_epoch} steps on "
+                    f"{device.type}, {_duration(left)} for the {cfg.epochs - epoch} epoch(s) to go (from the first "
+                    f"{step} steps; validation adds to it)")
         train_s = time.perf_counter() - t0
         val = validate_sets(net, val_sets, cfg, device, val_thresholds)
         row = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean()), "lr": sched.get_last_lr()[0],
@@ -377,8 +386,9 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         # With averaging, the best single epoch is kept beside the average, for comparison.
         if val["score"] > best_f1:
             best_f1 = val["score"]
-            save_model_folder(net, out_dir / ("best-epoch" if cfg.average_epochs else "best"),
-                              _model_config(cfg, epoch + 1, val))
+            config = _model_config(cfg, epoch + 1, val)
+            save_model_folder(net, out_dir / ("best-epoch" if cfg.average_epochs else "best"), config,
+                              card=training_card(config))
         if cfg.average_epochs and epoch >= cfg.epochs - cfg.average_epochs:
             average.add(net)
         save_checkpoint(ckpt_path, net, opt, epoch, best_f1, average)
@@ -390,6 +400,44 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         save_averaged(net, average, cfg, out_dir, val_sets, device, rng, train_data, extra_data, paste, aug, log,
                       val_thresholds, others=others)
     return finalise(out_dir, cfg, val_data, device, log) if tune else out_dir / "best"
+
+
+def _duration(seconds: float) -> str:
+    """2 h 05 min, 12 min, 40 s."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def training_card(config: dict) -> str:
+    """MODEL_CARD.md of a trained model folder: what it was trained on, how it was validated and
+    its validation figures (tuned ones when there are)."""
+    tc = config.get("train_config", {})
+    val, tuned = config.get("validation", {}), config.get("validation_tuned", {})
+
+    def figs(d: dict) -> str:
+        keys = [("f1", "F1@0.5"), ("precision", "precision"), ("recall", "recall"), ("panoptic_quality", "PQ"),
+                ("foreground_iou", "foreground IoU"), ("count_ratio", "count ratio")]
+        return ", ".join(f"{name} {d[k]:.3f}" for k, name in keys if isinstance(d.get(k), (int, float)))
+
+    sets = ", ".join(f"{Path(r['images']).parent.name} ({r.get('kind', 'instances')}, {r['share']:.0%} of crops)"
+                     for r in tc.get("real_sets", []))
+    lines = [f"# {config.get('name', 'model')}", "",
+             (f"A `{config.get('arch')}` network (background / particle / border) trained with `emparticles train` "
+             f"from {'the weights of ' + tc['init_from'] if tc.get('init_from') else 'random initialisation'}."), "",
+             (f"- epochs: {tc.get('epochs')} of {tc.get('steps_per_epoch')} steps of {tc.get('batch_size')} crops of "
+             f"{tc.get('crop')} px (this folder: epoch {config.get('epoch')}), peak learning rate {tc.get('lr')}"),
+             (f"- more annotated sets: {sets or 'none'}; synthetic: {tc.get('extra_images') or 'none'}; pasted "
+             f"agglomerates: {tc.get('paste_fraction', 0):.0%} of crops"),
+             (f"- validation: {tc.get('val_fraction', 0):.0%} of each set's images and a test part of "
+             f"{tc.get('test_fraction', 0):.0%} held out, whole sources on each side (`split.json` of the run)"), ""]
+    if val:
+        lines += [f"Validation at scale 1 with the post-processing it was trained with: {figs(val)}.", ""]
+    if tuned:
+        lines += [(f"Validation after tuning the post-processing on the same images (its scale search included): "
+                  f"{figs(tuned)}. These images chose the epoch and the settings, so expect less on unseen ones; "
+                  "`benchmarks/all_sets.py` scores the held-out test part."), ""]
+    return "\n".join(lines)
 
 
 class WeightAverage:
@@ -433,7 +481,7 @@ def save_averaged(net, average: WeightAverage, cfg: TrainConfig, out_dir: Path, 
     first = cfg.epochs - average.count + 1
     config = _model_config(cfg, cfg.epochs, val)
     config["averaged_epochs"] = [first, cfg.epochs]
-    save_model_folder(net, out_dir / "best", config)
+    save_model_folder(net, out_dir / "best", config, card=training_card(config))
     log(f"average of epochs {first}-{cfg.epochs}: val score {val['score']:.3f}")
 
 
@@ -576,7 +624,13 @@ def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print) -> Pa
     tuned = validate_segmenter(CNNSegmenter(best, device), val_data)
     config["validation_tuned"] = tuned
     (best / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    log(f"thresholds {thresholds}: validation F1 {tuned['f1']:.3f} (untuned, scale 1: {val['f1']:.3f})")
+    (best / "MODEL_CARD.md").write_text(training_card(config))
+    log(f"thresholds {thresholds}: validation F1 {tuned['f1']:.3f} with the tuned post-processing and the scale "
+        f"search (F1 {val['f1']:.3f} at scale 1 with the defaults)")
+    if tuned["f1"] < val["f1"]:
+        log("the tuned settings score lower than the defaults at scale 1: tuning keeps the particle count within "
+            f"{COUNT_RANGE[0]:.2f}-{COUNT_RANGE[1]:.2f} of the true one before it maximises F1, and the scale search "
+            "may resample the images; a count far from 1 biases the size distribution more than a lower F1")
     return best
 
 
