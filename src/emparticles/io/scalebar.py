@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -222,7 +223,19 @@ def ocr_engine():
             # The detector's default enlarges an image until its short side is 736 px: a 64 x 400
             # crop of an info bar became 736 x 4600 and took 3.4 s; at its own size (long side at
             # most 640) it reads the same labels.
+            import rapidocr
+
+            models = Path(rapidocr.__file__).parent / "models"
+            # the newest detector and recogniser in the wheel (PP-OCRv6 in rapidocr 3.10)
+            det = max(models.glob("*det*.onnx"), default=None, key=lambda f: f.name)
+            rec = max(models.glob("*rec*.onnx"), default=None, key=lambda f: f.name)
+            if det is None or rec is None:  # never let it fetch models at run time
+                from ..errors import InputError
+
+                raise InputError(models, "the OCR models that ship with rapidocr are missing",
+                                 "reinstall rapidocr (pip install --force-reinstall rapidocr), or give --pixel-size")
             _OCR = RapidOCR(params={"Global.log_level": "critical", "Global.use_cls": False,
+                                    "Det.model_path": str(det), "Rec.model_path": str(rec),
                                     "Det.limit_type": "max", "Det.limit_side_len": 640,
                                     "EngineConfig.onnxruntime.intra_op_num_threads": 1})
         return _OCR
