@@ -12,6 +12,9 @@ def pick_device(device: str = "auto") -> torch.device:
     without a usable GPU, raises :class:`~emparticles.errors.InputError` with one clear line."""
     from .errors import InputError
 
+    if isinstance(device, torch.device):
+        return device
+    device = str(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):

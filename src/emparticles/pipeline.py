@@ -400,6 +400,12 @@ class AnalyzeRun:
             raise InputError(self.out, f"output folder cannot be written ({exc.strerror})", "choose another -o folder or fix its permissions") from None
         self.report = BatchReport()
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        # images whose labels were corrected by hand (napari, Fiji), kept across re-runs
+        self.corrected_by_hand: list[str] = []
+        try:
+            self.corrected_by_hand = list(json.loads((self.out / "run.json").read_text()).get("corrected_by_hand", []))
+        except (OSError, ValueError):
+            pass
         # Tables of the images analysed in this process, so that combining after every image does
         # not read every earlier image's parts back from disk; images reused from an earlier run
         # are read from their parts.
@@ -548,6 +554,7 @@ class AnalyzeRun:
             "versions": software_versions(),
             "images": self.report.statuses,
             "failed": len(self.report.failed),
+            **({"corrected_by_hand": self.corrected_by_hand} if self.corrected_by_hand else {}),
         }, self.out / "run.json")
         self._combined = True
         self._particles = particles
