@@ -158,3 +158,41 @@ def test_coco_runs_match_pycocotools_per_particle():
         assert a["score"] == pytest.approx(np.linspace(0, 1, 9)[label - 1])
     empty = coco_instances({"b": np.zeros((4, 4), np.int32)})
     assert empty["annotations"] == [] and empty["images"][0]["width"] == 4
+
+
+def test_two_image_report_has_no_horizontal_scroll_at_1400_px_in_chromium(tmp_path):
+    """The report is read in a browser by people who did not run the command: at 1400 px nothing
+    may run off the page (the spatial table hid its conclusions there)."""
+    import re
+    import shutil
+    import subprocess
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from emparticles.cli import app
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium (.ci/run installs it)")
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        img = np.full((200, 260), 40, np.uint8)
+        yy, xx = np.mgrid[:200, :260]
+        for _ in range(30):
+            cy, cx = rng.uniform(10, 190), rng.uniform(10, 250)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = 200
+        Image.fromarray(img).save(tmp_path / f"field_with_a_long_file_name_{k}.png")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path), "-o", str(out), "--model", "classical",
+                                   "--pixel-size", "2nm", "--scale-bar", "off"])
+    assert res.exit_code == 0, res.output
+    page = (out / "report.html").read_text(encoding="utf-8")
+    probe = ("<script>document.title='W'+document.documentElement.scrollWidth+':'"
+             "+document.documentElement.clientWidth;</script></body>")
+    (out / "probe.html").write_text(page.replace("</body>", probe), encoding="utf-8")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
+                          "--dump-dom", (out / "probe.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    scroll, client = map(int, re.search(r"<title>W(\d+):(\d+)</title>", dom).groups())
+    assert scroll <= client, f"the page is {scroll} px wide in a {client} px window"
+    assert ">null<" not in page and ">nnd_f_statistic<" not in page  # settings and headings in words

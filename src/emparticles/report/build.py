@@ -78,7 +78,9 @@ the field border follow the edge-particle mode of the run.</p>
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:2px solid #2b5d8a;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:right}
+.scroll{max-width:100%;overflow-x:auto}table{border-collapse:collapse;font-size:.82em;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:.25em .45em;text-align:right}th{white-space:normal;max-width:9em}
+.thumbs figure img{max-width:320px}.lead{background:#f4f7fa;border-left:4px solid #2b5d8a;padding:.5em 1em}
 th{background:#eef3f8}td:first-child,th:first-child{text-align:left}.warn{color:#8a4b00}
 figure{display:inline-block;margin:.5em;vertical-align:top}figure img{max-width:520px;border:1px solid #ddd}
 figcaption{font-size:.8em;color:#555;max-width:520px}
@@ -93,8 +95,33 @@ def _fmt(v, digits=4):
     return str(v)
 
 
+#: Column headings in words (the tables' own column names are kept in the CSV files)
+HEADINGS = {
+    "image": "image", "width_px": "width (px)", "height_px": "height (px)", "pixel_size_nm": "pixel size (nm)",
+    "pixel_size_source": "pixel size from", "length_unit": "unit", "infobar_rows": "info bar rows",
+    "infobar_source": "info bar found by", "status": "status", "particles_detected": "particles found",
+    "particles_measured": "in the statistics", "edge_particles": "cut by the border", "coverage": "area covered",
+    "ecd_d10_nm": "ECD D10 (nm)", "ecd_d50_nm": "ECD D50 (nm)", "ecd_d90_nm": "ECD D90 (nm)",
+    "ecd_d10_px": "ECD D10 (px)", "ecd_d50_px": "ECD D50 (px)", "ecd_d90_px": "ECD D90 (px)",
+    "unit": "unit", "count": "particles", "mean": "mean", "sd": "SD", "D10": "D10", "D50": "D50",
+    "D50_low": "D50 95% CI low", "D50_high": "D50 95% CI high", "D90": "D90", "GSD": "GSD", "n": "points",
+    "nnd_mean_nnd": "mean NND", "nnd_expected_random_nnd": "NND expected if random",
+    "nnd_reference_mean_nnd": "mean NND of simulated random fields", "nnd_f_statistic": "F (variances)",
+    "nnd_f_p": "F-test p", "nnd_t_test": "t-test used", "nnd_t_statistic": "t", "nnd_t_p": "t-test p",
+    "nnd_classification": "arrangement", "clark_evans_r": "Clark-Evans R", "clark_evans_z": "Clark-Evans z",
+    "clark_evans_p": "Clark-Evans p", "ripley_mad_p": "Ripley's L p (MAD)", "setting": "setting", "value": "value",
+}
+
+
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
+    shown = df.rename(columns={c: HEADINGS.get(c, c.replace("_", " ")) for c in df.columns})
+    for col in shown.columns:  # counts as counts: 9 of 29, not 9.0 of 29.0
+        values = shown[col]
+        if values.dtype.kind == "f" and values.notna().any() and (values.dropna() % 1 == 0).all() and \
+                values.dropna().abs().max() < 1e12 and col not in ("pixel size (nm)",):
+            shown[col] = values.astype("Int64")
+    table = shown.to_html(index=False, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
+    return f"<div class='scroll'>{table}</div>"
 
 
 def _figure_html(png: bytes, caption: str) -> str:
@@ -113,6 +140,15 @@ def _save(fig, plots_dir: Path, name: str) -> bytes:
     _write(plots_dir / f"{name}.svg", lambda p: fig.savefig(p, format="svg"))
     plt.close(fig)
     return png
+
+
+def _setting(value) -> str:
+    """A setting in words: None is "not set (automatic)", booleans yes/no."""
+    if value is None:
+        return "not set (automatic)"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _interval(iv) -> str:
@@ -167,11 +203,16 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0, measure
         pooled = particles[particles["image"].isin(cal_names)]
         missing = sorted(set(ok["image"]) - cal_names)
         warnings.append(f"Pixel size unknown for {', '.join(missing)}: left out of the pooled distribution.")
+    sizes = ok["pixel_size_nm"].dropna().to_numpy(float) if len(ok) else np.zeros(0)
+    if sizes.size >= 2 and sizes.max() / sizes.min() > 3:
+        warnings.append(f"Images of very different pixel sizes ({sizes.min():.4g} to {sizes.max():.4g} nm/px) are pooled "
+                        "into one distribution: the coarse images cannot see the small particles the fine ones show. "
+                        "Pool only images of one magnification (emparticles compare treats them as samples).")
     for _, row in images.iterrows():
         if row.get("status") not in ("ok", None):
             warnings.append(f"{row['image']}: {row.get('status')} ({row.get('message', '')})")
-        detected = row.get("particles_detected", 0) or 0
-        edge = row.get("edge_particles", 0) or 0
+        detected = int(row.get("particles_detected", 0) or 0)
+        edge = int(row.get("edge_particles", 0) or 0)
         if detected and edge / detected > 0.2:
             warnings.append(f"{row['image']}: {edge} of {detected} particles touch the field border "
                             f"({100 * edge / detected:.0f}%); consider a lower magnification or edge mode miles-lantuejoul.")
@@ -262,7 +303,7 @@ def build_report(run_dir: str | Path, n_boot: int = 2000, seed: int = 0, measure
     write_json(summary, run_dir / "summary.json")
     _write(run_dir / "report.html", lambda p: p.write_text(
         _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit, name_of,
-              agglomeration), encoding="utf-8"))
+              agglomeration, _thumbnails(run_dir, ok)), encoding="utf-8"))
     return summary
 
 
@@ -328,13 +369,40 @@ def _agglomerate_html(agglomeration: dict) -> str:
     return body
 
 
+def _thumbnails(run_dir: Path, ok: pd.DataFrame, most: int = 24, width: int = 320) -> list[tuple[str, bytes]]:
+    """(image, PNG) of the segmentation overlays of up to ``most`` analysed images, ``width`` px wide."""
+    from PIL import Image
+
+    thumbs = []
+    for name in list(ok["image"])[:most] if len(ok) else []:
+        path = run_dir / "overlays" / f"{name}.png"
+        if not path.exists():
+            continue
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((width, width * 4))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", optimize=True)
+        thumbs.append((str(name), buf.getvalue()))
+    return thumbs
+
+
+LEAD = """<p class='lead'>This report describes the particles that emparticles found and measured in the
+images listed under <i>Inputs</i>. Each particle was outlined by a segmentation model (named under
+<i>Model and settings</i>) and measured with ImageJ's definitions; lengths are in nanometres where the
+pixel size was known (from the microscope's metadata or the image's scale bar) and in pixels otherwise.
+Particles cut by the image border are left out of the size statistics unless the settings say otherwise.
+Check the outlines under <i>Per-image results</i> before citing any figure, and read <i>Warnings</i>
+first: they say what may make a figure unreliable. Definitions are under <i>Methods</i>.</p>"""
+
+
 def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures, spatial_df, unit, name_of="ECD",
-          agglomeration: dict | None = None) -> str:
+          agglomeration: dict | None = None, thumbs: list | None = None) -> str:
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>emparticles report</title>"
             f"<style>{CSS}</style></head><body><h1>Particle analysis report</h1>"
             f"<p>{html.escape(str(len(images)))} image(s); updated {html.escape(run.get('updated', ''))}; "
             f"emparticles {html.escape(run.get('versions', {}).get('emparticles', ''))}.</p>")
-    parts = [head]
+    parts = [head, LEAD]
     nav = " &middot; ".join(f"<a href='#{k}'>{v}</a>" for k, v in SECTIONS.items())
     parts.append(f"<nav>{nav}</nav>")
 
@@ -342,7 +410,7 @@ def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures
                         "infobar_rows", "infobar_source", "status"] if c in images]
     parts.append(f"<section id='inputs'><h2>{SECTIONS['inputs']}</h2>{_table(images[cols])}</section>")
 
-    srows = pd.DataFrame([{"setting": k, "value": json.dumps(v) if not isinstance(v, str) else v} for k, v in settings.items()])
+    srows = pd.DataFrame([{"setting": k.replace("_", " "), "value": _setting(v)} for k, v in settings.items()])
     parts.append(f"<section id='settings'><h2>{SECTIONS['settings']}</h2>{_table(srows)}</section>")
 
     wl = "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in warnings) or "<li>None.</li>"
@@ -353,6 +421,10 @@ def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures
     body = _table(images[icols])
     if len(per_image_df):
         body += "<p>Size distribution per image (D50 with 95% bootstrap interval):</p>" + _table(per_image_df)
+    if thumbs:
+        body += ("<p>Segmentation of each image (cyan: measured; orange: left out, e.g. cut by the border; red: "
+                 "info bar):</p><div class='thumbs'>" + "".join(_figure_html(png, name) for name, png in thumbs)
+                 + "</div>")
     parts.append(f"<section id='images'><h2>{SECTIONS['images']}</h2>{body}</section>")
 
     if dist.count:
@@ -367,8 +439,13 @@ def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures
             params = ", ".join(f"{k} {_fmt(v)}" for k, v in fit.params.items())
             rows.append((f"{name} fit", f"{params}; KS {_fmt(fit.ks_statistic)} (p {_fmt(fit.ks_p)}); AIC {_fmt(fit.aic)}"))
         rows.append(("best fit (AIC)", dist.best_fit))
+        if dist.d50.value and np.isfinite(dist.d50.high) and np.isfinite(dist.d50.low):
+            now = (dist.d50.high - dist.d50.low) / 2 / dist.d50.value
+            rows.append(("D50 precision now (half-width of its 95% CI)", f"+-{100 * now:.1f}%"))
         for target, n in dist.n_for_d50_precision.items():
-            rows.append((f"particles needed for D50 +-{target}", n))
+            needed = max(int(n), 50)  # below about 50 particles a bootstrap interval is itself unreliable
+            rows.append((f"particles for D50 +-{target}", "reached" if needed <= dist.count
+                         else f"about {needed} (measured: {dist.count})"))
         tab = pd.DataFrame(rows, columns=[f"{name_of} ({unit})", "value"])
         body = _table(tab)
     else:
@@ -379,10 +456,16 @@ def _html(run, images, settings, warnings, per_image_df, dist, weighted, figures
     parts.append(f"<section id='plots'><h2>{SECTIONS['plots']}</h2>{figs}</section>")
 
     if len(spatial_df):
-        scols = ["image", "unit", "n", "nnd_mean_nnd", "nnd_expected_random_nnd", "nnd_reference_mean_nnd",
-                 "nnd_f_statistic", "nnd_f_p", "nnd_t_test", "nnd_t_statistic", "nnd_t_p", "nnd_classification",
-                 "clark_evans_r", "clark_evans_z", "clark_evans_p", "ripley_mad_p"]
-        body = _table(spatial_df[[c for c in scols if c in spatial_df]])
+        key = ["image", "n", "nnd_classification", "nnd_mean_nnd", "nnd_expected_random_nnd", "clark_evans_r",
+               "clark_evans_p", "ripley_mad_p", "unit"]
+        detail = ["image", "nnd_reference_mean_nnd", "nnd_f_statistic", "nnd_f_p", "nnd_t_test", "nnd_t_statistic",
+                  "nnd_t_p", "clark_evans_z"]
+        body = ("<p>Arrangement of the particles' centres per image: <i>random</i>, <i>self-avoiding</i> (more evenly "
+                "spaced than random) or <i>clustered</i>, from their nearest-neighbour distances (NND); Clark-Evans "
+                "R is 1 for a random pattern, above 1 for even spacing, below 1 for clustering.</p>"
+                + _table(spatial_df[[c for c in key if c in spatial_df]])
+                + "<details><summary>Test statistics</summary>"
+                + _table(spatial_df[[c for c in detail if c in spatial_df]]) + "</details>")
     else:
         body = "<p>Too few particles for spatial statistics.</p>"
     parts.append(f"<section id='agglomerates'><h2>{SECTIONS['agglomerates']}</h2>"
