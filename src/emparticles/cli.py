@@ -40,6 +40,11 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name (see '
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")]
 
 
+def _flag(*names: str, **kwargs):
+    """A yes/no option, shown in --help without a ``<bool>`` value it does not take."""
+    return typer.Option(*names, metavar="", **kwargs)
+
+
 def _pixel_size(text: str | None) -> float | None:
     return None if text is None else parse_length_nm(text)
 
@@ -86,14 +91,14 @@ def analyze(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     edge_particles: Annotated[str, typer.Option("--edge-particles", help="Particles cut by the image border or the info bar: exclude (default; their size is unknown), keep, or miles-lantuejoul (excluded, and the others weighted to remove the bias against large particles).")] = "exclude",
-    keep_edge_particles: Annotated[bool, typer.Option("--keep-edge-particles", help="Same as --edge-particles keep.")] = False,
-    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html, summary.json and plots/.")] = True,
+    keep_edge_particles: Annotated[bool, _flag("--keep-edge-particles", help="Same as --edge-particles keep.")] = False,
+    report: Annotated[bool, _flag("--report/--no-report", help="Write report.html, summary.json and plots/.")] = True,
     min_area: Annotated[str, typer.Option("--min-area", help="Drop particles smaller than this: pixels (20) or an area (100nm2).")] = "0",
     particle_size: Annotated[str | None, typer.Option("--particle-size", help="Typical particle diameter (20nm or 15px) to resample the image for the network; automatic when not given.")] = None,
     crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar (no detection).")] = None,
     scale_bar: Annotated[str, typer.Option("--scale-bar", help="auto: read the burned-in scale bar, to calibrate images without a pixel size in their metadata and to cross-check those with one; off: never.")] = "auto",
-    no_infobar: Annotated[bool, typer.Option("--no-infobar", help="The images have no info bar: analyse every row.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already finished in OUTPUT.")] = False,
+    no_infobar: Annotated[bool, _flag("--no-infobar", help="The images have no info bar: analyse every row.")] = False,
+    overwrite: Annotated[bool, _flag("--overwrite", help="Redo images already finished in OUTPUT.")] = False,
     workers: Annotated[int | None, typer.Option("--workers", help="Analyse on a local dask.distributed cluster of N worker processes (the cores shared among them).", min=1)] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Analyse on the dask.distributed cluster at this address (tcp://HOST:8786); OUTPUT must be on storage every worker mounts at the same path.")] = None,
 ) -> None:
@@ -283,7 +288,7 @@ def segment(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar.")] = None,
-    no_infobar: Annotated[bool, typer.Option("--no-infobar", help="Do not look for an info bar.")] = False,
+    no_infobar: Annotated[bool, _flag("--no-infobar", help="Do not look for an info bar.")] = False,
 ) -> None:
     """Write 16-bit instance labels (<stem>.png, full input size, 0 = background) and scores (<stem>.json)."""
     from .io.images import read_micrograph
@@ -398,7 +403,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A folder written by 'emparticles analyze'.")],
     measure: Annotated[str, typer.Option("--measure", help="Size measure: ecd, feret_max, feret_min or area.")] = "ecd",
     bins: Annotated[str, typer.Option("--bins", help="Histogram bins: fd (Freedman-Diaconis), sturges, auto, or a number.")] = "fd",
-    log_bins: Annotated[bool, typer.Option("--log-bins", help="Bins of equal width in log(size).")] = False,
+    log_bins: Annotated[bool, _flag("--log-bins", help="Bins of equal width in log(size).")] = False,
 ) -> None:
     """(Re)build report.html, summary.json and plots/ of an analyze folder from its tables."""
     from .report import build_report
@@ -481,7 +486,7 @@ def train(
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, one-cycle cosine; Mask R-CNN: SGD, try 1e-3).")] = 3e-3,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of the images held out for validation, whole sources on each side (sources.csv / images.csv / groups.csv beside the images folder, or the file stem without its frame number).")] = 0.15,
     device: DeviceOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt.")] = False,
+    resume: Annotated[bool, _flag("--resume", help="Continue from OUTPUT/checkpoint.pt.")] = False,
     extra_images: Annotated[Path | None, typer.Option("--extra-images", help="A second annotated set used for training only, e.g. from 'emparticles synth'.")] = None,
     extra_masks: Annotated[Path | None, typer.Option("--extra-masks", help="Its masks.")] = None,
     extra_fraction: Annotated[float, typer.Option("--extra-fraction", help="Share of training crops taken from the extra set.")] = 0.3,
@@ -699,7 +704,7 @@ def synth(
     paste_images: Annotated[Path | None, typer.Option("--paste-images", help="Annotated images to cut agglomerates from.")] = None,
     paste_masks: Annotated[Path | None, typer.Option("--paste-masks", help="Their instance masks.")] = None,
     paste_fraction: Annotated[float, typer.Option("--paste-fraction", help="Fraction of images made by pasting agglomerates on empty backgrounds.")] = 0.3,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redraw images that already exist.")] = False,
+    overwrite: Annotated[bool, _flag("--overwrite", help="Redraw images that already exist.")] = False,
 ) -> None:
     """Generate synthetic SEM micrographs of agglomerated particles with exact instance masks."""
     from .io.datasets import write_synth_set

@@ -182,11 +182,20 @@ def _read_dm(path: Path, notes: list[str]):
     return np.asarray(sig["data"]), calib, {"format": path.suffix.lstrip(".").lower()}
 
 
+#: Largest image accepted, in pixels (20,000 x 20,000: a stitched montage). Pillow's own guard
+#: against decompression bombs stops at 89 MP with a raw warning, below what microscopes write.
+MAX_IMAGE_PIXELS = 400_000_000
+
+
 def _read_pillow(path: Path, notes: list[str]) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, MAX_IMAGE_PIXELS)
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise InputError(path, f"is {im.width} x {im.height} pixels, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP "
+                                       "emparticles accepts", "crop or bin the image (e.g. 2x2 in Fiji) first")
             im.load()
             if im.mode == "P":
                 im = im.convert("RGB")
