@@ -132,6 +132,9 @@ def analyze(
         if workers and scheduler:
             raise InputError(None, "--workers and --scheduler both given", "give one: --workers starts a local cluster")
         distributed = bool(workers or scheduler)
+        from .inference import pick_device
+
+        pick_device(device)  # a bad --device fails here, whatever the model
         segmenter = load_model(settings.model, device)  # on a cluster too: a bad --model fails here, once
         _settle_heap()
         run = AnalyzeRun(output, settings, overwrite=overwrite)
