@@ -152,3 +152,14 @@ def test_calibrate_command_lists_every_file(tmp_path):
     assert table.loc["bar", "pixel_size_source"] == "scale-bar"
     assert table.loc["nobar", "pixel_size_source"] == "unknown"
     assert "no pixel size" in res.output
+
+
+def test_label_set_close_over_its_bar():
+    """A label printed just over its bar (journal figures): the text detector takes both for one
+    line of text, and the label is still read."""
+    im = field(seed=11, dark=False)
+    d = ImageDraw.Draw(im)
+    d.text((40, 400), "200nm", fill=0, font=ImageFont.load_default(size=34))
+    d.rectangle([40, 436, 142, 445], fill=0)
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 200.0, 103.0)

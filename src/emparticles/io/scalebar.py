@@ -337,16 +337,24 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
             crop = img[cy0:cy1, cx0:cx1]
             boxes = [(b, (b[0] + cx0, b[1] + cy0, b[2] + cx0, b[3] + cy0)) for b in text_boxes(crop)]
             on_bar = [(local, box) for local, box in boxes if _overlap(box, (bar.x0, bar.y0, bar.x1, bar.y1)) > 0.5]
-            if any(box[2] - box[0] > 1.5 * bw and sum(c.isalnum() for c in recognise(crop, local)[0]) >= 2
-                   for local, box in on_bar):
-                continue  # the "bar" is part of a word ("mm" in a bold font)
             boxes = [b for b in boxes if b not in on_bar]  # the detector takes a bar for text too
+            merged_label, in_word = None, False
+            for local, box in on_bar:
+                text, score = recognise(crop, local)
+                middle = (bar.y0 + bar.y1) / 2
+                inside_glyphs = box[1] + 0.2 * (box[3] - box[1]) <= middle <= box[3] - 0.2 * (box[3] - box[1])
+                if inside_glyphs and sum(c.isalnum() for c in text) >= 2:
+                    in_word = True  # the "bar" is a stroke of a word ("mm" of "4.0mm" in a bold font)
+                elif parse_label(text) is not None:
+                    merged_label = (parse_label(text), score, box)  # the label and its bar in one text box
+            if in_word:
+                continue
 
             def gap(box, bar=bar) -> float:
                 return float(np.hypot(max(0, box[0] - bar.x1, bar.x0 - box[2]), max(0, box[1] - bar.y1, bar.y0 - box[3])))
 
-            labels = []
-            near = [b for b in boxes if _beside(b[1], bar)]
+            labels = [(0.0, *merged_label)] if merged_label else []
+            near = [] if merged_label else [b for b in boxes if _beside(b[1], bar)]
             for local, box in sorted(near, key=lambda b: gap(b[1]))[:4]:  # the nearest lines, nearest first
                 text, score = recognise(crop, local)
                 parsed = parse_label(text)
