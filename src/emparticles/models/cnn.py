@@ -77,12 +77,11 @@ class CNNSegmenter:
             from .onnx import onnx_network
 
             self.net = onnx_network(self.folder, self.config, int(getattr(net, "multiple", 32))) or self.net
-        from .registry import SHIPPED_DIR
-
-        # a shipped model by its name; a trained folder by its path (its config's name is only
-        # the architecture, "strided-unet-slim-3class", the same for every run)
-        shipped = self.folder.resolve().parent == SHIPPED_DIR.resolve()
-        self.model_id = self.config.get("name", self.folder.name) if shipped else str(self.folder)
+        # a model by its name; a folder of `train` by its path (the name it writes is only the
+        # architecture, "strided-unet-slim-3class", the same for every run)
+        name = self.config.get("name", "")
+        generic = not name or name == f"{self.config.get('arch')}-3class"
+        self.model_id = str(self.folder) if generic else name
         self.flips = flips
 
     #: Median particle diameter (px) the network handles best: with a ``--particle-size`` hint the
