@@ -233,6 +233,11 @@ def ultimate_eroded_distance(labels: np.ndarray) -> np.ndarray:
     # precision 5x faster (0.025 s vs 0.136 s on a 1280x960 label image); the ultimate points,
     # argmaxima of squared-integer roots, are the same.
     dist = cv2.distanceTransform((inside & ~split).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    # OpenCV's float32 distances differ in their last bits with the number of threads it runs on,
+    # which moved ultimate points between tied pixels from one machine (or cluster worker) to
+    # another. Exact Euclidean distances are square roots of whole numbers: snapping to them makes
+    # ties exact, and the first pixel in raster order wins everywhere.
+    dist = np.sqrt(np.rint(dist.astype(np.float64) ** 2))
     return np.where(inside, dist + 1.0, 0.0)  # +1: split pixels still rank above background
 
 

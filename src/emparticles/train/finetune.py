@@ -12,8 +12,9 @@ The road:
    laid out over the time left for training, so the run ends on time.
 4. Retune the post-processing on the training images.
 5. Score the held-out images with the base and with the fine-tuned model; keep the fine-tuned
-   weights only when F1 at IoU 0.5 improves (foreground IoU breaking a tie); else keep the base's,
-   and say so. The folder records the attempt either way.
+   weights only when F1 at IoU 0.5 and foreground IoU gain together (:data:`MIN_GAIN`) without F1
+   dropping by more than :data:`MAX_F1_LOSS`; else keep the base's, and say so. The folder records
+   the attempt either way.
 
 A non-finite loss stops the training and falls back to the last finite weights. Ctrl-C stops it
 too and leaves a usable folder (the best of base and the weights so far, judged on the held-out
@@ -38,8 +39,10 @@ from ..errors import EmparticlesError, InputError
 #: Share of the images held out (whole sources) when there are at least MIN_IMAGES_FOR_HOLDOUT
 HOLDOUT_SHARE = 0.25
 MIN_IMAGES_FOR_HOLDOUT = 3
-#: The fine-tuned model must beat the base on held-out F1 by more than this to be kept
-MIN_GAIN_F1 = 0.005
+#: The fine-tuned model is kept when held-out F1 + foreground IoU gain more than MIN_GAIN together
+#: and F1 loses at most MAX_F1_LOSS
+MIN_GAIN = 0.01
+MAX_F1_LOSS = 0.01
 
 
 class TrainingDiverged(EmparticlesError):
@@ -246,8 +249,9 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
     aug = augmenter(cfg.crop, (scale * 0.8, scale * 1.25))
     # kept for what follows training: scoring the held-out images again, and for the retuning one
     # segmentation of each training image plus about 45 post-processing trials of its map
-    reserve = per_image_s * (len(hold_data) + (1.5 * len(train_data) if cfg.tune else 0)) \
-        + (4.0 * len(train_data) if cfg.tune else 0) + 10.0
+    # (on a loaded machine these took up to twice the estimate, hence the margin)
+    reserve = 1.5 * (per_image_s * (len(hold_data) + (1.5 * len(train_data) if cfg.tune else 0))
+                     + (8.0 * len(train_data) if cfg.tune else 0)) + 15.0
     train_until = started + max(budget * 0.3, budget - min(reserve, 0.6 * budget))
     t_train = time.monotonic()
     steps, last_good, interrupted, diverged = 0, copy.deepcopy(net.state_dict()), False, ""
@@ -303,7 +307,10 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
                               before, {}, steps, time.monotonic() - started, scale)
     if hold_data:
         gain = (after["f1"] - before["f1"], after["foreground_iou"] - before["foreground_iou"])
-        better = gain[0] > MIN_GAIN_F1 or (abs(gain[0]) <= MIN_GAIN_F1 and gain[1] > 0.01)
+        # better: F1 and foreground IoU together gain, and F1 does not drop by more than a
+        # particle or two of the held-out images (on one silica frame: F1 0.842 -> 0.836 is one
+        # particle, while foreground IoU rose 0.885 -> 0.920)
+        better = gain[0] + gain[1] > MIN_GAIN and gain[0] > -MAX_F1_LOSS
         reason = (f"held-out F1 {before['f1']:.3f} -> {after['f1']:.3f}, foreground IoU {before['foreground_iou']:.3f} "
                   f"-> {after['foreground_iou']:.3f}")
     else:
