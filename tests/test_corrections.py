@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from emparticles.corrections import delete_particles, merge_particles, new_particle_id, split_particle
+from emparticles.corrections import (
+    delete_particles,
+    merge_particles,
+    new_particle_id,
+    split_particle,
+)
 
 
 def test_editing_functions_on_hand_built_labels():
