@@ -153,7 +153,8 @@ def drop_scale_bar(instances: Instances, full: np.ndarray, mg: Micrograph) -> tu
     """Leave out particles on a scale bar or its label drawn over the field (a bar in the info
     bar is already outside it): the bar is kept out of the measurement like the info bar."""
     sb = mg.metadata.get("scale_bar") or {}
-    boxes = [b for b in (sb.get("box"), sb.get("label_box")) if b] if sb.get("confidence") else []
+    # a bar read with high confidence only: a "low" one may be a bright particle taken for a bar
+    boxes = [b for b in (sb.get("box"), sb.get("label_box")) if b] if sb.get("confidence") == "high" else []
     h = instances.labels.shape[0]
     hit: set[int] = set()
     for x0, y0, x1, y1 in boxes:
