@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,15 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from emparticles.batch import check_output_reachable, run_on_cluster, start_client, close_client, wait_for_workers  # noqa: E402
-from emparticles.errors import InputError  # noqa: E402
-from emparticles.pipeline import AnalysisSettings, AnalyzeRun  # noqa: E402
+from emparticles.batch import (
+    check_output_reachable,
+    close_client,
+    run_on_cluster,
+    start_client,
+    wait_for_workers,
+)
+from emparticles.errors import InputError
+from emparticles.pipeline import AnalysisSettings, AnalyzeRun
 
 
 def write_fields(folder: Path, count: int, size=(480, 640)) -> list[Path]:
@@ -107,7 +112,7 @@ class _Poison(distributed.WorkerPlugin):
     """Makes every worker die (as from a crash in a library) on images whose name says poison."""
 
     def setup(self, worker):
-        import emparticles.batch as batch
+        from emparticles import batch
 
         original = batch.analyse_on_worker
         if getattr(original, "poisoned", False):
@@ -132,8 +137,7 @@ def test_an_image_that_kills_workers_twice_is_failed_and_the_batch_goes_on(tmp_p
         wait_for_workers(client, 2)
         client.register_plugin(_Poison())
         run = AnalyzeRun(tmp_path / "par", SETTINGS)
-        done = threading.Event()
-        run_on_cluster(run, paths, [p.stem for p in paths], SETTINGS, client, lambda *a: done.set())
+        run_on_cluster(run, paths, [p.stem for p in paths], SETTINGS, client)
         run.combine()
     finally:
         close_client(client, local)
@@ -145,19 +149,18 @@ def test_an_image_that_kills_workers_twice_is_failed_and_the_batch_goes_on(tmp_p
 
 
 def test_an_output_folder_the_workers_cannot_see_is_refused(tmp_path, cluster, monkeypatch):
-    import emparticles.batch as batch
-
-    def unreachable(client, out_dir):
-        # what a worker on another machine reports: the client's token is not there
-        client.run(lambda: None)
-        raise InputError(out_dir, "2 of 2 workers cannot reach this output folder", "use shared storage")
+    from emparticles import batch
 
     folder = tmp_path / "out"
     check_output_reachable(cluster, folder)  # a local cluster shares the folder
     assert not list((folder / ".workers").glob("worker-*"))  # the probes are cleaned up
-    monkeypatch.setattr(batch, "check_output_reachable", unreachable)
-    with pytest.raises(InputError, match="cannot reach"):
-        run_on_cluster(AnalyzeRun(folder, SETTINGS), [], [], SETTINGS, cluster)
+    # workers on another machine find another folder of that name: no token of the client's there
+    monkeypatch.setattr(batch, "_probe", lambda out_dir, token: "")
+    paths = write_fields(tmp_path / "in", 1, size=(100, 120))
+    run = AnalyzeRun(folder, SETTINGS)
+    with pytest.raises(InputError, match="cannot reach this output folder"):
+        run_on_cluster(run, paths, [p.stem for p in paths], SETTINGS, cluster)
+    assert not list((folder / ".parts").glob("*.json"))  # refused before any image was sent
 
 
 def test_the_probe_fails_when_the_token_differs(tmp_path):

@@ -24,7 +24,7 @@ def test_source_groups_from_a_table_from_frame_numbers_or_per_image(tmp_path):
 def test_split_by_source_never_puts_one_source_on_two_sides():
     groups = {f"g{g}-{n}": f"g{g}" for g in range(20) for n in range(1 + g % 4)}
     parts = split_by_source(groups, validation=0.15, test=0.15)
-    assert sorted(sum(parts.values(), [])) == sorted(groups)  # every image once
+    assert sorted(s for stems in parts.values() for s in stems) == sorted(groups)  # every image once
     sides = {}
     for part, stems in parts.items():
         for s in stems:
