@@ -177,7 +177,7 @@ def drop_scale_bar(instances: Instances, full: np.ndarray, mg: Micrograph) -> tu
 
 def model_used(model: Segmenter) -> str:
     """The model that segmented the latest image: the chosen member of a selecting model
-    (``emps-sem-auto``), else the model itself."""
+    (``"kind": "select"`` in its config), else the model itself."""
     return getattr(model, "last_choice", "") or model.model_id
 
 

@@ -6,7 +6,7 @@ training images); the weights stay the source of truth, and the ONNX graph is a 
 loaded without unpickling anything. Measured on two CPU cores with the ``strided-unet`` of
 2.0 M parameters on a 1024x1312 input: 0.42-0.46 s in PyTorch (folded batch norm, channels_last),
 0.38-0.39 s in ONNX Runtime fp32 (outputs equal to 3e-6), 0.26-0.27 s in int8. End to end the
-gain is smaller: on the 58 EMPS validation images, emps-strided-unet-v1 in int8 (three
+gain is smaller: on the 58 EMPS validation images, emps-strided-unet-v1 (no longer shipped) in int8 (three
 calibrations) took 2.0-2.3 times the classical model's time per image against 2.3-2.4 in fp32,
 and F1 at IoU 0.5 was 0.874-0.885 against 0.881: quantisation moves near-ties of the scale
 search (10-12 of 58 images changed scale). The shipped models therefore stay fp32; quantising
