@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--paste-fraction", type=float, default=0.0,
                         help="share of crops made by pasting training agglomerates on empty backgrounds")
     parser.add_argument("--init-from", default="", help="model folder whose weights start the training")
+    parser.add_argument("--distance-head", action="store_true",
+                        help="a fourth output, the distance to each particle's outline, whose seeds part touching particles")
     parser.add_argument("--average-epochs", type=int, default=0,
                         help="the model is the mean of the weights after each of the last N epochs")
     parser.add_argument("--real-set", nargs=3, action="append", default=[], metavar=("FOLDER", "SHARE", "KIND"),
@@ -77,7 +79,7 @@ def main() -> None:
                       extra_images=args.extra_images, extra_masks=args.extra_masks, extra_fraction=args.extra_fraction, paste_fraction=args.paste_fraction,
                       init_from=args.init_from, class_weighting=args.class_weighting,
                       average_epochs=args.average_epochs, device=args.device, workers=args.workers,
-                      test_fraction=args.test_fraction,
+                      test_fraction=args.test_fraction, distance_head=args.distance_head,
                       real_sets=[real_set(Path(f), float(sh), k) for f, sh, k in args.real_set]
                       + ([real_set(f, sh, k) for f, sh, k in REAL_SETS] if args.real_sets_shipped else []))
     stop = None if args.stop_after_minutes is None else 60 * args.stop_after_minutes

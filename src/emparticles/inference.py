@@ -62,6 +62,15 @@ def tile_layout(length: int, tile: int, overlap: int, multiple: int = 1) -> tupl
 
 
 @torch.inference_mode()
+def output_probabilities(logits: torch.Tensor, classes: int = 3) -> torch.Tensor:
+    """(B, C, H, W) probabilities of a semantic network's logits: softmax over the first
+    ``classes`` channels, and a sigmoid of each further one (a distance map)."""
+    logits = logits.float()
+    if logits.shape[1] <= classes:
+        return F.softmax(logits, dim=1)
+    return torch.cat([F.softmax(logits[:, :classes], dim=1), torch.sigmoid(logits[:, classes:])], dim=1)
+
+
 def predict_tiled(
     net: torch.nn.Module,
     image: np.ndarray,
@@ -114,7 +123,7 @@ only on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs.
                 xi = torch.flip(xi, dims)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(xi)
-            p = F.softmax(logits.float(), dim=1)
+            p = output_probabilities(logits)
             if dims:
                 p = torch.flip(p, dims)
             probs = probs + p

@@ -113,8 +113,16 @@ def instances_from_borders(
     min_score: float = 0.0,
     min_relative_area: float = 0.0,
     fill: str = "particle",
+    seeds: str = "borders",
+    seed_distance: float = 0.5,
 ) -> Instances:
     """Particles from a 3-class map (background / particle / boundary).
+
+    With ``seeds="distance"`` (maps with a ``distance`` channel,
+    :data:`~emparticles.types.WITH_DISTANCE`) the seeds are instead the regions where the
+    predicted relative distance to the particle's outline exceeds ``seed_distance``, and they grow
+    by watershed on -distance: touching particles part where the distance map dips between them,
+    even where the network drew no border.
 
     Seeds are connected regions where P(particle) - P(boundary) exceeds ``seed_threshold`` (the
     particle bodies, cut apart by the predicted borders); each seed grows by watershed on
@@ -134,14 +142,21 @@ def instances_from_borders(
     fg = (particle + border) > foreground_threshold
     if fill == "foreground":
         fg = fill_holes(fg)
-    seeds_mask = (particle - border) > seed_threshold
-    seeds_mask &= fg
+    if seeds == "distance":
+        distance = prob.channel("distance")
+        seeds_mask = (distance > seed_distance) & fg
+        flood = -distance
+    elif seeds == "borders":
+        seeds_mask = ((particle - border) > seed_threshold) & fg
+        flood = -particle
+    else:
+        raise ValueError(f"unknown seeds {seeds!r}; use 'borders' or 'distance'")
     markers, _ = ndi.label(seeds_mask)
     if min_seed_px > 1:  # as remove_small_objects, without labelling twice (gaps in the ids are harmless)
         small = np.bincount(markers.ravel()) < min_seed_px
         small[0] = False
         markers[small[markers]] = 0
-    labels = seeded_watershed(-particle, markers, fg)
+    labels = seeded_watershed(flood, markers, fg)
     orphans, n_orphans = ndi.label(fg & (labels == 0))
     if n_orphans:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
@@ -238,7 +253,8 @@ def trim_outlines(inst: Instances, foreground: np.ndarray, threshold: float) -> 
 
 #: Post-processing settings of :func:`instances_from_borders` used when a model has none tuned.
 DEFAULT_THRESHOLDS = {"foreground_threshold": 0.5, "seed_threshold": 0.5, "min_size_px": 9, "min_seed_px": 4,
-                      "min_score": 0.0, "min_relative_area": 0.0, "fill_holes": "particle"}
+                      "min_score": 0.0, "min_relative_area": 0.0, "fill_holes": "particle",
+                      "seeds": "borders", "seed_distance": 0.5}
 
 
 def instances_with(prob: ProbabilityMap, thresholds: dict) -> Instances:
@@ -246,4 +262,5 @@ def instances_with(prob: ProbabilityMap, thresholds: dict) -> Instances:
     t = {**DEFAULT_THRESHOLDS, **thresholds}
     return instances_from_borders(prob, float(t["foreground_threshold"]), float(t["seed_threshold"]),
                                   int(t["min_size_px"]), int(t["min_seed_px"]), float(t["min_score"]),
-                                  float(t["min_relative_area"]), str(t["fill_holes"]))
+                                  float(t["min_relative_area"]), str(t["fill_holes"]), str(t["seeds"]),
+                                  float(t["seed_distance"]))

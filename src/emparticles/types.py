@@ -54,6 +54,21 @@ class Micrograph:
 
 #: channel names of a 3-class probability map, in order.
 THREE_CLASS = ("background", "particle", "boundary")
+#: channel names of a 3-class map with a distance channel: each pixel's distance to the outline of
+#: its own particle, relative to the largest in that particle (1 at the centre, 0 on background).
+#: The first three channels sum to 1; the distance is a sigmoid output of its own.
+WITH_DISTANCE = THREE_CLASS + ("distance",)
+
+
+def network_channels(outputs: int) -> tuple[str, ...]:
+    """Channel names of a semantic network's ``outputs`` output maps (3 or 4)."""
+    if outputs == 3:
+        return THREE_CLASS
+    if outputs == 4:
+        return WITH_DISTANCE
+    raise ValueError(f"a network with {outputs} outputs is neither 3-class nor 3-class with distance")
+
+
 #: channel names of a 2-class probability map, in order.
 TWO_CLASS = ("background", "particle")
 
@@ -64,7 +79,8 @@ class ProbabilityMap:
 
     Attributes
     ----------
-    probabilities : (C, H, W) float32 in [0, 1], summing to 1 over C.
+    probabilities : (C, H, W) float32 in [0, 1]; the class channels sum to 1 (a ``distance``
+        channel, if any, is not a class).
     channels : names of the C channels, e.g. ``("background", "particle", "boundary")``.
     model_id : the model that made it.
     """

@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..inference import pick_device, predict_tiled
 from ..instances import DEFAULT_THRESHOLDS, Instances, instances_with, trim_outlines
 from ..preprocess import normalise
-from ..types import THREE_CLASS, ProbabilityMap
+from ..types import THREE_CLASS, ProbabilityMap, network_channels
 from .networks import build_network, prepare_for_inference
 
 __all__ = ["DEFAULT_THRESHOLDS", "CNNSegmenter", "load_network", "save_model_folder"]
@@ -42,6 +42,12 @@ def save_model_folder(net: torch.nn.Module, folder: Path, config: dict, threshol
     return folder
 
 
+def network_outputs(config: dict) -> int:
+    """Output maps of a model folder's network: one per name in ``channels`` (the three classes,
+    and a distance map in folders trained with one)."""
+    return len(config.get("channels") or THREE_CLASS)
+
+
 def load_network(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:
     """Build the folder's architecture and load its weights: (net in eval mode, config, thresholds)."""
     from safetensors.torch import load_file
@@ -52,7 +58,7 @@ def load_network(folder: Path, device: str | torch.device = "cpu") -> tuple[torc
             raise InputError(folder, f"is not a model folder (no {name})", "pass a folder written by 'emparticles train'")
     try:
         config = json.loads((folder / "config.json").read_text())
-        net = build_network(config["arch"], config.get("classes", 3))
+        net = build_network(config["arch"], network_outputs(config))
         net.load_state_dict(load_file(str(folder / "weights.safetensors")))
     except (KeyError, ValueError, RuntimeError) as exc:
         raise InputError(folder, f"model folder cannot be loaded ({exc})", "re-export it with this version of emparticles") from None
@@ -103,10 +109,10 @@ class CNNSegmenter:
         probs = self._probabilities(normalise(pixels), scale)
         if probs.shape[1:] != pixels.shape:
             probs = np.stack([_resize(p, pixels.shape) for p in probs])
-        return ProbabilityMap(probs, THREE_CLASS, self.model_id)
+        return ProbabilityMap(probs, network_channels(len(probs)), self.model_id)
 
     def _probabilities(self, img: np.ndarray, scale: float) -> np.ndarray:
-        """(3, h, w) float32 probabilities of a normalised image resampled by ``scale``."""
+        """(C, h, w) float32 probabilities of a normalised image resampled by ``scale``."""
         scale = scale * float(self.config.get("input_scale", 1.0))
         if scale != 1.0:
             img = _resize(img, scale)
@@ -122,7 +128,8 @@ class CNNSegmenter:
         """Instances and probabilities of a normalised (H, W) image segmented after resampling by
         ``scale``, both at the resampled size (the post-processing thresholds, in pixels, apply
         where the network worked)."""
-        prob = ProbabilityMap(self._probabilities(img, scale), THREE_CLASS, self.model_id)
+        probs = self._probabilities(img, scale)
+        prob = ProbabilityMap(probs, network_channels(len(probs)), self.model_id)
         return self.instances(prob), prob
 
     def choose_scale(self, img: np.ndarray) -> tuple[float, dict[float, tuple[Instances, ProbabilityMap]]]:

@@ -343,14 +343,14 @@ def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: 
 
     from safetensors.torch import load_file
 
-    from ..models.cnn import save_model_folder
+    from ..models.cnn import network_outputs, save_model_folder
     from ..models.networks import build_network
 
     record = {"base": str(base_dir), "kept": kept, "reason": reason, "train_images": list(train_stems),
               "held_out_images": list(hold_stems), "before": _plain(before), "after": _plain(after), "steps": steps,
               "training_seconds": round(train_s, 1), "scale": scale, "settings": asdict(cfg)}
     if net is None:
-        net = build_network(config["arch"], config.get("classes", 3))
+        net = build_network(config["arch"], network_outputs(config))
         net.load_state_dict(load_file(str(base_dir / "weights.safetensors")))
     tmp = out_dir.with_name(out_dir.name + ".writing")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,7 @@ from ..inference import pick_device, predict_tiled
 from ..instances import DEFAULT_THRESHOLDS, instances_with, trim_outlines
 from ..models.cnn import save_model_folder
 from ..models.networks import build_network
-from ..types import THREE_CLASS, ProbabilityMap
+from ..types import ProbabilityMap, network_channels
 from .data import (
     BatchWorkers,
     PasteSource,
@@ -36,7 +36,7 @@ from .data import (
     training_sources,
 )
 from .lock import run_folder_lock
-from .targets import FOREGROUND_ONLY, class_weights, three_class_target
+from .targets import FOREGROUND_ONLY, class_weights, distance_target, three_class_target
 
 
 @dataclass
@@ -79,6 +79,11 @@ class TrainConfig:
     # ("foreground" for agglomerate-level masks: learnt as particle vs substrate, separation left
     # out). Each is split by source like the main set; its training part gives "share" of the crops.
     real_sets: list = field(default_factory=list)
+    # A fourth output: each pixel's distance to its particle's outline relative to the particle's
+    # largest (targets.distance_target), learnt beside the classes; its seeds then part touching
+    # particles (thresholds "seeds": "distance").
+    distance_head: bool = False
+    distance_weight: float = 1.0
 
 
 #: Resampling search saved with trained models (see ``CNNSegmenter.choose_scale``): tried on EMPS
@@ -106,19 +111,51 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
-                      dice_weight: float = 1.0) -> torch.Tensor:
+                      dice_weight: float = 1.0, distance_weight: float = 1.0) -> torch.Tensor:
     """Weighted cross-entropy over the three classes plus ``dice_weight`` x :func:`dice_loss`.
     Pixels of agglomerate-level masks (:data:`~.targets.FOREGROUND_ONLY`: particle or border, not
     known which) leave the cross-entropy and count instead by the log-probability of particle +
     border, so they teach what is particle and what is substrate without teaching where
-    particles part."""
+    particles part. A fourth output channel adds ``distance_weight`` x :func:`distance_loss`."""
     logits = logits.float()
+    if logits.shape[1] > 3:
+        return (segmentation_loss(logits[:, :3], target, weights, dice_weight)
+                + distance_weight * distance_loss(logits[:, 3], target))
     loss = F.cross_entropy(logits, target, weight=weights, ignore_index=FOREGROUND_ONLY)
     unknown = target == FOREGROUND_ONLY
     if bool(unknown.any()):
         log_fg = torch.logsumexp(F.log_softmax(logits, dim=1)[:, 1:], dim=1)
         loss = loss - log_fg[unknown].mean() * unknown.float().mean()
     return loss + dice_weight * dice_loss(logits, target)
+
+
+def distance_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of a (B, H, W) distance logit against
+    :func:`~.targets.distance_target` of each class target, over the pixels whose class is known
+    (agglomerate-level masks do not say where particles part, so they give no distances)."""
+    classes = target.detach().cpu().numpy()
+    wanted = torch.from_numpy(np.stack([distance_target(t) for t in classes])).to(logits.device)
+    known = target != FOREGROUND_ONLY
+    loss = F.binary_cross_entropy_with_logits(logits.float(), wanted, reduction="none")
+    return loss[known].mean() if bool(known.any()) else loss.sum() * 0.0
+
+
+def load_matching_weights(net: torch.nn.Module, state: dict) -> list[str]:
+    """Load ``state`` into ``net``; a tensor whose first dimension is smaller than the network's
+    (a 3-class head into a network with a distance output) fills the leading rows, the rest
+    keeping their random initialisation. Returns the names of the tensors filled in part."""
+    own = net.state_dict()
+    filled = []
+    for name, value in state.items():
+        if name in own and own[name].shape != value.shape:
+            if own[name].shape[1:] != value.shape[1:] or own[name].shape[0] < value.shape[0]:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit {tuple(own[name].shape)}")
+            merged = own[name].clone()
+            merged[: value.shape[0]] = value
+            state = {**state, name: merged}
+            filled.append(name)
+    net.load_state_dict(state)
+    return filled
 
 
 def pooled_figures(pairs) -> dict:
@@ -148,7 +185,7 @@ def validate(net, val_data, cfg: TrainConfig, device, thresholds=None) -> dict:
     t = thresholds or DEFAULT_THRESHOLDS
     probs = [predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap, device=device, bf16=cfg.bf16, pad=cfg.pad)
              for img, _ in val_data]
-    figures = pooled_figures((labels, instances_with(ProbabilityMap(p, THREE_CLASS, "val"), t).labels)
+    figures = pooled_figures((labels, instances_with(ProbabilityMap(p, network_channels(len(p)), "val"), t).labels)
                              for p, (_, labels) in zip(probs, val_data))
     return {**figures, "_probs": probs}
 
@@ -186,9 +223,9 @@ def validate_sets(net, val_sets: dict, cfg: TrainConfig, device, thresholds=None
     for name, (kind, data) in val_sets.items():
         if not data:
             continue
-        predicted = [instances_with(ProbabilityMap(predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap,
-                                                                 device=device, bf16=cfg.bf16, pad=cfg.pad),
-                                                   THREE_CLASS, "val"), t).labels for img, _ in data]
+        maps = (predict_tiled(net, img, tile=cfg.tile, overlap=cfg.overlap, device=device, bf16=cfg.bf16, pad=cfg.pad)
+                for img, _ in data)
+        predicted = [instances_with(ProbabilityMap(p, network_channels(len(p)), "val"), t).labels for p in maps]
         pairs = [(labels, pred) for (_, labels), pred in zip(data, predicted)]
         if kind == "instances":
             sets[name] = pooled_figures(pairs)
@@ -213,7 +250,7 @@ def pooled_counts(probs, val_data, thresholds: dict) -> tuple[int, int, int]:
 
     tp = nt = npred = 0
     for p, (_, labels) in zip(probs, val_data):
-        inst = instances_with(ProbabilityMap(p, THREE_CLASS, "val"), thresholds)
+        inst = instances_with(ProbabilityMap(p, network_channels(len(p)), "val"), thresholds)
         if inst.labels.shape != labels.shape:
             inst = _instances_to_shape(inst, labels.shape)
         m = matching(labels, inst.labels, 0.5)
@@ -251,6 +288,9 @@ TUNING_GRID = {
     ("min_size_px",): [(v,) for v in (9, 16, 30, 60)],
 }
 
+#: Tried first for maps with a distance channel: the border seeds, or the distance seeds at these levels.
+SEED_GRID = [("borders", 0.5)] + [("distance", v) for v in (0.3, 0.4, 0.5, 0.6, 0.7)]
+
 
 def tune_thresholds(probs, val_data, start: dict | None = None,
                     count_range: tuple[float, float] | None = None) -> tuple[dict, float]:
@@ -262,7 +302,10 @@ def tune_thresholds(probs, val_data, start: dict | None = None,
     Returns the settings and their F1."""
     best = {**DEFAULT_THRESHOLDS, **(start or {})}
     best_key = tuning_key(*pooled_counts(probs, val_data, best), count_range)
-    for keys, values in TUNING_GRID.items():
+    grid = dict(TUNING_GRID)
+    if probs and len(probs[0]) > 3:
+        grid = {("seeds", "seed_distance"): SEED_GRID, **grid}
+    for keys, values in grid.items():
         for vals in values:
             trial = {**best, **dict(zip(keys, vals))}
             key = tuning_key(*pooled_counts(probs, val_data, trial), count_range)
@@ -322,16 +365,19 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     (out_dir / "split.json").write_text(json.dumps(splits, indent=1))
     weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in instance_train],
                                              scheme=cfg.class_weighting)).to(device)
-    net = build_network(cfg.arch, 3)
+    net = build_network(cfg.arch, outputs(cfg))
     val_thresholds = None  # validation of a fresh network uses the default post-processing
     if cfg.init_from:
         from safetensors.torch import load_file
 
-        net.load_state_dict(load_file(str(Path(cfg.init_from) / "weights.safetensors")))
-        log(f"starting from the weights of {cfg.init_from}")
+        filled = load_matching_weights(net, load_file(str(Path(cfg.init_from) / "weights.safetensors")))
+        log(f"starting from the weights of {cfg.init_from}"
+            + (f" (the distance output of {', '.join(filled)} from random initialisation)" if filled else ""))
         tuned = Path(cfg.init_from) / "thresholds.json"
         if tuned.exists():  # a fine-tuned network is judged with the settings it starts from
             val_thresholds = {**DEFAULT_THRESHOLDS, **json.loads(tuned.read_text())}
+    if cfg.distance_head:  # validated with its own seeds
+        val_thresholds = {**(val_thresholds or DEFAULT_THRESHOLDS), "seeds": "distance"}
     net = net.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
@@ -360,7 +406,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         for step, (x, y) in enumerate(timed, start=1):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(x)
-            loss = segmentation_loss(logits, y, weights, cfg.dice_weight)
+            loss = segmentation_loss(logits, y, weights, cfg.dice_weight, cfg.distance_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -586,12 +632,17 @@ def append_metrics(path: Path, row: dict) -> None:
 
 
 def _model_config(cfg: TrainConfig, epoch: int, val: dict) -> dict:
-    return {"name": out_name(cfg), "arch": cfg.arch, "classes": 3, "channels": list(THREE_CLASS),
+    return {"name": out_name(cfg), "arch": cfg.arch, "classes": 3, "channels": list(network_channels(outputs(cfg))),
             "normalisation": "percentile 0.5-99.5 to [0, 1], then (x - 0.5) / 0.25", "tile": cfg.tile,
             "overlap": cfg.overlap, "pad": cfg.pad, "bf16": cfg.bf16, "border_width": cfg.border_width, "epoch": epoch,
             "validation": {k: v for k, v in val.items() if not k.startswith("_") and k != "sets"},
             "train_config": asdict(cfg),
             **({"scale_search": SCALE_SEARCH} if cfg.scale_search else {})}
+
+
+def outputs(cfg: TrainConfig) -> int:
+    """Output maps of the network: the three classes, and a distance map with ``distance_head``."""
+    return 3 + int(cfg.distance_head)
 
 
 def out_name(cfg: TrainConfig) -> str:
