@@ -11,7 +11,12 @@ from emparticles.instances import instances_from_borders, instances_with
 from emparticles.models.cnn import CNNSegmenter
 from emparticles.models.networks import build_network
 from emparticles.train.loop import distance_loss, load_matching_weights, segmentation_loss
-from emparticles.train.targets import BORDER, FOREGROUND_ONLY, PARTICLE, distance_target, three_class_target
+from emparticles.train.targets import (
+    FOREGROUND_ONLY,
+    PARTICLE,
+    distance_target,
+    three_class_target,
+)
 from emparticles.types import THREE_CLASS, WITH_DISTANCE, ProbabilityMap, network_channels
 
 from .conftest import write_disk_set
