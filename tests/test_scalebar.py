@@ -163,3 +163,83 @@ def test_label_set_close_over_its_bar():
     d.rectangle([40, 436, 142, 445], fill=0)
     r = read_scale_bar(np.array(im))
     assert (r.confidence, r.value_nm, r.bar_px) == ("high", 200.0, 103.0)
+
+
+def test_label_standing_on_its_bar_is_one_component_and_still_read():
+    """A white "1 um" touching its white bar: one connected shape, the bar its full-width rows."""
+    im = field(seed=12)
+    d = ImageDraw.Draw(im)
+    d.text((470, 398), "1 um", fill=255, font=ImageFont.load_default(size=40))
+    d.rectangle([440, 436, 599, 445], fill=255)
+    d.rectangle([505, 430, 508, 436], fill=255)  # a stroke of the text runs into the bar
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 1000.0, 160.0)
+    assert r.box == (440, 436, 600, 446)
+
+
+def test_ragged_edge_row_of_a_bar_counts_as_its_edge():
+    """JPEG figures: a row along the bar's edge half filled; the bar is measured edge to edge."""
+    im = field(seed=13, dark=False)
+    d = ImageDraw.Draw(im)
+    d.rectangle([300, 440, 394, 450], fill=0)
+    d.rectangle([348, 439, 394, 439], fill=0)  # half a row above it
+    d.text((310, 400), "200 nm", fill=0, font=ImageFont.load_default(size=28))
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 200.0, 95.0)
+
+
+def test_bar_with_ticks_rising_on_one_side_only():
+    """|_____| as journal figures draw it: measured between the ticks."""
+    im = field(seed=14, dark=False)
+    d = ImageDraw.Draw(im)
+    d.rectangle([60, 446, 200, 449], fill=0)
+    d.rectangle([60, 438, 61, 449], fill=0)
+    d.rectangle([199, 438, 200, 449], fill=0)
+    d.text((215, 432), "1 um", fill=0, font=ImageFont.load_default(size=24))
+    r = read_scale_bar(np.array(im))
+    assert r.confidence == "high" and r.value_nm == 1000.0
+    assert r.bar_px == pytest.approx(139.0, abs=0.5)
+
+
+def test_particles_cut_flat_by_an_info_bar_are_no_bars():
+    """Bright spheres and the dark gaps between them, cut by a data bar's straight top edge,
+    make flat-bottomed shapes; with a data field "592 nm" under them nothing is read."""
+    h, w = 480, 640
+    img = np.full((h, w), 40, np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    for cx in range(30, w, 60):
+        img[(yy - 420) ** 2 + (xx - cx) ** 2 <= 28 ** 2] = 220
+    img[430:] = 20  # the data bar
+    im = Image.fromarray(img)
+    d = ImageDraw.Draw(im)
+    d.text((250, 436), "HFW", fill=200, font=ImageFont.load_default(size=16))
+    d.text((250, 456), "592 nm", fill=200, font=ImageFont.load_default(size=16))
+    r = read_scale_bar(np.array(im))
+    assert r.confidence != "high" and r.pixel_size_nm is None
+
+
+def test_a_label_of_unusual_value_is_not_trusted():
+    im = field(seed=15)
+    draw_bar(im, 480, 430, 120, "108 nm", 255)
+    r = read_scale_bar(np.array(im))
+    assert r.value_nm == 108.0 and r.confidence == "low" and "unusual value" in r.reason
+    assert r.pixel_size_nm is None
+
+
+def test_bar_in_the_middle_of_the_bottom_edge():
+    im = field(seed=16)
+    draw_bar(im, 250, 440, 140, "50 nm", 255)
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 50.0, 140.0)
+
+
+def test_double_arrow_is_read_tip_to_tip():
+    im = field(seed=17, dark=False)
+    d = ImageDraw.Draw(im)
+    d.rectangle([60, 449, 160, 451], fill=0)  # the shaft, x 60..160
+    for k in range(1, 9):  # heads: their tips on the shaft, opening inwards
+        d.line([(60 + k, 450 - k), (60 + k, 450 + k)], fill=0)
+        d.line([(160 - k, 450 - k), (160 - k, 450 + k)], fill=0)
+    d.text((80, 400), "60 nm", fill=0, font=ImageFont.load_default(size=28))
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 60.0, 101.0)

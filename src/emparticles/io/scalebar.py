@@ -3,16 +3,19 @@
 Figure crops, PNG/JPEG exports and many instrument files carry no calibration but the bar. The
 reading is:
 
-1. **Where**: the info bar's rows when the image has one, else the four corners (overlaid bars).
+1. **Where**: the info bar's rows when the image has one, else strips along the bottom and the
+   top edge (overlaid bars, in a corner or mid-way).
 2. **The bar**: connected components of the region's extreme grey levels (light bars on dark and
    dark on light) that are long and flat: a solid bar (its pixels fill its box) or a line with
    end ticks (one row runs nearly its full width). Its length is its horizontal extent, edge to
-   edge, as a person reads a bar against a ruler: ``bar_px``.
+   edge, as a person reads a bar against a ruler: ``bar_px``. A bar joined to its label or with
+   ragged JPEG edges is the band of its full rows.
 3. **The label**: text near the bar, read by RapidOCR (PP-OCR models that ship inside its PyPI
    package; nothing is downloaded) and parsed as a number and a length unit (nm, um, µm, μm, mm,
    Å, A, pm; "1µm", "0.5 um", "200nm", "5 Å").
 4. **Confidence**: ``high`` only when exactly one bar has a readable label next to it, the bar is
-   not cut by the image's border and the OCR is sure of the text; ``low`` when a bar was found
+   not cut by the image's border, the OCR is sure of the text and the value is a round one (two
+   significant digits at most); ``low`` when a bar was found
    but something is off (the reason says what); empty when no bar was found. Only a ``high``
    reading may calibrate an image.
 """
@@ -31,6 +34,10 @@ from scipy import ndimage as ndi
 UNITS_NM = {"pm": 1e-3, "a": 0.1, "å": 0.1, "nm": 1.0, "um": 1e3, "µm": 1e3, "μm": 1e3, "mm": 1e6}
 #: A label is a number and a unit and nothing else ("WD 4.0mm" in a data bar is no label)
 _LABEL = re.compile(r"^\W*(\d+(?:[.,]\d+)?)\s*(pm|nm|[uµμ]m|mm|å|a)\W*$", re.IGNORECASE)
+#: A bar shorter than this times the width of its label's text box is taken for a streak in the
+#: image (JEOL draws a 32-px bar beside a 92-px "100nm": 0.35; a figure's 25-px bar under an
+#: 82-px "20 nm": 0.30)
+MIN_BAR_TO_LABEL = 0.25
 #: OCR scores below this make a reading ``low``
 MIN_TEXT_SCORE = 0.8
 
@@ -91,7 +98,10 @@ def _bar_length(comp: np.ndarray) -> float | None:
     A solid bar (it fills its box): its extent, edge to edge (JEOL's 100 nm bar of 32 px is
     32 px). A line with end ticks or end dots (one band of rows runs its full width, both ends
     rise above it): the distance between the ticks' centres, as Zeiss and FEI draw them (Zeiss's
-    200 um bar at 2614.5 nm/px spans 76.5 px between its ticks, 78 px edge to edge)."""
+    200 um bar at 2614.5 nm/px spans 76.5 px between its ticks, 78 px edge to edge). Ticks may
+    rise on one side only ("|___|", as many journal figures draw them) when they are short
+    against the bar; a taller such shape is taken for the corner of a table cell. A double arrow
+    (its heads' tips on the line) is read tip to tip."""
     bh, bw = comp.shape
     if comp.mean() >= 0.9:  # solid: a clean rectangle, not a table cell with text in it
         clean = comp.mean() >= 0.97 and ndi.binary_fill_holes(comp).sum() == comp.sum()
@@ -101,27 +111,92 @@ def _bar_length(comp: np.ndarray) -> float | None:
     full = np.nonzero(comp.sum(axis=1) >= 0.9 * bw)[0]
     if full.size == 0 or full[-1] - full[0] + 1 != full.size or full.size > max(3, bh // 3):
         return None  # no line, or a box outline (full rows at its top and its bottom)
-    if full[0] == 0 or full[-1] == bh - 1:
-        return None  # ticks rise on one side only: the corner of a table cell, not a bar
+    if (full[0] == 0 or full[-1] == bh - 1) and bh > 0.2 * bw:
+        return None  # ticks rise on one side only, and tall: the corner of a table cell, not a bar
     line = np.zeros(bh, bool)
     line[full] = True
     rising = comp[~line].sum(axis=0) > 0  # columns with pixels off the line: ticks, dots, text
     ends = max(2, bw // 12)
     if not rising[:ends].any() or not rising[-ends:].any():
         return None
+    if _longest_run(~rising) < 0.5 * bw:  # a line with ticks is bare between them, unlike a V of
+        return None                         # dark background between particles cut by an info bar
+    tips = [np.nonzero(comp[:, c])[0] for c in (0, bw - 1)]
+    if all(t.size and t[0] >= full[0] - 1 and t[-1] <= full[-1] + 1 for t in tips):
+        return float(bw)  # a double arrow: its heads' tips lie on the line; read tip to tip
     left = np.nonzero(rising[:ends])[0]
     right = np.nonzero(rising[-ends:])[0] + bw - ends
     left, right = left[left <= left[0] + 8], right[right >= right[-1] - 8]  # the end ticks only
     return float(right.mean() - left.mean())
 
 
+def _longest_run(flags: np.ndarray) -> int:
+    """Length of the longest run of True in a 1-D bool array."""
+    best = run = 0
+    for f in flags:
+        run = run + 1 if f else 0
+        best = max(best, run)
+    return best
+
+
+def _solid_band(comp: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(row0, row1, col0, col1), exclusive ends, of a solid bar inside a component that is more
+    than the bar: a bar with anti-aliased or ragged edge rows (JPEG figures), or a bar with its
+    label standing on it, joined into one component (a white "1.0 µm" on its white bar). The bar
+    is the one band of rows filled at least 90% across; beyond one partial row on each side,
+    one side holds a few specks at most and the other the same, or text over the middle of the
+    bar (never at its ends, where ticks would rise). None when the component is no such bar."""
+    rows = comp.mean(axis=1)
+    core = np.nonzero(rows >= 0.9)[0]
+    if core.size == 0 or core[-1] - core[0] + 1 != core.size:
+        return None
+    r0, r1 = int(core[0]), int(core[-1]) + 1
+    band = comp[r0:r1]
+    cols = np.nonzero(band.any(axis=0))[0]
+    c0, c1 = int(cols[0]), int(cols[-1]) + 1
+    if c1 - c0 < 2 * (r1 - r0) or band[:, c0:c1].mean() < 0.97:
+        return None
+    # one anti-aliased row next to the bar on each side belongs to its edge (spread along it; a
+    # row with a few pixels at one end is a tick, as on each half of FEI's split bar)
+    def spread(r: int) -> bool:
+        used = np.nonzero(comp[r])[0] if 0 <= r < comp.shape[0] else np.zeros(0, int)
+        return used.size > 0 and used[-1] - used[0] + 1 >= 0.25 * (c1 - c0)
+
+    spread = [r for r in (r0 - 1, r1) if spread(r)]
+    above = comp[:r0 - 1] if r0 - 1 in spread else comp[:r0]
+    below = comp[r1 + 1:] if r1 in spread else comp[r1:]
+    edge = max(2, (c1 - c0) // 20)
+    speck = max(3, 0.02 * band.sum())
+
+    def clear(part: np.ndarray) -> bool:
+        return part.sum() <= speck
+
+    def text_over_middle(part: np.ndarray) -> bool:
+        used = np.nonzero(part.any(axis=0))[0]
+        if used.size == 0 or used[0] < c0 + edge or used[-1] >= c1 - edge or part.mean() >= 0.6:
+            return False
+        # glyphs are several pieces once the bar is taken away, or a thin stroke; one wide blob is
+        # the rest of a bright particle cut flat by an info bar's edge, not a label
+        _pieces, n = ndi.label(part, structure=np.ones((3, 3)))
+        return n >= 2 or used[-1] - used[0] + 1 <= 2 * (r1 - r0)
+
+    if (clear(above) and (clear(below) or text_over_middle(below))) or (clear(below) and text_over_middle(above)):
+        return r0, r1, c0, c1
+    return None
+
+
 def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[int, int]) -> list[_Bar]:
     """Bar-like components of both polarities in a uint8 region (see the module's docstring).
-    A bar broken by its label (FEI: dot, line, label, line, dot) is joined into one."""
-    _h, w = region.shape
+    A bar broken by its label (FEI: dot, line, label, line, dot) is joined into one; a bar joined
+    to its label, or with ragged edges, is found by :func:`_solid_band`."""
+    region_h, region_w = region.shape
     lo, hi = np.percentile(region, (1, 99))
     if hi - lo < 40:
         return []
+    # a component running into a side of the region that lies inside the image is cut by the region
+    inner_sides = (offset[1] > 0, offset[1] + region_w < image_shape[1], offset[0] > 0,
+                   offset[0] + region_h < image_shape[0])
+    small = max(30, 0.06 * image_shape[0])  # the tallest bar; a bar with its label may be taller
     bars = []
     for mask in (region >= hi - 0.15 * (hi - lo), region <= lo + 0.15 * (hi - lo)):
         labels, _n = ndi.label(mask, structure=np.ones((3, 3)))
@@ -130,17 +205,25 @@ def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[in
             if sl is None:
                 continue
             bh, bw = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-            if bh > max(30, 0.06 * image_shape[0]) or bw > 0.7 * w or bw < 10:
+            if bw > 0.7 * image_shape[1] or bw < 10 or bh > 0.25 * image_shape[0]:
+                continue
+            if ((inner_sides[0] and sl[1].start == 0) or (inner_sides[1] and sl[1].stop == region_w)
+                    or (inner_sides[2] and sl[0].start == 0) or (inner_sides[3] and sl[0].stop == region_h)):
                 continue
             comp = labels[sl] == k
-            length = _bar_length(comp)
-            if length is None:
-                half = _half_bar(comp)
-                if half is None:
-                    continue
+            length = _bar_length(comp) if bh <= small else None
+            if length is not None:
+                found.append(("solid" if comp.mean() >= 0.9 else "bar", sl, length))
+                continue
+            half = _half_bar(comp) if bh <= small else None
+            if half is not None:
                 found.append(("half", sl, half))
                 continue
-            found.append(("solid" if comp.mean() >= 0.9 else "bar", sl, length))
+            band = _solid_band(comp)
+            if band is not None:
+                r0, r1, c0, c1 = band
+                y, x = sl[0].start, sl[1].start
+                found.append(("solid", (slice(y + r0, y + r1), slice(x + c0, x + c1)), float(c1 - c0)))
         found += _joined_halves([f for f in found if f[0] == "half"])
         for kind, sl, length in found:
             if kind == "half" or length < max(12, 0.015 * image_shape[1]):
@@ -292,8 +375,8 @@ def _regions(shape: tuple[int, int], infobar_rows: int) -> list[tuple[int, int, 
     h, w = shape
     if infobar_rows > 0:
         return [(h - infobar_rows, h, 0, w)]
-    ch, cw = max(24, int(0.22 * h)), max(48, int(0.4 * w))
-    return [(h - ch, h, 0, cw), (h - ch, h, w - cw, w), (0, ch, 0, cw), (0, ch, w - cw, w)]
+    ch = max(24, int(0.22 * h))
+    return [(h - ch, h, 0, w), (0, ch, 0, w)]  # bottom and top strips: bars stand in a corner or mid-way
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -313,6 +396,25 @@ def _beside(box: tuple[int, int, int, int], bar: _Bar) -> bool:
     centre = (box[0] + box[2]) / 2
     near_span = bar.x0 - (box[2] - box[0]) <= centre <= bar.x1 + (box[2] - box[0])
     return vertical_gap <= 2.5 * text_h and near_span
+
+
+def _text_width(text: str, box: tuple[int, int, int, int]) -> float:
+    """Width (px) of the label's own characters in a text box that may hold more ("Mag 100k  100 nm")."""
+    label = parse_label(text)
+    share = len(label[1].strip()) / max(1, len(text.strip())) if label else 1.0
+    return (box[2] - box[0]) * min(1.0, share)
+
+
+def _between(other: tuple[int, int, int, int], box: tuple[int, int, int, int], bar: _Bar) -> bool:
+    """Another text line stands between a bar and a text box above or below it (a data bar's
+    "HFW" between a cell's border and its "592 nm"): that box is not the bar's label."""
+    if other == box or min(other[2], box[2]) - max(other[0], box[0]) <= 0:
+        return False
+    if box[1] >= bar.y1:  # below the bar
+        return other[1] >= bar.y1 - 1 and other[3] <= box[1] + 1
+    if box[3] <= bar.y0:  # above it
+        return other[3] <= bar.y0 + 1 and other[1] >= box[3] - 1
+    return False
 
 
 def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -347,7 +449,7 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
                 inside_glyphs = box[1] + 0.2 * (box[3] - box[1]) <= middle <= box[3] - 0.2 * (box[3] - box[1])
                 if inside_glyphs and sum(c.isalnum() for c in text) >= 2:
                     in_word = True  # the "bar" is a stroke of a word ("mm" of "4.0mm" in a bold font)
-                elif parse_label(text) is not None:
+                elif parse_label(text) is not None and bar.length >= MIN_BAR_TO_LABEL * _text_width(text, box):
                     merged_label = (parse_label(text), score, box)  # the label and its bar in one text box
             if in_word:
                 continue
@@ -356,18 +458,29 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
                 return float(np.hypot(max(0, box[0] - bar.x1, bar.x0 - box[2]), max(0, box[1] - bar.y1, bar.y0 - box[3])))
 
             labels = [(0.0, *merged_label)] if merged_label else []
-            near = [] if merged_label else [b for b in boxes if _beside(b[1], bar)]
+            near = [] if merged_label else [b for b in boxes if _beside(b[1], bar)
+                                             and not any(_between(o[1], b[1], bar) for o in boxes)]
             for local, box in sorted(near, key=lambda b: gap(b[1]))[:3]:  # the nearest lines, nearest first
                 text, score = recognise(crop, local)
                 parsed = parse_label(text)
                 if parsed is not None:
-                    labels.append((gap(box), parsed, score, box))
+                    # a streak much shorter than the text near it is no bar
+                    if bar.length >= MIN_BAR_TO_LABEL * _text_width(text, box):
+                        labels.append((gap(box), parsed, score, box))
                     break
             if labels:
-                _, (value, text), score, box = min(labels, key=lambda t: t[0])
-                readings.append((bar, value, text, score, box))
+                distance, (value, text), score, box = min(labels, key=lambda t: t[0])
+                readings.append((bar, value, text, score, box, distance))
             else:
-                readings.append((bar, None, "", 0.0, None))
+                readings.append((bar, None, "", 0.0, None, np.inf))
+    # One label belongs to one bar: of the bars that claim the same label, the longest keeps it
+    # (a short streak on a particle, or glyph feet under the label, would otherwise make two "bars").
+    def same_label(a, b) -> bool:
+        return max(_overlap(a[4], b[4]), _overlap(b[4], a[4])) > 0.5
+
+    readings = [r for r in readings if r[1] is None
+                or not any(o[1] is not None and o is not r and same_label(o, r)
+                           and (-o[0].length, id(o)) < (-r[0].length, id(r)) for o in readings)]
     labelled = [r for r in readings if r[1] is not None]
     if not readings:
         return ScaleBarReading()
@@ -375,7 +488,7 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
         bar = readings[0][0]
         return ScaleBarReading("low", "a bar was found but no length label next to it could be read",
                                bar_px=bar.length, box=(bar.x0, bar.y0, bar.x1, bar.y1))
-    bar, value, text, score, box = labelled[0]
+    bar, value, text, score, box, _ = labelled[0]
     reading = {"value_nm": value, "text": text, "bar_px": bar.length, "box": (bar.x0, bar.y0, bar.x1, bar.y1), "label_box": box}
     distinct = {(r[0].length, r[1]) for r in labelled}
     if len(distinct) > 1:
@@ -384,4 +497,18 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
         return ScaleBarReading("low", "the bar touches the image border and may be cut", **reading)
     if score < MIN_TEXT_SCORE:
         return ScaleBarReading("low", f"the label was read with little certainty ({score:.2f})", **reading)
+    if significant_digits(text) > 2:
+        return ScaleBarReading("low", f"the label reads '{text}', an unusual value for a scale bar (two significant "
+                                      "digits at most, as in 100 nm, 2.5 µm or 35 nm): it may be misread", **reading)
     return ScaleBarReading("high", "", **reading)
+
+
+def significant_digits(label: str) -> int:
+    """Significant digits of a label's number: "100 nm" 1, "2.5 µm" 2, "35 nm" 2, "108 nm" 3.
+    Scale bars are drawn at round values; three or more digits mostly mean a misread ("100"
+    read as "108") or a field of a data bar that is no bar's label ("HFW 592 nm")."""
+    number = re.match(r"\W*(\d+(?:[.,]\d+)?)", label)
+    if not number:
+        return 0
+    digits = number.group(1).replace(",", "").replace(".", "").strip("0")
+    return len(digits)
