@@ -147,3 +147,13 @@ def test_training_with_a_distance_head_gives_a_folder_that_segments_with_it(tmp_
     messages = []
     train(tmp_path / "img", tmp_path / "mask", tmp_path / "run4", cfg, log=messages.append, tune=False)
     assert any("distance output" in m for m in messages)
+
+
+def test_seeds_of_both_maps_part_where_either_does():
+    probs, union = _two_overlapping_disks()
+    # a predicted border across the left disk: the distance map does not see it, the borders do
+    probs[2, 8:40, 24:27] = 1.0
+    probs[1, 8:40, 24:27] = 0.0
+    prob = ProbabilityMap(probs, WITH_DISTANCE, "t")
+    assert instances_from_borders(prob, seeds="distance").count == 2
+    assert instances_from_borders(prob, seeds="both", seed_distance=0.3).count == 3

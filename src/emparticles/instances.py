@@ -122,7 +122,8 @@ def instances_from_borders(
     :data:`~emparticles.types.WITH_DISTANCE`) the seeds are instead the regions where the
     predicted relative distance to the particle's outline exceeds ``seed_distance``, and they grow
     by watershed on -distance: touching particles part where the distance map dips between them,
-    even where the network drew no border.
+    even where the network drew no border. ``seeds="both"`` keeps only seed pixels that both
+    maps call particle middle, and so parts particles where either does.
 
     Seeds are connected regions where P(particle) - P(boundary) exceeds ``seed_threshold`` (the
     particle bodies, cut apart by the predicted borders); each seed grows by watershed on
@@ -142,15 +143,17 @@ def instances_from_borders(
     fg = (particle + border) > foreground_threshold
     if fill == "foreground":
         fg = fill_holes(fg)
-    if seeds == "distance":
+    if seeds in ("distance", "both"):
         distance = prob.channel("distance")
         seeds_mask = (distance > seed_distance) & fg
+        if seeds == "both":  # cut where either the borders or the distance map part particles
+            seeds_mask &= (particle - border) > seed_threshold
         flood = -distance
     elif seeds == "borders":
         seeds_mask = ((particle - border) > seed_threshold) & fg
         flood = -particle
     else:
-        raise ValueError(f"unknown seeds {seeds!r}; use 'borders' or 'distance'")
+        raise ValueError(f"unknown seeds {seeds!r}; use 'borders', 'distance' or 'both'")
     markers, _ = ndi.label(seeds_mask)
     if min_seed_px > 1:  # as remove_small_objects, without labelling twice (gaps in the ids are harmless)
         small = np.bincount(markers.ravel()) < min_seed_px

@@ -288,8 +288,10 @@ TUNING_GRID = {
     ("min_size_px",): [(v,) for v in (9, 16, 30, 60)],
 }
 
-#: Tried first for maps with a distance channel: the border seeds, or the distance seeds at these levels.
-SEED_GRID = [("borders", 0.5)] + [("distance", v) for v in (0.3, 0.4, 0.5, 0.6, 0.7)]
+#: Tried first for maps with a distance channel: the border seeds, the distance seeds at these
+#: levels, or seeds both call particle middle.
+SEED_GRID = ([("borders", 0.5)] + [("distance", v) for v in (0.3, 0.4, 0.5, 0.6, 0.7)]
+             + [("both", v) for v in (0.2, 0.3, 0.4, 0.5)])
 
 
 def tune_thresholds(probs, val_data, start: dict | None = None,
