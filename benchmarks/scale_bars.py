@@ -64,7 +64,8 @@ def main() -> None:
             continue
         try:
             mg = prepared(path)
-        except Exception:  # noqa: BLE001 - files the reader rejects say so in their own tests
+        except Exception as exc:  # noqa: BLE001 - one unreadable file is reported, not fatal
+            print(f"  {path.name}: not read ({exc})")
             continue
         if mg.pixel_size_nm:
             vendor.append((path.name, read_scale_bar(mg.pixels, mg.infobar_rows), mg.pixel_size_nm))
@@ -105,7 +106,7 @@ def main() -> None:
             a = ((a - a.min()) / max(float(a.max() - a.min()), 1e-9) * 255).astype(np.uint8)
             im = Image.fromarray(a).convert("RGB")
             d = ImageDraw.Draw(im)
-            x0, y0, x1, y1 = rd.box
+            x0, _, x1, y1 = rd.box
             d.line([(x0, y1 + 2), (x1, y1 + 2)], fill=(255, 0, 0), width=2)
             d.rectangle(list(rd.label_box), outline=(0, 255, 0))
             d.text((4, 4), f"{rd.text} over {rd.bar_px} px", fill=(255, 0, 0))
