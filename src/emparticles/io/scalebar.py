@@ -143,7 +143,7 @@ def _solid_band(comp: np.ndarray) -> tuple[int, int, int, int] | None:
     """(row0, row1, col0, col1), exclusive ends, of a solid bar inside a component that is more
     than the bar: a bar with anti-aliased or ragged edge rows (JPEG figures), or a bar with its
     label standing on it, joined into one component (a white "1.0 µm" on its white bar). The bar
-    is the one band of rows filled at least 90% across; beyond one partial row on each side,
+    is the one band of rows filled at least 90% across; beyond two blurred rows on each side,
     one side holds a few specks at most and the other the same, or text over the middle of the
     bar (never at its ends, where ticks would rise). None when the component is no such bar."""
     rows = comp.mean(axis=1)
@@ -156,15 +156,18 @@ def _solid_band(comp: np.ndarray) -> tuple[int, int, int, int] | None:
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
     if c1 - c0 < 2 * (r1 - r0) or band[:, c0:c1].mean() < 0.97:
         return None
-    # one anti-aliased row next to the bar on each side belongs to its edge (spread along it; a
-    # row with a few pixels at one end is a tick, as on each half of FEI's split bar)
+    # anti-aliased rows next to the bar belong to its edge (spread along it; a row with a few
+    # pixels at one end is a tick, as on each half of FEI's split bar)
     def spread(r: int) -> bool:
         used = np.nonzero(comp[r])[0] if 0 <= r < comp.shape[0] else np.zeros(0, int)
         return used.size > 0 and used[-1] - used[0] + 1 >= 0.25 * (c1 - c0)
 
-    spread = [r for r in (r0 - 1, r1) if spread(r)]
-    above = comp[:r0 - 1] if r0 - 1 in spread else comp[:r0]
-    below = comp[r1 + 1:] if r1 in spread else comp[r1:]
+    top, bottom = r0, r1  # up to two blurred rows on each side (a JPEG's bar edge spans two)
+    while top > max(0, r0 - 2) and spread(top - 1):
+        top -= 1
+    while bottom < min(comp.shape[0], r1 + 2) and spread(bottom):
+        bottom += 1
+    above, below = comp[:top], comp[bottom:]
     edge = max(2, (c1 - c0) // 20)
     speck = max(3, 0.02 * band.sum())
 
@@ -228,6 +231,8 @@ def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[in
         for kind, sl, length in found:
             if kind == "half" or length < max(12, 0.015 * image_shape[1]):
                 continue
+            if sl[0].stop - sl[0].start == 1 and length < 2 * max(12, 0.015 * image_shape[1]):
+                continue  # a short one-pixel line is as likely the edge of a box as a bar
             if kind == "solid" and not _stands_out(region, sl, hi - lo):
                 continue
             y0, x0 = sl[0].start + offset[0], sl[1].start + offset[1]
