@@ -101,7 +101,7 @@ only on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs.
     ph += (-ph) % multiple
     pw += (-pw) % multiple
     mode = "reflect" if min(h, w) > max(ph - h, pw - w) else "symmetric"
-    padded = np.pad(image, ((pad, ph - h - pad), (pad, pw - w - pad)), mode=mode).astype(np.float32)
+    padded = np.pad(np.asarray(image, np.float32), ((pad, ph - h - pad), (pad, pw - w - pad)), mode=mode)
     th, ys = tile_layout(ph, tile, overlap, multiple)
     tw, xs = tile_layout(pw, tile, overlap, multiple)
     window = torch.from_numpy(taper_window((th, tw), overlap)).to(dev)
@@ -135,5 +135,6 @@ only on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs.
             weight[y : y + th, x0 : x0 + tw] += window
     # The window's product in a tile's corner is ~1e-8 (where no margin hides it, as with pad=0):
     # only an uncovered pixel (weight 0) may be clamped.
-    out = (acc / weight.clamp_min(torch.finfo(torch.float32).tiny))[:, pad : pad + h, pad : pad + w]
+    # divided in place: on a 12k x 12k frame a second (3, H, W) map would be 1.7 GB more
+    out = acc.div_(weight.clamp_min_(torch.finfo(torch.float32).tiny))[:, pad : pad + h, pad : pad + w]
     return out.cpu().numpy()

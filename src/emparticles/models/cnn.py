@@ -108,7 +108,10 @@ class CNNSegmenter:
         enlarge small particles into the range the network was trained on)."""
         probs = self._probabilities(normalise(pixels), scale)
         if probs.shape[1:] != pixels.shape:
-            probs = np.stack([_resize(p, pixels.shape) for p in probs])
+            full = np.empty((len(probs), *pixels.shape), np.float32)
+            for c, p in enumerate(probs):
+                full[c] = _resize(p, pixels.shape)
+            probs = full
         return ProbabilityMap(probs, network_channels(len(probs)), self.model_id)
 
     def _probabilities(self, img: np.ndarray, scale: float) -> np.ndarray:
@@ -232,8 +235,10 @@ class CNNSegmenter:
             inst, prob = self.at_scale(img, 1.0)
         if inst.labels.shape != img.shape:
             inst = _instances_to_shape(inst, img.shape)
-            prob = ProbabilityMap(np.stack([_resize(p, img.shape) for p in prob.probabilities]),
-                                  prob.channels, prob.model_id)
+            full = np.empty((len(prob.channels), *img.shape), np.float32)  # one channel at a time: no
+            for c, p in enumerate(prob.probabilities):                       # second copy of a large map
+                full[c] = _resize(p, img.shape)
+            prob = ProbabilityMap(full, prob.channels, prob.model_id)
         outline = self.thresholds.get("outline_threshold")
         if outline is not None:
             inst = trim_outlines(inst, prob.foreground, float(outline))
