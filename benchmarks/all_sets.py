@@ -1,7 +1,7 @@
 """Every model change judged on every real set at once, split by source, with the spread over folds.
 
     python benchmarks/all_sets.py MODEL [MODEL ...] [--part test|validation|all] [--split RUN/split.json]
-        [--folds 5] [--synth runs/synth-val2] [--limit 0]
+        [--folds 5] [--synth runs/synth-val2] [--limit 0] [--sets silica agglomerates]
 
 MODEL is a registered name (``emparticles models``) or a model folder. The sets are those of
 ``../shared/data``: EMPS split by article (``sources.csv``), JEOL silica by sample group,
@@ -101,9 +101,12 @@ def main() -> None:
     parser.add_argument("--synth", type=Path, default=None, help="a synthetic SEM set (images/, masks/)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N images of each set")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sets", nargs="+", default=None, metavar="WORD",
+                        help="only the sets whose name holds one of these words (e.g. silica agglomerates)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sets = [(name, kind, set_pairs(folder, masks, args.part, args.split)) for name, folder, masks, kind in SETS]
+    sets = [(name, kind, set_pairs(folder, masks, args.part, args.split)) for name, folder, masks, kind in SETS
+            if not args.sets or any(word.lower() in name.lower() for word in args.sets)]
     if args.synth:
         sets.append(("synthetic SEM (aid only)", "instances", find_pairs(args.synth / "images", args.synth / "masks")))
     rows = []

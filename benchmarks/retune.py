@@ -2,7 +2,9 @@
 
     python benchmarks/retune.py RUN_DIR [--images DIR --masks DIR]
 
-Reads RUN_DIR/split.json (written by training) and RUN_DIR/best, searches the settings of
+Reads RUN_DIR/split.json (written by training) and RUN_DIR/best, takes the validation images of
+the main set and of every other instance set the run trained on (as training does), searches the
+settings of
 ``emparticles.train.loop.TUNING_GRID`` for the best pooled F1 at IoU 0.5 (at scale 1, then at
 the scale each image chooses), then the outline threshold (``OUTLINE_GRID``, for panoptic
 quality plus foreground IoU), and rewrites RUN_DIR/best/thresholds.json and the validation
@@ -34,9 +36,16 @@ def main() -> None:
     parser.add_argument("--no-scale-search", action="store_true", help="tune for segmentation at scale 1 only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names = set(json.loads((args.run / "split.json").read_text())["validation"])
+    split = json.loads((args.run / "split.json").read_text())
+    names = set(split["validation"])
     val = [load_pair(i, m) for i, m in find_pairs(args.images, args.masks) if i.stem in names]
     config = json.loads((args.run / "best" / "config.json").read_text())
+    # the validation images of the other instance sets the run trained on, as training tunes on them
+    for real in config["train_config"].get("real_sets", []):
+        part = split.get(Path(real["images"]).parent.name, {})
+        if real.get("kind") == "instances" and part.get("validation"):
+            wanted = set(part["validation"])
+            val += [load_pair(i, m) for i, m in find_pairs(Path(real["images"]), Path(real["masks"])) if i.stem in wanted]
     if args.no_scale_search:
         config.pop("scale_search", None)
     else:
