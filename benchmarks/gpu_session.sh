@@ -13,7 +13,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 python benchmarks/train_default.py runs/grouped-gpu --arch strided-unet-slim --epochs 12 --steps 1000 \
     --batch-size 16 --crop 320 --scale 0.6 1.8 --lr 3e-3 --real-sets-shipped \
     --extra-images runs/synth-gpu/images --extra-masks runs/synth-gpu/masks --extra-fraction 0.1 \
-    --paste-fraction 0.1 --device cuda --workers 14 --no-tune --stop-after-minutes "$MINUTES" \
+    --paste-fraction 0.1 --distance-head --device cuda --workers 14 --no-tune --stop-after-minutes "$MINUTES" \
     $( [ -f runs/grouped-gpu/checkpoint.pt ] && echo --resume )
 mkdir -p "$OUT/grouped-gpu"
 cp -r runs/grouped-gpu/best runs/grouped-gpu/checkpoint.pt runs/grouped-gpu/metrics.csv runs/grouped-gpu/split.json \
