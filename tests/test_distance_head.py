@@ -157,3 +157,20 @@ def test_seeds_of_both_maps_part_where_either_does():
     prob = ProbabilityMap(probs, WITH_DISTANCE, "t")
     assert instances_from_borders(prob, seeds="distance").count == 2
     assert instances_from_borders(prob, seeds="both", seed_distance=0.3).count == 3
+
+
+def test_train_command_takes_the_distance_head_and_refuses_it_for_mask_rcnn(tmp_path):
+    from typer.testing import CliRunner
+
+    from emparticles.cli import app
+
+    write_disk_set(tmp_path, count=6, disks=3, radius=8, margin=10)
+    res = CliRunner().invoke(app, ["train", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask"),
+                                   "-o", str(tmp_path / "mr"), "--arch", "maskrcnn-resnet18-fpn", "--distance-head"])
+    assert res.exit_code != 0 and "--distance-head" in res.output
+    res = CliRunner().invoke(app, ["train", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask"),
+                                   "-o", str(tmp_path / "run"), "--arch", "strided-unet-lite", "--epochs", "1",
+                                   "--steps-per-epoch", "1", "--batch-size", "2", "--distance-head"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert config["channels"][-1] == "distance"

@@ -497,6 +497,7 @@ def train(
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
     average_epochs: Annotated[int, typer.Option("--average-epochs", help="The model is the mean of the weights after each of the last N epochs (stochastic weight averaging) instead of the epoch with the best validation F1, which is kept in OUTPUT/best-epoch.")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="Processes that build the augmented batches; on a GPU about one per CPU core, or the GPU waits for them.")] = 0,
+    distance_head: Annotated[bool, typer.Option("--distance-head", help="Also learn each pixel's distance to its particle's outline; the tuning then chooses the seeds that part touching particles (borders, distance or both).")] = False,
 ) -> None:
     """Train a 3-class (background/particle/border) network, or a Mask R-CNN, on your annotated images."""
     from .models.maskrcnn import MASKRCNN_ARCHITECTURES
@@ -512,6 +513,8 @@ def train(
         _fail(InputError(None, "--paste-fraction and --extra-fraction are shares of the training crops", "give values between 0 and 1"))
     if (extra_images is None) != (extra_masks is None):
         _fail(InputError(extra_images or extra_masks, "--extra-images and --extra-masks go together", "give both folders"))
+    if arch in MASKRCNN_ARCHITECTURES and distance_head:
+        _fail(InputError(None, "--distance-head is for the semantic networks", "leave it out with a Mask R-CNN --arch"))
     if arch in MASKRCNN_ARCHITECTURES:
         from .train.maskrcnn import MaskRCNNConfig, train_maskrcnn
 
@@ -528,7 +531,8 @@ def train(
     cfg = TrainConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
                       val_fraction=val_fraction, device=device, init_from=str(init_from or ""),
                       extra_images=str(extra_images or ""), extra_masks=str(extra_masks or ""), extra_fraction=extra_fraction,
-                      paste_fraction=paste_fraction, average_epochs=average_epochs, workers=workers)
+                      paste_fraction=paste_fraction, average_epochs=average_epochs, workers=workers,
+                      distance_head=distance_head)
     if not 0 <= average_epochs <= epochs:
         _fail(InputError(None, f"--average-epochs {average_epochs} is not between 0 and --epochs ({epochs})", "average at most the epochs that run"))
     if init_from is not None:
