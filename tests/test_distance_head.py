@@ -150,7 +150,7 @@ def test_training_with_a_distance_head_gives_a_folder_that_segments_with_it(tmp_
 
 
 def test_seeds_of_both_maps_part_where_either_does():
-    probs, union = _two_overlapping_disks()
+    probs, _ = _two_overlapping_disks()
     # a predicted border across the left disk: the distance map does not see it, the borders do
     probs[2, 8:40, 24:27] = 1.0
     probs[1, 8:40, 24:27] = 0.0
