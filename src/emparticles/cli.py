@@ -497,7 +497,7 @@ def train(
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
     average_epochs: Annotated[int, typer.Option("--average-epochs", help="The model is the mean of the weights after each of the last N epochs (stochastic weight averaging) instead of the epoch with the best validation F1, which is kept in OUTPUT/best-epoch.")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="Processes that build the augmented batches; on a GPU about one per CPU core, or the GPU waits for them.")] = 0,
-    distance_head: Annotated[bool, typer.Option("--distance-head", help="Also learn each pixel's distance to its particle's outline; the tuning then chooses the seeds that part touching particles (borders, distance or both).")] = False,
+    distance_head: Annotated[bool, _flag("--distance-head", help="Also learn each pixel's distance to its particle's outline; the tuning then chooses the seeds that part touching particles (borders, distance or both).")] = False,
 ) -> None:
     """Train a 3-class (background/particle/border) network, or a Mask R-CNN, on your annotated images."""
     from .models.maskrcnn import MASKRCNN_ARCHITECTURES
