@@ -243,3 +243,16 @@ def test_double_arrow_is_read_tip_to_tip():
     d.text((80, 400), "60 nm", fill=0, font=ImageFont.load_default(size=28))
     r = read_scale_bar(np.array(im))
     assert (r.confidence, r.value_nm, r.bar_px) == ("high", 60.0, 101.0)
+
+
+def test_of_two_bars_under_one_label_the_longest_keeps_it():
+    """Glyph feet or a streak right under a label, and the real bar below it: the label is the
+    real bar's, and no second bar makes the reading unsure."""
+    im = field(seed=18, dark=False)
+    d = ImageDraw.Draw(im)
+    d.text((40, 396), "200 nm", fill=0, font=ImageFont.load_default(size=30))
+    d.rectangle([70, 430, 97, 433], fill=0)  # a 28-px streak under the label
+    d.rectangle([30, 444, 150, 451], fill=0)  # the bar, 121 px
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 200.0, 121.0)
+
