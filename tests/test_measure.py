@@ -142,14 +142,29 @@ def test_ultimate_eroded_points_sit_at_particle_centres():
     assert (df.uep_x_px[0], df.uep_y_px[0]) == (10.5, 10.5)
     assert df.uep_x_px[1] == pytest.approx(37.5, abs=1) and df.uep_x_px[2] == pytest.approx(51.5, abs=1)
     assert "uep_x_px" not in measure_labels(lab).columns
-    # The distances are exact Euclidean ones (as scipy's), the touching seam counted as outside.
+    # The ranks are exact squared Euclidean distances (as scipy's), the touching seam counted as
+    # outside.
     from scipy import ndimage as ndi
 
     from emparticles.measure import ultimate_eroded_distance
 
     d = ultimate_eroded_distance(lab)
-    assert d[10, 10] == pytest.approx(7.0) and d[0, 0] == 0  # 6 px to the background, +1
+    assert d.dtype == np.int32
+    assert d[10, 10] == 37 and d[0, 0] == 0  # 6 px to the background: 6 ** 2 + 1
     split = lab.copy()
     split[20:35, 44] = 0  # the seam pixels of particle 2 (its right neighbour is particle 3)
-    ref = np.where(lab > 0, ndi.distance_transform_edt(split > 0) + 1, 0)
-    np.testing.assert_allclose(d, ref, atol=1e-5)
+    ref = np.where(lab > 0, np.rint(ndi.distance_transform_edt(split > 0) ** 2) + 1, 0)
+    np.testing.assert_array_equal(d, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int16])
+def test_grey_values_of_any_type_measure_as_float64_ones(dtype):
+    rng = np.random.default_rng(3)
+    lab = np.zeros((30, 40), np.int32)
+    lab[3:12, 4:20] = 1
+    lab[15:28, 22:37] = 2
+    grey = rng.integers(0, 250, lab.shape).astype(dtype)
+    got = measure_labels(lab, grey)
+    ref = measure_labels(lab, grey.astype(np.float64))
+    np.testing.assert_array_equal(got["mean_grey"], ref["mean_grey"])
+    assert got["mean_grey"][0] == pytest.approx(grey[3:12, 4:20].astype(float).mean())

@@ -264,6 +264,23 @@ def particle_geometry(labels, grey, n_labels):
 
 
 @nb.njit(cache=True, nogil=True)
+def component_span(labels, components, n_labels):
+    """(n_labels + 1, 2) int64: the smallest and largest of ``components`` over each label's
+    pixels (-1 for absent labels). A label lies in one component when both are equal."""
+    h, w = labels.shape
+    span = np.full((n_labels + 1, 2), -1, np.int64)
+    for y in range(h):
+        for x in range(w):
+            l = labels[y, x]
+            if l > 0:
+                c = components[y, x]
+                if span[l, 0] < 0 or c < span[l, 0]:
+                    span[l, 0] = c
+                span[l, 1] = max(span[l, 1], c)
+    return span
+
+
+@nb.njit(cache=True, nogil=True)
 def argmax_per_label(labels, values, n_labels):
     """(n_labels + 1, 2) int64 (x, y) of each label's largest ``values`` pixel; first wins ties."""
     h, w = labels.shape

@@ -19,7 +19,8 @@ class Instances:
 
     Attributes
     ----------
-    labels : (H, W) int32, 0 = background, 1..N consecutive in raster order.
+    labels : (H, W) int32, 0 = background, 1..N consecutive in raster order (in block order for a
+        frame segmented in blocks, :mod:`emparticles.blocks`).
     scores : (N,) float32, score of particle i+1 (mean foreground probability), in [0, 1].
     """
 

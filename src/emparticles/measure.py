@@ -116,6 +116,10 @@ def _ellipse(n, sx, sy, sxx, syy, sxy):
     return major, minor, angle
 
 
+#: grey-value types measured without a float64 copy
+_GREY_TYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32), np.dtype(np.float64))
+
+
 def measure_labels(
     labels: np.ndarray,
     image: np.ndarray | None = None,
@@ -153,7 +157,13 @@ def measure_labels(
         raise ValueError(f"image shape {image.shape} differs from labels shape {labels.shape}")
     if n_max == 0:
         return empty_particle_table(pixel_size_nm is not None)
-    grey = np.zeros(lab.shape) if image is None else np.ascontiguousarray(image, dtype=np.float64)
+    # grey values as they are (8/16-bit or float; each adds to float64 sums exactly as a float64
+    # copy would): on a 12,000 x 12,000 frame a float64 copy alone is 1.15 GB
+    if image is None:
+        grey = np.zeros(lab.shape, np.uint8)
+    else:
+        image = np.asarray(image)
+        grey = np.ascontiguousarray(image if image.dtype in _GREY_TYPES else image.astype(np.float64))
     f = g.particle_geometry(lab, grey, n_max)
     present = np.nonzero(f[:, g.AREA] > 0)[0]
     f = f[present]
@@ -217,29 +227,33 @@ def measure_labels(
 
 
 def ultimate_eroded_distance(labels: np.ndarray) -> np.ndarray:
-    """(H, W) Euclidean distance of every particle pixel to the nearest pixel outside its own
-    particle (background or a touching neighbour); its maximum is the ultimate eroded point."""
+    """(H, W) int32 rank of every particle pixel's Euclidean distance to the nearest pixel outside
+    its own particle (background or a touching neighbour): the squared distance + 1, 0 outside
+    particles. Its maximum in a particle is the ultimate eroded point."""
     import cv2
 
     inside = labels > 0
     # Pixels whose right/lower neighbour belongs to another particle are treated as outside, so
     # touching particles erode separately.
     split = np.zeros_like(inside)
-    dx = (labels[:, 1:] != labels[:, :-1]) & inside[:, 1:] & inside[:, :-1]
-    dy = (labels[1:] != labels[:-1]) & inside[1:] & inside[:-1]
-    split[:, :-1] |= dx
-    split[:-1] |= dy
+    split[:, :-1] |= (labels[:, 1:] != labels[:, :-1]) & inside[:, 1:] & inside[:, :-1]
+    split[:-1] |= (labels[1:] != labels[:-1]) & inside[1:] & inside[:-1]
+    np.logical_and(inside, ~split, out=split)
     # OpenCV's exact Euclidean transform (DIST_MASK_PRECISE) gives scipy's distances to float32
     # precision 5x faster (0.025 s vs 0.136 s on a 1280x960 label image); the ultimate points,
     # argmaxima of squared-integer roots, are the same.
-    dist = cv2.distanceTransform((inside & ~split).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    dist = cv2.distanceTransform(split.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    del split
     # OpenCV's float32 distances differ in their last bits with the number of threads it runs on,
     # which moved ultimate points between tied pixels from one machine (or cluster worker) to
-    # another. Exact Euclidean distances are square roots of whole numbers: snapping to them makes
-    # ties exact, and the first pixel in raster order wins everywhere.
-    dist = np.sqrt(np.rint(dist.astype(np.float64) ** 2))
-    return np.where(inside, dist + 1.0, 0.0)  # +1: split pixels still rank above background
-
+    # another. Exact Euclidean distances are square roots of whole numbers: ranking by those whole
+    # numbers makes ties exact, and the first pixel in raster order wins everywhere. They are
+    # written over the float32 distances, a band of rows at a time (no second full-size map).
+    rank = dist.view(np.int32)
+    for y in range(0, dist.shape[0], 512):
+        d = dist[y:y + 512].astype(np.float64)
+        rank[y:y + 512] = np.where(inside[y:y + 512], np.rint(d * d) + 1.0, 0.0)
+    return rank
 
 def add_physical_units(df: pd.DataFrame, pixel_size_nm: float) -> pd.DataFrame:
     """Add the ``*_nm`` / ``*_nm2`` columns (in place) from the pixel columns."""

@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import __version__
 from .agglomerates import AGGLOMERATE_COLUMNS, link_particles, measure_agglomerates
+from .blocks import BLOCKS_ABOVE_PX, HALO_PX, segment_in_blocks
 from .errors import EmparticlesError, InputError
 from .instances import Instances
 from .io import images as io_images
@@ -129,11 +130,13 @@ def particle_size_px(hint: str | None, pixel_size_nm: float | None, path=None) -
     return nm / pixel_size_nm
 
 
-def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | None = None) -> tuple[Instances, np.ndarray]:
-    """Segment the analysed field (info bar excluded).
+def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | None = None,
+                       notes: list[str] | None = None) -> tuple[Instances, np.ndarray]:
+    """Segment the analysed field (info bar excluded); a field over
+    :data:`~emparticles.blocks.BLOCKS_ABOVE_PX` block by block (:mod:`emparticles.blocks`).
 
     Returns the instances of the field and the (H, W) label image at the full input size, with 0
-    in the info bar.
+    in the info bar (the instances' labels are a view of its rows). ``notes`` receives warnings.
     """
     field_pixels = mg.analysed_pixels
     if float(field_pixels.min()) == float(field_pixels.max()):
@@ -143,10 +146,17 @@ def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | No
             f"{where} is uniform (every pixel = {field_pixels.flat[0]}), nothing to segment",
             "check the exposure/detector settings or the export" + (", or the info bar (--crop-bottom)" if mg.infobar_rows else ""),
         )
-    instances, _ = model.segment(field_pixels, particle_size_px(particle_size, mg.pixel_size_nm, mg.path))
+    size_px = particle_size_px(particle_size, mg.pixel_size_nm, mg.path)
     full = np.zeros(mg.shape, np.int32)
+    if field_pixels.size > BLOCKS_ABOVE_PX:
+        done = segment_in_blocks(model, field_pixels, size_px, out=full[: field_pixels.shape[0]])
+        if done.cut_particles and notes is not None:
+            notes.append(f"{done.cut_particles} particles wider than the {HALO_PX}-px context of the blocks this large "
+                         "frame was segmented in may have their outline cut at a block's edge (check the overlay)")
+        return done.instances, full
+    instances, _ = model.segment(field_pixels, size_px)
     full[: field_pixels.shape[0]] = instances.labels
-    return instances, full
+    return Instances(full[: field_pixels.shape[0]], instances.scores), full
 
 
 def drop_scale_bar(instances: Instances, full: np.ndarray, mg: Micrograph) -> tuple[Instances, np.ndarray]:
@@ -189,7 +199,7 @@ LOW_CONFIDENCE = 0.75
 def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSettings) -> ImageResult:
     """Segment and measure one prepared micrograph (info bar already located)."""
     warnings: list[str] = list(mg.notes)
-    instances, full = segment_micrograph(mg, model, settings.particle_size)
+    instances, full = segment_micrograph(mg, model, settings.particle_size, warnings)
     instances, full = drop_scale_bar(instances, full, mg)
     table = measure_labels(instances.labels, mg.analysed_pixels, mg.pixel_size_nm, image_name=mg.stem,
                            ultimate_points=True)

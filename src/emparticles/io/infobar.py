@@ -8,7 +8,10 @@ highest such edge in the bottom part of the image below which the rows are flat 
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+
+from ..preprocess import percentiles
 
 #: The bar is never taller than this fraction of the image.
 MAX_BAR_FRACTION = 0.35
@@ -19,14 +22,23 @@ FLATNESS = 0.6
 
 
 def _to_levels(pixels: np.ndarray) -> np.ndarray:
-    """Quantise any dtype to 0..255 over its 0.1-99.9 percentile range."""
-    a = pixels.astype(np.float32, copy=False)
-    lo, hi = np.percentile(a, (0.1, 99.9))
+    """Quantise any dtype to 0..255 over its 0.1-99.9 percentile range (a band of rows at a
+    time: a float32 copy of a 12,000 x 12,000 frame would be 576 MB)."""
+    lo, hi = percentiles(pixels, (0.1, 99.9))
     if hi <= lo:
-        lo, hi = float(a.min()), float(a.max())
+        lo, hi = float(pixels.min()), float(pixels.max())
     if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.clip((a - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+        return np.zeros(pixels.shape, np.uint8)
+    out = np.empty(pixels.shape, np.uint8)
+    for y in range(0, pixels.shape[0], 1024):
+        band = pixels[y:y + 1024].astype(np.float32)
+        out[y:y + 1024] = np.clip((band - lo) * (255.0 / (hi - lo)), 0, 255)
+    return out
+
+
+def _within(levels: np.ndarray, level: int, tolerance: int) -> np.ndarray:
+    """``|levels - level| <= tolerance`` of 8-bit levels, without a 16-bit copy."""
+    return (levels >= max(0, level - tolerance)) & (levels <= min(255, level + tolerance))
 
 
 def _flatness(levels: np.ndarray) -> float:
@@ -46,10 +58,10 @@ def detect_infobar(pixels: np.ndarray) -> int:
     if h < 64 or w < 64:
         return 0
     levels = _to_levels(pixels)
-    lv = levels.astype(np.int16)
     start = int(h * (1.0 - MAX_BAR_FRACTION))
-    # Fraction of columns whose grey level jumps by more than a quarter of the range between rows.
-    jumps = np.abs(lv[start:] - lv[start - 1 : -1]) > 64
+    # Fraction of columns whose grey level jumps by more than a quarter of the range between rows
+    # (|a - b| of 8-bit levels, without widening a third of the frame to 16 bits).
+    jumps = cv2.absdiff(levels[start:], levels[start - 1 : -1]) > 64
     edge_fraction = jumps.mean(axis=1)
     candidates = np.nonzero(edge_fraction >= EDGE_COLUMNS)[0] + start
     min_rows = max(6, int(0.02 * h))
@@ -75,7 +87,7 @@ def _uniform_band(levels: np.ndarray, start: int, min_rows: int) -> int:
     h = levels.shape[0]
     bottom = levels[-min_rows:]
     level = int(np.argmax(np.bincount(bottom.ravel(), minlength=256)))
-    near = (np.abs(levels[start:].astype(np.int16) - level) <= 2).mean(axis=1)
+    near = _within(levels[start:], level, 2).mean(axis=1)
     bar_like = near >= 0.5
     if not bar_like[-1]:
         return 0
@@ -120,7 +132,7 @@ def _straight_edge_band(levels: np.ndarray, jumps: np.ndarray, start: int, min_r
             continue
         band = levels[y:]
         level = int(np.argmax(np.bincount(band.ravel(), minlength=256)))
-        near = np.abs(band.astype(np.int16) - level) <= 1
+        near = _within(band, level, 1)
         if near.mean() < 0.6 or near.mean(axis=1).min() < 0.3 or _flatness(band) < 0.85:
             continue
         # the frame above is not two-level: particles come in many greys, even on a substrate
@@ -144,8 +156,8 @@ def _two_level_rows(levels: np.ndarray, start: int, min_rows: int) -> int:
     rest = hist.copy()
     rest[max(0, first - 2):first + 3] = 0
     second = int(np.argmax(rest))
-    lv = levels[start:].astype(np.int16)
-    two = ((np.abs(lv - first) <= 1) | (np.abs(lv - second) <= 1)).mean(axis=1) >= 0.97
+    lv = levels[start:]
+    two = (_within(lv, first, 1) | _within(lv, second, 1)).mean(axis=1) >= 0.97
     if not two[-1]:
         return 0
     run = int(np.argmin(two[::-1])) if not two.all() else two.size

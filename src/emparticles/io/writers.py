@@ -134,6 +134,9 @@ def inner_boundaries(labels: np.ndarray) -> np.ndarray:
 #: 1280x960) and is 40% smaller; 221 grey levels show no banding to the eye.
 _GREY_LEVELS, _BAR_LEVELS = 221, 32
 CYAN, ORANGE, YELLOW = 253, 254, 255  # measured outlines, excluded outlines, particle ids
+#: Ids are drawn on overlays of at most this many particles (beyond, they hide the image).
+MAX_IDS_DRAWN = 3000
+_BAND_ROWS = 1024
 
 
 def _overlay_palette() -> list[int]:
@@ -160,33 +163,51 @@ def write_overlay(
     """
     from PIL import Image, ImageDraw
 
-    from ..preprocess import normalise
+    from ..preprocess import normalisation_limits, normalise_between
 
-    grey = normalise(pixels)
-    index = np.rint(grey * (_GREY_LEVELS - 1)).astype(np.uint8)
-    if infobar_rows:
-        index[-infobar_rows:] = _GREY_LEVELS + np.rint(grey[-infobar_rows:] * (_BAR_LEVELS - 1)).astype(np.uint8)
     labels = np.asarray(labels)
-    edges = inner_boundaries(labels)
+    h, w = labels.shape
     n = int(labels.max()) if labels.size else 0
+    ok = None
     if measured is not None:
         ok = np.zeros(n + 1, bool)
         ok[[m for m in measured if 0 < m <= n]] = True
-        ok = ok[labels]
-        index[edges & ok] = CYAN
-        index[edges & ~ok] = ORANGE
-    else:
-        index[edges] = CYAN
-    image = Image.frombytes("P", (index.shape[1], index.shape[0]), np.ascontiguousarray(index).tobytes())
+    limits = normalisation_limits(pixels)
+    index = np.empty((h, w), np.uint8)
+    counts = np.zeros(n + 1)
+    sum_y = np.zeros(n + 1)
+    sum_x = np.zeros(n + 1)
+    # a band of rows at a time (each with one row of context for the outlines): on a
+    # 12,000 x 12,000 frame whole-frame temporaries took 1.7 GB
+    for y0 in range(0, h, _BAND_ROWS):
+        y1 = min(h, y0 + _BAND_ROWS)
+        grey = normalise_between(pixels[y0:y1], *limits)
+        band = np.rint(grey * (_GREY_LEVELS - 1)).astype(np.uint8)
+        bar = max(0, (h - infobar_rows) - y0) if infobar_rows else y1 - y0
+        if bar < y1 - y0:
+            band[bar:] = _GREY_LEVELS + np.rint(grey[bar:] * (_BAR_LEVELS - 1)).astype(np.uint8)
+        c0, c1 = max(0, y0 - 1), min(h, y1 + 1)
+        lab = labels[y0:y1]
+        edges = inner_boundaries(labels[c0:c1])[y0 - c0:y0 - c0 + (y1 - y0)]
+        if ok is None:
+            band[edges] = CYAN
+        else:
+            good = ok[lab]
+            band[edges & good] = CYAN
+            band[edges & ~good] = ORANGE
+        index[y0:y1] = band
+        if draw_ids and 0 < n <= MAX_IDS_DRAWN:
+            flat = lab.ravel()
+            counts += np.bincount(flat, minlength=n + 1)
+            sum_y += np.bincount(flat, weights=np.repeat(np.arange(y0, y1, dtype=np.float64), w), minlength=n + 1)
+            sum_x += np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), y1 - y0), minlength=n + 1)
+    image = Image.frombuffer("P", (w, h), index, "raw", "P", 0, 1)
     image.putpalette(_overlay_palette())
-    if draw_ids and 0 < n <= 3000:
+    if draw_ids and 0 < n <= MAX_IDS_DRAWN:
         draw = ImageDraw.Draw(image)
-        where = np.flatnonzero(labels.ravel())
-        lab = labels.ravel()[where]
-        counts = np.bincount(lab, minlength=n + 1)[1:]
-        cy = np.bincount(lab, weights=where // labels.shape[1], minlength=n + 1)[1:] / np.maximum(counts, 1)
-        cx = np.bincount(lab, weights=where % labels.shape[1], minlength=n + 1)[1:] / np.maximum(counts, 1)
-        for i, x, y, c in zip(range(1, n + 1), cx, cy, counts):
+        cy = sum_y[1:] / np.maximum(counts[1:], 1)
+        cx = sum_x[1:] / np.maximum(counts[1:], 1)
+        for i, x, y, c in zip(range(1, n + 1), cx, cy, counts[1:]):
             if c:
                 draw.text((float(x) - 3, float(y) - 5), str(i), fill=YELLOW)
     return _write(path, lambda p: image.save(p, format="PNG", compress_level=1))

@@ -16,7 +16,7 @@ import torch
 from ..errors import InputError
 from ..inference import pick_device, predict_tiled
 from ..instances import DEFAULT_THRESHOLDS, Instances, instances_with, trim_outlines
-from ..preprocess import normalise
+from ..preprocess import normalise, normalise_between
 from ..types import THREE_CLASS, ProbabilityMap, network_channels
 from .networks import build_network, prepare_for_inference
 
@@ -135,7 +135,8 @@ class CNNSegmenter:
         prob = ProbabilityMap(probs, network_channels(len(probs)), self.model_id)
         return self.instances(prob), prob
 
-    def choose_scale(self, img: np.ndarray) -> tuple[float, dict[float, tuple[Instances, ProbabilityMap]]]:
+    def choose_scale(self, img: np.ndarray, limits: tuple[float, float] | None = None
+                     ) -> tuple[float, dict[float, tuple[Instances, ProbabilityMap]]]:
         """Pick the resampling of a normalised image at which the network is most confident.
 
         Each tried scale is scored by the mean score of its particles (their mean foreground
@@ -147,6 +148,7 @@ class CNNSegmenter:
         images this lifted F1 at IoU 0.5 from 0.725 (scale 1 only) to 0.867 (best single-scale
         oracle per image: 0.893). Images over ``max_pixels`` choose on a centred crop of that size.
         Returns the chosen scale and the results of the tried scales (on the crop if one was used).
+        ``limits``: ``img`` holds raw grey values, normalised between these after cropping.
         """
         search = self.config.get("scale_search") or {}
         max_pixels = int(search.get("max_pixels", 400_000))
@@ -160,6 +162,8 @@ class CNNSegmenter:
             cw = min(w, max_pixels // max(ch, 1))
             y0, x0 = (h - ch) // 2, (w - cw) // 2
             img = img[y0:y0 + ch, x0:x0 + cw]
+        if limits is not None:
+            img = normalise_between(img, *limits)
         tried: dict[float, tuple[Instances, ProbabilityMap]] = {}
 
         def score(scale: float) -> float:
@@ -222,13 +226,34 @@ class CNNSegmenter:
         """
         return self.segment_normalised(normalise(pixels), particle_size_px)
 
-    def segment_normalised(self, img: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
-        """:meth:`segment` of an image already normalised to [0, 1] (as training loads them)."""
+    def hinted_scale(self, pixels: int, particle_size_px: float) -> float:
+        """The resampling that brings a typical diameter of ``particle_size_px`` to
+        :attr:`TARGET_ECD_PX`, in an image of ``pixels`` pixels (enlarging within
+        :attr:`MAX_UPSCALED_PIXELS`)."""
+        scale = float(np.clip(self.TARGET_ECD_PX / particle_size_px, 0.25, 4.0))
+        if not self._allowed_scale(pixels)(scale):
+            scale = max(1.0, (self.MAX_UPSCALED_PIXELS / pixels) ** 0.5)
+        return scale
+
+    def scale_for(self, img: np.ndarray, particle_size_px: float | None = None,
+                  limits: tuple[float, float] | None = None) -> float:
+        """The resampling :meth:`segment_normalised` would apply to the image ``img``: normalised,
+        or raw grey values that ``limits`` (:func:`~emparticles.preprocess.normalisation_limits`)
+        normalise (for segmenting a large frame in blocks at one scale: :mod:`emparticles.blocks`)."""
         if particle_size_px:
-            scale = float(np.clip(self.TARGET_ECD_PX / particle_size_px, 0.25, 4.0))
-            if not self._allowed_scale(img.size)(scale):
-                scale = max(1.0, (self.MAX_UPSCALED_PIXELS / img.size) ** 0.5)
-            inst, prob = self.at_scale(img, scale)
+            return self.hinted_scale(img.size, particle_size_px)
+        if self.config.get("scale_search"):
+            return self.choose_scale(img, limits)[0]
+        return 1.0
+
+    def segment_normalised(self, img: np.ndarray, particle_size_px: float | None = None,
+                           scale: float | None = None) -> tuple[Instances, ProbabilityMap]:
+        """:meth:`segment` of an image already normalised to [0, 1] (as training loads them);
+        ``scale``, when given, is used instead of the hint or the search."""
+        if scale is not None:
+            inst, prob = self.at_scale(img, float(scale))
+        elif particle_size_px:
+            inst, prob = self.at_scale(img, self.hinted_scale(img.size, particle_size_px))
         elif self.config.get("scale_search"):
             _, inst, prob = self.searched(img)
         else:
