@@ -5,7 +5,8 @@
 Reads RUN_DIR/split.json (written by training) and RUN_DIR/best, takes the validation images of
 the main set and of every other instance set the run trained on (as training does), searches the
 settings of
-``emparticles.train.loop.TUNING_GRID`` for the best pooled F1 at IoU 0.5 (at scale 1, then at
+``emparticles.train.loop.TUNING_GRID`` for the best F1 at IoU 0.5, the mean of the sets' F1
+(``--pooled``: pooled over all their particles) (at scale 1, then at
 the scale each image chooses), then the outline threshold (``OUTLINE_GRID``, for panoptic
 quality plus foreground IoU), and rewrites RUN_DIR/best/thresholds.json and the validation
 figures in RUN_DIR/best/config.json. A model trained without a resampling search gets the
@@ -34,25 +35,31 @@ def main() -> None:
     parser.add_argument("--masks", type=Path, default=EMPS / "segmaps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-scale-search", action="store_true", help="tune for segmentation at scale 1 only")
+    parser.add_argument("--pooled", action="store_true",
+                        help="pool the particles of all sets (a set of dense frames then outweighs the rest) "
+                             "instead of weighing every set the same")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     split = json.loads((args.run / "split.json").read_text())
     names = set(split["validation"])
     val = [load_pair(i, m) for i, m in find_pairs(args.images, args.masks) if i.stem in names]
+    groups = [args.images.parent.name] * len(val)
     config = json.loads((args.run / "best" / "config.json").read_text())
     # the validation images of the other instance sets the run trained on, as training tunes on them
     for real in config["train_config"].get("real_sets", []):
         part = split.get(Path(real["images"]).parent.name, {})
         if real.get("kind") == "instances" and part.get("validation"):
             wanted = set(part["validation"])
-            val += [load_pair(i, m) for i, m in find_pairs(Path(real["images"]), Path(real["masks"])) if i.stem in wanted]
+            more = [load_pair(i, m) for i, m in find_pairs(Path(real["images"]), Path(real["masks"])) if i.stem in wanted]
+            val += more
+            groups += [Path(real["images"]).parent.name] * len(more)
     if args.no_scale_search:
         config.pop("scale_search", None)
     else:
         config.setdefault("scale_search", SCALE_SEARCH)
     (args.run / "best" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     cfg = TrainConfig(**{k: v for k, v in config["train_config"].items() if k in TrainConfig.__dataclass_fields__})
-    finalise(args.run, cfg, val, pick_device("cpu"), log=print)
+    finalise(args.run, cfg, val, pick_device("cpu"), log=print, groups=None if args.pooled else groups)
     print((args.run / "best" / "thresholds.json").read_text())
 
 

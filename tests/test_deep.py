@@ -822,3 +822,16 @@ def test_train_command_rejects_averaging_more_epochs_than_it_runs(tmp_path):
                                  "--epochs", "3", "--average-epochs", "4"])
     assert r.exit_code != 0 and "--average-epochs 4" in r.output and "(3)" in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_balanced_tuning_weighs_every_set_the_same():
+    from emparticles.train.loop import COUNT_RANGE, balanced_key, tuning_key
+
+    # dense frames: 900 true particles, found well either way; crops: 100, whose small
+    # particles a setting drops (count 0.7) to gain 10 matches on the dense frames
+    keeps_small = {"dense": (800, 900, 900), "crops": (85, 100, 100)}
+    drops_small = {"dense": (810, 900, 900), "crops": (65, 100, 70)}
+    pooled = lambda c: tuning_key(*(sum(v[i] for v in c.values()) for i in range(3)), COUNT_RANGE)  # noqa: E731
+    assert pooled(drops_small) > pooled(keeps_small)  # pooled, the dense frames decide
+    assert balanced_key(drops_small, COUNT_RANGE) < balanced_key(keeps_small, COUNT_RANGE)
+    assert balanced_key(keeps_small)[1] == pytest.approx((2 * 800 / 1800 + 2 * 85 / 200) / 2)

@@ -258,6 +258,25 @@ def pooled_counts(probs, val_data, thresholds: dict) -> tuple[int, int, int]:
     return tp, nt, npred
 
 
+def counts_by_set(probs, val_data, thresholds: dict, groups) -> dict[str, tuple[int, int, int]]:
+    """:func:`pooled_counts` of each set: ``groups`` names the set of every validation image."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for name in dict.fromkeys(groups):
+        idx = [i for i, g in enumerate(groups) if g == name]
+        out[name] = pooled_counts([probs[i] for i in idx], [val_data[i] for i in idx], thresholds)
+    return out
+
+
+def balanced_key(counts: dict[str, tuple[int, int, int]], count_range: tuple[float, float] | None = None
+                 ) -> tuple[float, float]:
+    """:func:`tuning_key` with every set weighing the same: the count ratios' distances to
+    ``count_range`` summed over the sets, then the mean of the sets' F1. Pooled over particles, a
+    set of dense frames (hundreds of spheres each) outweighs one of figure crops (tens), and
+    settings chosen for it dropped the crops' small particles."""
+    keys = [tuning_key(*c, count_range) for c in counts.values()]
+    return sum(k[0] for k in keys), float(np.mean([k[1] for k in keys]))
+
+
 def pooled_f1(probs, val_data, thresholds: dict) -> float:
     """F1 at IoU 0.5 pooled over the validation images for one post-processing setting."""
     tp, nt, npred = pooled_counts(probs, val_data, thresholds)
@@ -295,22 +314,29 @@ SEED_GRID = ([("borders", 0.5)] + [("distance", v) for v in (0.3, 0.4, 0.5, 0.6,
 
 
 def tune_thresholds(probs, val_data, start: dict | None = None,
-                    count_range: tuple[float, float] | None = None) -> tuple[dict, float]:
+                    count_range: tuple[float, float] | None = None, groups=None) -> tuple[dict, float]:
     """Post-processing settings with the best pooled F1 on the validation images, searched one
     group of settings at a time (the thresholds jointly, then each filter given the rest),
     starting from ``start`` (default: :data:`DEFAULT_THRESHOLDS`). With ``count_range`` a
     setting must also keep the count ratio in that range, or bring it closer (:func:`tuning_key`);
     start from settings near it, or the greedy search trades F1 for count early and stays there.
-    Returns the settings and their F1."""
+    ``groups`` (the set of each image): every set weighs the same (:func:`balanced_key`).
+    Returns the settings and their F1 (the mean of the sets' with ``groups``)."""
+
+    def key_of(thresholds: dict) -> tuple[float, float]:
+        if groups is not None and len(set(groups)) > 1:
+            return balanced_key(counts_by_set(probs, val_data, thresholds, groups), count_range)
+        return tuning_key(*pooled_counts(probs, val_data, thresholds), count_range)
+
     best = {**DEFAULT_THRESHOLDS, **(start or {})}
-    best_key = tuning_key(*pooled_counts(probs, val_data, best), count_range)
+    best_key = key_of(best)
     grid = dict(TUNING_GRID)
     if probs and len(probs[0]) > 3:
         grid = {("seeds", "seed_distance"): SEED_GRID, **grid}
     for keys, values in grid.items():
         for vals in values:
             trial = {**best, **dict(zip(keys, vals))}
-            key = tuning_key(*pooled_counts(probs, val_data, trial), count_range)
+            key = key_of(trial)
             if key > (best_key[0], best_key[1] + 1e-9):
                 best, best_key = trial, key
     return best, best_key[1]
@@ -360,6 +386,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         log(f"{name} ({kind}): {len(part['train'])} training, {len(part['validation'])} validation and "
             f"{len(part['test'])} test images, {share:.0%} of crops")
     val_data = [pair for kind, data in val_sets.values() if kind == "instances" for pair in data]
+    val_groups = [name for name, (kind, data) in val_sets.items() if kind == "instances" for _ in data]
     train_data, extra_data, paste = training_sources(train_data, cfg.extra_images, cfg.extra_masks, cfg.extra_fraction,
                                                      cfg.paste_fraction, cfg.workers, log)
     if cfg.workers > 0:
@@ -447,7 +474,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     if cfg.average_epochs and average.count:
         save_averaged(net, average, cfg, out_dir, val_sets, device, rng, train_data, extra_data, paste, aug, log,
                       val_thresholds, others=others)
-    return finalise(out_dir, cfg, val_data, device, log) if tune else out_dir / "best"
+    return finalise(out_dir, cfg, val_data, device, log, val_groups) if tune else out_dir / "best"
 
 
 def _duration(seconds: float) -> str:
@@ -651,24 +678,24 @@ def out_name(cfg: TrainConfig) -> str:
     return f"{cfg.arch}-3class"
 
 
-def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print) -> Path:
+def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print, groups=None) -> Path:
     """Tune the post-processing thresholds of the best model on the validation images.
 
     First for F1 at the images' own scale; then, for a model with a resampling search, again on
     the probability maps at the scale each image chooses, keeping the count ratio within
     :data:`COUNT_RANGE`; the validation figures are those of the whole segmentation road (search
-    included)."""
+    included). ``groups``: the set of each validation image, each set then weighing the same."""
     from ..models.cnn import CNNSegmenter, load_network
 
     best = out_dir / "best"
     net, config, _ = load_network(best, device)
     val = validate(net, val_data, cfg, device)
-    thresholds, _ = tune_thresholds(val.pop("_probs"), val_data)
+    thresholds, _ = tune_thresholds(val.pop("_probs"), val_data, groups=groups)
     (best / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     if config.get("scale_search"):
         seg = CNNSegmenter(best, device)
         probs = [seg.searched(img)[2].probabilities for img, _ in val_data]
-        thresholds, _ = tune_thresholds(probs, val_data, start=thresholds, count_range=COUNT_RANGE)
+        thresholds, _ = tune_thresholds(probs, val_data, start=thresholds, count_range=COUNT_RANGE, groups=groups)
         (best / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     outline = tune_outline_threshold(CNNSegmenter(best, device), val_data)
     if outline is not None:
