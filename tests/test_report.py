@@ -158,6 +158,10 @@ def test_coco_runs_match_pycocotools_per_particle():
         assert a["score"] == pytest.approx(np.linspace(0, 1, 9)[label - 1])
     empty = coco_instances({"b": np.zeros((4, 4), np.int32)})
     assert empty["annotations"] == [] and empty["images"][0]["width"] == 4
+    # images given one at a time (as a run reads its 16-bit label files) give the same export
+    pairs = iter([("a", lab.astype(np.uint16)), ("b", np.zeros((4, 4), np.uint16))])
+    assert coco_instances(pairs, {"a": np.linspace(0, 1, 9)}) == coco_instances(
+        {"a": lab, "b": np.zeros((4, 4), np.int32)}, {"a": np.linspace(0, 1, 9)})
 
 
 def test_two_image_report_has_no_horizontal_scroll_at_1400_px_in_chromium(tmp_path):

@@ -160,6 +160,7 @@ def analyze(
                         run.save_image(name, result)
                         for w in result.warnings:
                             _warn(path, w)
+                        result = None  # not held while the next image (or the exports) is worked on
                     except Exception as exc:  # noqa: BLE001 - one bad file never stops a batch
                         run.save_failure(name, path, _report_error(path, exc), getattr(exc, "known", None))
                 run.combine_if_due()

@@ -588,16 +588,19 @@ class AnalyzeRun:
         if not self._combined:
             self.combine()
         write_parquet(self._particles, self.out / "particles.parquet")
-        labels, scores = {}, {}
-        for name, st in self.report.statuses.items():
-            path = self.out / "labels" / f"{name}.tif"
-            if st["status"] in ("ok", "no particles") and path.exists():
-                import tifffile
+        scores: dict[str, np.ndarray] = {}
 
-                labels[name] = tifffile.imread(path).astype(np.int32)
-                info = json.loads((self.parts / f"{name}.json").read_text())
-                scores[name] = np.asarray(info.get("scores", []), float)
-        write_coco(labels, self.out / "coco_instances.json", scores)
+        def labels():  # one image's labels in memory at a time, as written (16-bit up to 65,535 particles)
+            import tifffile
+
+            for name, st in self.report.statuses.items():
+                path = self.out / "labels" / f"{name}.tif"
+                if st["status"] in ("ok", "no particles") and path.exists():
+                    info = json.loads((self.parts / f"{name}.json").read_text())
+                    scores[name] = np.asarray(info.get("scores", []), float)
+                    yield name, tifffile.imread(path)
+
+        write_coco(labels(), self.out / "coco_instances.json", scores)
         if report and labels:  # no report of a run without one analysed image
             from .report import build_report
 

@@ -48,14 +48,19 @@ def label_rles(labels: np.ndarray) -> dict[int, list[int]]:
     return out
 
 
-def coco_instances(labels_by_image: dict[str, np.ndarray], scores_by_image: dict[str, np.ndarray] | None = None) -> dict:
+def coco_instances(labels_by_image, scores_by_image: dict[str, np.ndarray] | None = None) -> dict:
     """COCO instance-segmentation dict: one image entry per label image, one annotation per
-    particle with a compressed RLE mask, its area, [x, y, w, h] bounding box and its score."""
+    particle with a compressed RLE mask, its area, [x, y, w, h] bounding box and its score.
+
+    ``labels_by_image``: a dict of name -> (H, W) labels, or an iterable of (name, labels) pairs
+    (read one at a time, so that a batch's label images are never all in memory); a pair's scores
+    are looked up in ``scores_by_image`` when it comes."""
     from pycocotools import mask as mask_utils
 
     images, annotations = [], []
     ann_id = 1
-    for image_id, (name, labels) in enumerate(labels_by_image.items(), start=1):
+    pairs = labels_by_image.items() if isinstance(labels_by_image, dict) else labels_by_image
+    for image_id, (name, labels) in enumerate(pairs, start=1):
         h, w = labels.shape
         images.append({"id": image_id, "file_name": name, "width": int(w), "height": int(h)})
         scores = None if scores_by_image is None else scores_by_image.get(name)
