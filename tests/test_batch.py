@@ -69,6 +69,19 @@ def cluster():
 SETTINGS = AnalysisSettings(model="classical", pixel_size_nm=2.0)
 
 
+def _imported() -> list[str]:
+    import sys
+
+    return sorted(m for m in ("torch", "onnxruntime", "emparticles.pipeline", "emparticles.models.cnn") if m in sys.modules)
+
+
+def test_local_workers_start_with_the_libraries_already_imported(cluster):
+    # forked from a server that imported them once, before any image was sent (spawned workers
+    # would import them at their first image, each on its own)
+    assert list(cluster.run(_imported).values()) == [["emparticles.models.cnn", "emparticles.pipeline", "onnxruntime",
+                                                      "torch"]] * 2
+
+
 def test_cluster_gives_the_serial_tables_and_reuses_finished_images(tmp_path, cluster):
     paths = write_fields(tmp_path / "in", 6, size=(200, 260))
     reference = serial_table(paths, tmp_path / "serial", SETTINGS)
@@ -170,3 +183,13 @@ def test_the_probe_fails_when_the_token_differs(tmp_path):
     (tmp_path / ".workers" / "client").write_text("abc")
     assert _probe(str(tmp_path), "xyz") == ""  # another machine's folder of the same name
     assert Path(_probe(str(tmp_path), "abc")).exists()
+
+
+def test_runs_opened_at_once_on_one_folder_do_not_trip_over_each_other(tmp_path):
+    # as cluster workers do when their first images start together: each checks that the folder
+    # can be written without removing another's check
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(lambda _: AnalyzeRun(tmp_path / "out", SETTINGS), range(400)))
+    assert len(runs) == 400 and not list((tmp_path / "out").glob(".write-test*"))

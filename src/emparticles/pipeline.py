@@ -9,8 +9,10 @@ import functools
 import glob
 import hashlib
 import json
+import os
 import platform
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -414,7 +416,9 @@ class AnalyzeRun:
         try:
             for d in (self.out, self.parts, self.out / "labels", self.out / "overlays", self.out / "rois"):
                 d.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
+            # a name of its own: cluster workers open the same folder at the same moment, and a
+            # shared probe was unlinked under one worker by another (its first image then failed)
+            probe = self.out / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
