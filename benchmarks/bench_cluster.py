@@ -62,6 +62,8 @@ def main() -> None:
     print(f"{n} images, {args.runs} runs each (median wall time of a fresh process)")
     print(f"  serial            {s:7.2f} s  {n / s:5.2f} images/s")
     print(f"  --workers {args.workers:<6d}  {c:7.2f} s  {n / c:5.2f} images/s  (ratio to serial {c / s:.2f})")
+    print(f"  each run: serial {', '.join(f'{v:.1f}' for v in serial)} s; --workers {args.workers} "
+          f"{', '.join(f'{v:.1f}' for v in cluster)} s")
     print(f"  cluster overhead  {(c - s / args.workers) / n:+.2f} s per image beyond an ideal {args.workers}-way split")
     print(f"  particles.csv: {len(a)} rows; columns differing: {', '.join(differing) or 'none'}")
     shutil.rmtree(tmp, ignore_errors=True)

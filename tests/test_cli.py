@@ -163,6 +163,15 @@ def test_option_errors(images, tmp_path):
     assert r.exit_code == 2 and "cannot be written" in r.output
     r = run("analyze", d, "-o", tmp_path / "o", "--model", "nope")
     assert r.exit_code == 2 and "unknown model" in r.output
+    # on a cluster the client does not load the model, and still refuses a bad one at once
+    r = run("analyze", d, "-o", tmp_path / "o", "--model", "nope", "--scheduler", "tcp://127.0.0.1:9")
+    assert r.exit_code == 2 and "unknown model" in r.output
+    not_a_model = tmp_path / "folder"
+    not_a_model.mkdir()
+    r = run("analyze", d, "-o", tmp_path / "o", "--model", not_a_model, "--scheduler", "tcp://127.0.0.1:9")
+    assert r.exit_code == 2 and "no config.json" in r.output
+    r = run("analyze", d, "-o", tmp_path / "o", "--model", blocker, "--scheduler", "tcp://127.0.0.1:9")
+    assert r.exit_code == 2 and "is not a model folder" in r.output
     empty = tmp_path / "empty"
     empty.mkdir()
     r = run("analyze", empty, "-o", tmp_path / "o2")

@@ -103,7 +103,12 @@ def analyze(
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Analyse on the dask.distributed cluster at this address (tcp://HOST:8786); OUTPUT must be on storage every worker mounts at the same path.")] = None,
 ) -> None:
     """Segment and measure particles; write particles.csv, images.csv, labels/, overlays/ and run.json."""
-    from .models.registry import load_model
+    if workers and not scheduler:
+        # the process the local workers will be forked from imports their libraries meanwhile
+        from .batch import start_worker_server
+
+        start_worker_server()
+    from .models.registry import check_device_name, check_model, load_model
     from .pipeline import (
         AnalysisSettings,
         AnalyzeRun,
@@ -132,10 +137,15 @@ def analyze(
         if workers and scheduler:
             raise InputError(None, "--workers and --scheduler both given", "give one: --workers starts a local cluster")
         distributed = bool(workers or scheduler)
-        from .inference import pick_device
+        if distributed:  # a bad --device or --model fails here, once; the workers load the model
+            check_device_name(device)  # (and find their GPU, which this machine may not have)
+            check_model(settings.model)
+            segmenter = None
+        else:
+            from .inference import pick_device
 
-        pick_device(device)  # a bad --device fails here, whatever the model
-        segmenter = load_model(settings.model, device)  # on a cluster too: a bad --model fails here, once
+            pick_device(device)  # a bad --device fails here, whatever the model
+            segmenter = load_model(settings.model, device)
         _settle_heap()
         run = AnalyzeRun(output, settings, overwrite=overwrite)
     except EmparticlesError as exc:

@@ -11,14 +11,14 @@ def pick_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when present, else CPU. An unknown device, or ``cuda`` on a machine
     without a usable GPU, raises :class:`~emparticles.errors.InputError` with one clear line."""
     from .errors import InputError
+    from .models.registry import check_device_name
 
     if isinstance(device, torch.device):
         return device
     device = str(device)
+    check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(None, f"--device {device!r} is not a device", "use auto, cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(None, "--device cuda: no usable GPU on this machine (or torch was built without CUDA)",
                          "use --device cpu, or auto")

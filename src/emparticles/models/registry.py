@@ -72,6 +72,31 @@ def available_models() -> dict[str, str]:
     return {name: desc for name, (_, desc) in MODELS.items()}
 
 
+def check_device_name(device: str) -> None:
+    """Fail on a ``--device`` that is no device (``auto``, ``cpu``, ``cuda``, ``cuda:N``), without
+    importing torch or asking for a GPU (cluster workers may have one where the client has none)."""
+    device = str(device)
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(None, f"--device {device!r} is not a device", "use auto, cpu or cuda")
+
+
+def check_model(name_or_path: str | None = None) -> None:
+    """Fail as :func:`load_model` would on an unknown name or a path that is not a model folder,
+    without loading anything (for a client that leaves the loading to cluster workers)."""
+    name = name_or_path or DEFAULT_MODEL
+    if name in MODELS:
+        return
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(path, "is not a model folder (no config.json)",
+                             "pass a folder with config.json and weights.safetensors")
+        return
+    if path.exists():
+        raise InputError(path, "is not a model folder", "pass a folder with config.json and weights.safetensors")
+    raise InputError(None, f"unknown model '{name}'", f"choose one of: {', '.join(MODELS)}, or a model folder path")
+
+
 def load_model(name_or_path: str | None = None, device: str = "auto") -> Segmenter:
     """Build a registered model by name, or load a model folder from a path.
 
