@@ -5,8 +5,8 @@
 Reads RUN_DIR/split.json (written by training) and RUN_DIR/best, takes the validation images of
 the main set and of every other instance set the run trained on (as training does), searches the
 settings of
-``emparticles.train.loop.TUNING_GRID`` for the best F1 at IoU 0.5, the mean of the sets' F1
-(``--pooled``: pooled over all their particles) (at scale 1, then at
+``emparticles.train.loop.TUNING_GRID`` for the best F1 at IoU 0.5 pooled over their particles
+(``--balanced``: the mean of the sets' F1) (at scale 1, then at
 the scale each image chooses), then the outline threshold (``OUTLINE_GRID``, for panoptic
 quality plus foreground IoU), and rewrites RUN_DIR/best/thresholds.json and the validation
 figures in RUN_DIR/best/config.json. A model trained without a resampling search gets the
@@ -35,9 +35,9 @@ def main() -> None:
     parser.add_argument("--masks", type=Path, default=EMPS / "segmaps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-scale-search", action="store_true", help="tune for segmentation at scale 1 only")
-    parser.add_argument("--pooled", action="store_true",
-                        help="pool the particles of all sets (a set of dense frames then outweighs the rest) "
-                             "instead of weighing every set the same")
+    parser.add_argument("--balanced", action="store_true",
+                        help="weigh every set the same (the mean of their F1) instead of pooling their particles "
+                             "(a set of dense frames then outweighs the rest)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     split = json.loads((args.run / "split.json").read_text())
@@ -59,7 +59,7 @@ def main() -> None:
         config.setdefault("scale_search", SCALE_SEARCH)
     (args.run / "best" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     cfg = TrainConfig(**{k: v for k, v in config["train_config"].items() if k in TrainConfig.__dataclass_fields__})
-    finalise(args.run, cfg, val, pick_device("cpu"), log=print, groups=None if args.pooled else groups)
+    finalise(args.run, cfg, val, pick_device("cpu"), log=print, groups=groups if args.balanced else None)
     print((args.run / "best" / "thresholds.json").read_text())
 
 

@@ -386,7 +386,6 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
         log(f"{name} ({kind}): {len(part['train'])} training, {len(part['validation'])} validation and "
             f"{len(part['test'])} test images, {share:.0%} of crops")
     val_data = [pair for kind, data in val_sets.values() if kind == "instances" for pair in data]
-    val_groups = [name for name, (kind, data) in val_sets.items() if kind == "instances" for _ in data]
     train_data, extra_data, paste = training_sources(train_data, cfg.extra_images, cfg.extra_masks, cfg.extra_fraction,
                                                      cfg.paste_fraction, cfg.workers, log)
     if cfg.workers > 0:
@@ -474,7 +473,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     if cfg.average_epochs and average.count:
         save_averaged(net, average, cfg, out_dir, val_sets, device, rng, train_data, extra_data, paste, aug, log,
                       val_thresholds, others=others)
-    return finalise(out_dir, cfg, val_data, device, log, val_groups) if tune else out_dir / "best"
+    return finalise(out_dir, cfg, val_data, device, log) if tune else out_dir / "best"
 
 
 def _duration(seconds: float) -> str:
