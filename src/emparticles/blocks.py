@@ -84,6 +84,7 @@ def segment_in_blocks(model, pixels: np.ndarray, particle_size_px: float | None 
     else:
         scale, halo = None, halo_px
     scores: list[np.ndarray] = []
+    present = [np.zeros(1, bool)]  # per kept particle: did it get any pixel (claimed ones stay)
     next_id = 1
     cut = 0
     for y0 in block_starts(h, block_px):
@@ -127,7 +128,10 @@ def segment_in_blocks(model, pixels: np.ndarray, particle_size_px: float | None 
             target = labels[wy0:wy1, wx0:wx1]
             free = (mapped > 0) & (target == 0)  # a pixel claimed by an earlier block stays its
             target[free] = mapped[free]
-    present = np.bincount(labels.ravel(), minlength=next_id) > 0
+            got = np.zeros(next_id, bool)
+            got[mapped[free]] = True
+            present.append(got[next_id - kept.size:])
+    present = np.concatenate(present)
     present[0] = True
     all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     if not present[1:].all():  # a particle whose every pixel an earlier block had claimed
