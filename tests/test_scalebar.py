@@ -226,6 +226,16 @@ def test_a_label_of_unusual_value_is_not_trusted():
     assert r.pixel_size_nm is None
 
 
+@pytest.mark.parametrize("label, confidence", [("100 mm", "low"), ("2 mm", "high")])
+def test_a_bar_longer_than_any_em_field_is_not_trusted(label, confidence):
+    im = field(seed=15)
+    draw_bar(im, 480, 430, 120, label, 255)
+    r = read_scale_bar(np.array(im))
+    assert r.confidence == confidence
+    if confidence == "low":
+        assert r.value_nm == 1e8 and "field of view" in r.reason and r.pixel_size_nm is None
+
+
 def test_bar_in_the_middle_of_the_bottom_edge():
     im = field(seed=16)
     draw_bar(im, 250, 440, 140, "50 nm", 255)

@@ -502,10 +502,19 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
         return ScaleBarReading("low", "the bar touches the image border and may be cut", **reading)
     if score < MIN_TEXT_SCORE:
         return ScaleBarReading("low", f"the label was read with little certainty ({score:.2f})", **reading)
+    if value >= MAX_BAR_NM:
+        return ScaleBarReading("low", f"the label reads '{text}', longer than an electron microscope's field of "
+                                      "view: it may be misread (nm read as mm)", **reading)
     if significant_digits(text) > 2:
         return ScaleBarReading("low", f"the label reads '{text}', an unusual value for a scale bar (two significant "
                                       "digits at most, as in 100 nm, 2.5 µm or 35 nm): it may be misread", **reading)
     return ScaleBarReading("high", "", **reading)
+
+
+#: The longest scale bar an electron micrograph can carry: at the lowest magnifications (5-20x)
+#: an SEM frame spans a few millimetres to about 2 cm, and its bar reads 1-5 mm. A longer reading
+#: is a misread, mostly "100 nm" read as "100 mm".
+MAX_BAR_NM = 1e7
 
 
 def significant_digits(label: str) -> int:
