@@ -201,3 +201,13 @@ def test_two_image_report_has_no_horizontal_scroll_at_1400_px_in_chromium(tmp_pa
     scroll, client = map(int, re.search(r"<title>W(\d+):(\d+)</title>", dom).groups())
     assert scroll <= client, f"the page is {scroll} px wide in a {client} px window"
     assert ">null<" not in page and ">nnd_f_statistic<" not in page  # settings and headings in words
+
+
+def test_a_run_without_one_analysed_image_gets_exports_but_no_report(tmp_path):
+    from emparticles.pipeline import AnalysisSettings, AnalyzeRun
+
+    run = AnalyzeRun(tmp_path / "out", AnalysisSettings())
+    run.save_failure("broken", tmp_path / "broken.png", "unreadable")
+    run.finish(report=True)
+    assert json.loads((tmp_path / "out" / "coco_instances.json").read_text())["images"] == []
+    assert not (tmp_path / "out" / "report.html").exists()

@@ -612,7 +612,7 @@ class AnalyzeRun:
                     yield name, tifffile.imread(path)
 
         write_coco(labels(), self.out / "coco_instances.json", scores)
-        if report and labels:  # no report of a run without one analysed image
+        if report and scores:  # no report of a run without one analysed image (scores: one per image read)
             from .report import build_report
 
             build_report(self.out)
