@@ -105,11 +105,7 @@ def load_model(name_or_path: str | None = None, device: str = "auto") -> Segment
     InputError : unknown name (the message lists the valid ones) or unusable folder.
     """
     name = name_or_path or DEFAULT_MODEL
+    check_model(name)
     if name in MODELS:
         return MODELS[name][0](device)
-    path = Path(name)
-    if path.is_dir():
-        return _cnn(path, device)
-    if path.exists():
-        raise InputError(path, "is not a model folder", "pass a folder with config.json and weights.safetensors")
-    raise InputError(None, f"unknown model '{name}'", f"choose one of: {', '.join(MODELS)}, or a model folder path")
+    return _cnn(Path(name), device)
