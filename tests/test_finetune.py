@@ -75,6 +75,29 @@ def test_read_annotated_takes_label_images_or_roi_zips(tmp_path):
         ft.read_annotated(images, tmp_path)
 
 
+def test_annotated_fields_leave_the_info_bar_out(tmp_path):
+    """Fine-tuning learns from the field that segmentation will see: no info bar, normalised without it."""
+    import tifffile
+
+    from emparticles.preprocess import normalise
+
+    from .test_infobar import sem_frame, zeiss_like
+
+    frame = sem_frame(seed=3)
+    img = zeiss_like(frame, 60)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "sem.tif", img)
+    lab = np.zeros(img.shape, np.uint16)
+    lab[10:30, 10:30] = 1
+    tifffile.imwrite(tmp_path / "masks" / "sem.tif", lab)
+    [(stem, field, labels)] = ft.read_annotated(tmp_path / "images", tmp_path / "masks")
+    rows = img.shape[0] - 60
+    assert stem == "sem" and field.shape == labels.shape == (rows, img.shape[1])
+    np.testing.assert_allclose(field, normalise(img[:rows]))
+    assert (labels == 1).sum() == 400
+
+
 def test_budget_is_honoured_and_the_folder_is_a_model(tmp_path):
     from emparticles.models import load_model
 

@@ -98,7 +98,8 @@ def resolve_base(base: str) -> Path:
 
 
 def read_annotated(images_dir: Path, masks: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(stem, normalised image, instance labels) of every image with an annotation.
+    """(stem, normalised field, instance labels) of every image with an annotation; the field is
+    the image without its info bar (found as ``analyze`` finds it), which is what a model sees.
 
     ``masks``: a folder of 16-bit label images with the images' stems, or of ImageJ ROI sets
     ``<stem>.zip`` (as ``analyze`` writes them and Fiji's ROI Manager saves them), or one COCO /
@@ -106,6 +107,7 @@ def read_annotated(images_dir: Path, masks: Path) -> list[tuple[str, np.ndarray,
     from ..io.exports import read_imagej_rois
     from ..io.images import IMAGE_SUFFIXES, read_micrograph
     from ..io.writers import read_labels
+    from ..pipeline import locate_infobar
     from ..preprocess import normalise
 
     images_dir, masks = Path(images_dir), Path(masks)
@@ -121,7 +123,7 @@ def read_annotated(images_dir: Path, masks: Path) -> list[tuple[str, np.ndarray,
         raise InputError(masks, "not found", "give --masks a folder of label images or ROI zips, or an annotation file")
     out = []
     for stem, path in images.items():
-        mg = read_micrograph(path)
+        mg = locate_infobar(read_micrograph(path))
         if stem in from_file:
             labels = from_file[stem]
         elif masks.is_dir() and (masks / f"{stem}.zip").is_file():
@@ -135,7 +137,9 @@ def read_annotated(images_dir: Path, masks: Path) -> list[tuple[str, np.ndarray,
         if labels.shape != mg.shape:
             raise InputError(path, f"its annotation is {labels.shape[1]}x{labels.shape[0]} but the image is "
                                    f"{mg.shape[1]}x{mg.shape[0]}", "annotate the image at its own size")
-        out.append((stem, normalise(mg.pixels), labels))
+        # the field as segmentation sees it: the info bar left out, normalised without it
+        rows = mg.analysed_pixels.shape[0]
+        out.append((stem, normalise(mg.analysed_pixels), np.ascontiguousarray(labels[:rows])))
     if not out:
         raise InputError(masks, f"no annotation matches an image of {images_dir}",
                          "name each mask or ROI zip like its image (image.tif -> image.png or image.zip)")
