@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from emparticles.io.scalebar import parse_label, read_scale_bar
+from emparticles.io.scalebar import label_tokens, parse_label, read_scale_bar
 
 from .conftest import SHARED, need
 
@@ -17,7 +17,9 @@ SILICA = SHARED / "sem-silica"
 
 
 @pytest.mark.parametrize("text, nm", [("100nm", 100), ("1 µm", 1000), ("1μm", 1000), ("0.5 um", 500),
-                                      ("200nm", 200), ("5 Å", 0.5), ("0,5 µm", 500), ("2 mm", 2e6), ("500 pm", 0.5)])
+                                      ("200nm", 200), ("5 Å", 0.5), ("0,5 µm", 500), ("2 mm", 2e6), ("500 pm", 0.5),
+                                      # what the recogniser makes of some figure fonts
+                                      ("Tum", 1000), ("50 nn", 50), ("2 µμm", 2000)])
 def test_labels_in_every_spelling(text, nm):
     assert parse_label(text)[0] == pytest.approx(nm)
 
@@ -266,3 +268,47 @@ def test_of_two_bars_under_one_label_the_longest_keeps_it():
     r = read_scale_bar(np.array(im))
     assert (r.confidence, r.value_nm, r.bar_px) == ("high", 200.0, 121.0)
 
+
+
+def test_a_label_inside_a_data_line_is_the_one_by_the_bar():
+    """A data line holds the bar's label among other lengths; a length after a field's name
+    (working distance, field width) is never a label."""
+    assert [t[1] for t in label_tokens("x50 200µm WD:28.0mm 8kV")] == ["200µm"]
+    assert [t[1] for t in label_tokens("HFW 5.97 µm  mag 20 000x 500 nm")] == ["500 nm"]
+    assert label_tokens("WD 4.0mm 15.00 kV") == []
+
+
+def test_label_cut_by_the_detector_into_number_and_unit():
+    """Wide letter spacing: the detector returns "20" and "nm" as two lines; read as one."""
+    im = field(seed=19, dark=False)
+    d = ImageDraw.Draw(im)
+    font = ImageFont.load_default(size=30)
+    d.text((40, 398), "20", fill=0, font=font)
+    d.text((92, 398), "nm", fill=0, font=font)
+    d.rectangle([40, 444, 119, 451], fill=0)
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 20.0, 80.0)
+
+
+@pytest.mark.parametrize("ink, dark", [(255, True), (0, False)])
+def test_bar_broken_by_its_label_is_read_end_to_end(ink, dark):
+    """"——— 2 um ———" (FEI data bars and many figures): the two halves and the label between
+    them are one bar, from the outer end of one half to the outer end of the other."""
+    im = field(seed=20, dark=dark)
+    d = ImageDraw.Draw(im)
+    d.rectangle([300, 447, 389, 449], fill=ink)  # left half
+    d.text((400, 433), "2 um", fill=ink, font=ImageFont.load_default(size=22))
+    d.rectangle([460, 447, 549, 449], fill=ink)  # right half
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 2000.0, 250.0)
+    assert r.box[0] == 300 and r.box[2] == 550
+
+
+def test_bar_then_label_on_one_line_keeps_its_length():
+    """"——— 200 nm" with nothing after the label: the bar is the line alone."""
+    im = field(seed=21, dark=False)
+    d = ImageDraw.Draw(im)
+    d.rectangle([300, 447, 419, 450], fill=0)
+    d.text((428, 433), "200 nm", fill=0, font=ImageFont.load_default(size=22))
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 200.0, 120.0)

@@ -12,7 +12,11 @@ reading is:
    ragged JPEG edges is the band of its full rows.
 3. **The label**: text near the bar, read by RapidOCR (PP-OCR models that ship inside its PyPI
    package; nothing is downloaded) and parsed as a number and a length unit (nm, um, µm, μm, mm,
-   Å, A, pm; "1µm", "0.5 um", "200nm", "5 Å").
+   Å, A, pm; "1µm", "0.5 um", "200nm", "5 Å"). A label inside a longer data line
+   ("x50 200µm WD:28.0mm 8kV") is the length by the bar, never one after a field's name; a
+   label cut into "10" and "nm" by the detector is read as one; a line that reads as no label
+   is read again at twice the size. A bar broken by its label ("—— 2 µm ——") is one bar, end
+   to end.
 4. **Confidence**: ``high`` only when exactly one bar has a readable label next to it, the bar is
    not cut by the image's border, the OCR is sure of the text and the value is a round one (two
    significant digits at most); ``low`` when a bar was found
@@ -36,8 +40,9 @@ UNITS_NM = {"pm": 1e-3, "a": 0.1, "å": 0.1, "nm": 1.0, "um": 1e3, "µm": 1e3, "
 _LABEL = re.compile(r"^\W*(\d+(?:[.,]\d+)?)\s*(pm|nm|[uµμ]m|mm|å|a)\W*$", re.IGNORECASE)
 #: A bar shorter than this times the width of its label's text box is taken for a streak in the
 #: image (JEOL draws a 32-px bar beside a 92-px "100nm": 0.35; a figure's 25-px bar under an
-#: 82-px "20 nm": 0.30)
-MIN_BAR_TO_LABEL = 0.25
+#: 82-px "20 nm": 0.30; figures with a 36-px bar under a 148-px "20 nm" and a 33-px one under a
+#: 135-px "500nm": 0.24)
+MIN_BAR_TO_LABEL = 0.2
 #: OCR scores below this make a reading ``low``
 MIN_TEXT_SCORE = 0.8
 
@@ -67,6 +72,9 @@ def parse_label(text: str) -> tuple[float, str] | None:
     """(value in nm, the matched text) of a scale-bar label, or None: "100 nm" -> 100,
     "1µm" -> 1000, "0,5 um" -> 500, "5 Å" -> 0.5."""
     t = text.replace("μ", "µ").replace("Â", "Å").strip()
+    t = re.sub(r"µ+", "µ", t)  # a µ read twice ("2 µμm")
+    t = re.sub(r"(?<=[\d\s])nn$", "nm", t)  # the m of nm read as n ("50 nn")
+    t = re.sub(r"^T(?=\s*[uµ]m$)", "1", t)  # a serif 1 read as T ("Tum" is "1um"; no other label starts so)
     # OCR reads a 1 as l, I or |, and a 0 as O or o, in the number: "lum" is "1um", "5Onm" "50nm"
     number = re.match(r"^\W*([0-9lI|Oo.,]*[0-9lI|][0-9lI|Oo.,]*)\s*(?=[a-zA-Zµå])", t)
     if number and any(c.isdigit() or c in "lI|" for c in number.group(1)):
@@ -80,6 +88,27 @@ def parse_label(text: str) -> tuple[float, str] | None:
     unit = "um" if unit in ("µm", "um") else unit
     factor = {"pm": 1e-3, "a": 0.1, "å": 0.1, "nm": 1.0, "um": 1e3, "mm": 1e6}[unit]
     return (value * factor, m.group(0).strip()) if value > 0 else None
+
+
+#: A length in a data bar that is no scale bar's label: working distance, field width, ...
+_FIELD_BEFORE = re.compile(r"(WD|HFW|VFW|FOV|FW|DW|HV|EHT|Mag|Spot|Det|Z)\W*$", re.IGNORECASE)
+_TOKEN = re.compile(r"(?<![\w.,])(\d+(?:[.,]\d+)?)\s*(pm|nm|[uµμ]m|mm|å)(?!\w)", re.IGNORECASE)
+
+
+def label_tokens(text: str) -> list[tuple[float, str, float, float]]:
+    """Labels inside a longer text line, as a data bar writes them ("x50 200µm WD:28.0mm 8kV"):
+    (value in nm, the label, where it starts and ends as shares of the line's characters). A
+    length preceded by a field's name ("WD:28.0mm", "HFW 5.97 µm") is no label."""
+    t = text.replace("μ", "µ")
+    out = []
+    for m in _TOKEN.finditer(t):
+        if _FIELD_BEFORE.search(t[: m.start()]):
+            continue
+        parsed = parse_label(m.group(0))
+        if parsed is not None:
+            n = max(1, len(t))
+            out.append((parsed[0], parsed[1], m.start() / n, m.end() / n))
+    return out
 
 
 @dataclass(frozen=True)
@@ -360,14 +389,18 @@ def text_boxes(crop: np.ndarray) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def recognise(crop: np.ndarray, box: tuple[int, int, int, int]) -> tuple[str, float]:
-    """(text, score) of one detected text line of a crop."""
+def recognise(crop: np.ndarray, box: tuple[int, int, int, int], enlarge: float = 1.0) -> tuple[str, float]:
+    """(text, score) of one detected text line of a crop, optionally enlarged first."""
+    import cv2
+
     x0, y0, x1, y1 = box
     m = 2
     mx = max(m, int(0.4 * (y1 - y0)))  # the detector's box can clip a narrow first or last glyph ("1 um")
     line = crop[max(0, y0 - m):y1 + m, max(0, x0 - mx):x1 + mx]
     if line.size == 0:
         return "", 0.0
+    if enlarge != 1.0:
+        line = cv2.resize(line, None, fx=enlarge, fy=enlarge, interpolation=cv2.INTER_CUBIC)
     rgb, _, _ = _prepared(line)
     result = ocr_engine()(rgb, use_det=False, use_cls=False, use_rec=True)
     if result is None or not result.txts:
@@ -422,11 +455,168 @@ def _between(other: tuple[int, int, int, int], box: tuple[int, int, int, int], b
     return False
 
 
+_NUMBER_ONLY = re.compile(r"^\W*\d+(?:[.,]\d+)?\W*$")
+_UNIT_ONLY = re.compile(r"^\W*(pm|nm|[uµμ]m|mm|å)\W*$", re.IGNORECASE)
+
+
+def _with_neighbour(piece: tuple, boxes: list, origin: tuple[int, int], number_first: bool):
+    """(local box, box) of a text piece joined with the next box on its line, to its right when
+    the piece is a number and to its left when it is a unit, with less than a glyph's height
+    between them; None when there is no such box."""
+    _, box = piece
+    height = box[3] - box[1]
+    best = None
+    for _, other in boxes:
+        if other == box:
+            continue
+        shared = min(other[3], box[3]) - max(other[1], box[1])
+        if shared < 0.5 * min(height, other[3] - other[1]):
+            continue
+        apart = other[0] - box[2] if number_first else box[0] - other[2]
+        if -0.5 * height <= apart <= height and (best is None or apart < best[0]):
+            best = (apart, other)
+    if best is None:
+        return None
+    other = best[1]
+    g = (min(box[0], other[0]), min(box[1], other[1]), max(box[2], other[2]), max(box[3], other[3]))
+    return (g[0] - origin[0], g[1] - origin[1], g[2] - origin[0], g[3] - origin[1]), g
+
+
+def _token_by_bar(text: str, box: tuple[int, int, int, int], bar: _Bar):
+    """((value in nm, label), its estimated box, label) of the label inside a longer text line
+    that stands over or next to the bar, the nearest one when there are several; None when none
+    does. Where a token lies in the box is estimated from its share of the line's characters."""
+    width = box[2] - box[0]
+    best = None
+    for value, label, start, end in label_tokens(text):
+        tx0, tx1 = box[0] + start * width, box[0] + end * width
+        apart = max(0.0, tx0 - bar.x1, bar.x0 - tx1)
+        if apart > max(tx1 - tx0, 0.5 * (bar.x1 - bar.x0)):
+            continue
+        if best is None or apart < best[0]:
+            best = (apart, (value, label), (int(tx0), box[1], int(np.ceil(tx1)), box[3]), label)
+    return best[1:] if best else None
+
+
+def _label_in(crop: np.ndarray, local: tuple[int, int, int, int], box: tuple[int, int, int, int], bar: _Bar,
+              text: str, score: float):
+    """((value in nm, label), text, score, box) of the label in a text line already read as
+    ``text``, or None. The recogniser is unsteady on a label's last glyphs ("50 nmr", "0.5 µ"):
+    a line that holds no label is read again at twice the size, where the same lines mostly come
+    out whole ("50 nm", "0.5 µm"). A label inside a longer line ("x50 200µm WD:28.0mm 8kV") is
+    the one by the bar, and its box is its share of the line."""
+    if parse_label(text) is None and not label_tokens(text):
+        again = recognise(crop, local, enlarge=2.0)
+        if parse_label(again[0]) is not None or label_tokens(again[0]):
+            text, score = again
+    parsed = parse_label(text)
+    if parsed is not None and score < MIN_TEXT_SCORE:
+        # an unsure read: read again at twice the size; two reads of the same value are as sure
+        # as the surer of them
+        again = recognise(crop, local, enlarge=2.0)
+        if (parse_label(again[0]) or (None,))[0] == parsed[0]:
+            score = max(score, again[1])
+    if parsed is not None:
+        return parsed, text, score, box
+    token = _token_by_bar(text, box, bar)
+    if token is None:
+        return None
+    parsed, token_box, label = token
+    return parsed, label, score, token_box
+
+
 def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     """Share of box ``b`` covered by box ``a``."""
     w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     return w * h / max(1, (b[2] - b[0]) * (b[3] - b[1]))
+
+
+def _split_bar(bar: _Bar, box: tuple[int, int, int, int], bars: list[_Bar]) -> _Bar:
+    """A label standing on its bar's line at one end of it may be the middle of a bar broken by
+    its label ("|—— 2 µm ——|", as FEI and many figures draw it): when another bar-like line on the
+    same rows starts right past the label's other side, the bar runs from the outer end of one
+    half to the outer end of the other. Else (a bar then its label on one line, "—— 200 nm", as
+    often) the bar is kept as it is."""
+    height = box[3] - box[1]
+    middle = (bar.y0 + bar.y1) / 2
+    centre = (box[0] + box[2]) / 2
+    if not box[1] + 0.25 * height <= middle <= box[3] - 0.25 * height or bar.x0 <= centre <= bar.x1:
+        return bar  # the bar is not at mid-height of the label (it is under or over it), or the label is over the bar
+    right = centre > bar.x1  # the label stands right of this half
+    if (box[0] - bar.x1 if right else bar.x0 - box[2]) > height:
+        return bar  # apart from the bar, as JEOL writes it
+    for other in bars:
+        if other is bar or abs((other.y0 + other.y1) / 2 - middle) > max(2, bar.y1 - bar.y0):
+            continue
+        if right and other.x0 > centre and other.x0 - box[2] <= height:
+            x0, x1 = bar.x0, other.x1
+        elif not right and other.x1 < centre and box[0] - other.x1 <= height:
+            x0, x1 = other.x0, bar.x1
+        else:
+            continue
+        return _Bar(x0, min(bar.y0, other.y0), x1, max(bar.y1, other.y1), float(x1 - x0),
+                    bar.touches_border or other.touches_border)
+    return bar
+
+
+def _bar_label(img: np.ndarray, region: tuple[int, int, int, int], bar: _Bar, margin_y: int):
+    """(value in nm, label, OCR score, label box, distance to the bar) of the label read next to
+    a bar within ``margin_y`` rows of it, (None, "", 0.0, None, inf) when none is read, or None
+    when the bar is a stroke of a word rather than a bar."""
+    y0, y1, x0, x1 = region
+    bw, bh = bar.x1 - bar.x0, bar.y1 - bar.y0
+    cy0, cy1 = max(y0, bar.y0 - margin_y), min(y1, bar.y1 + margin_y)
+    cx0, cx1 = max(x0, bar.x0 - bw // 2 - 40), min(x1, bar.x1 + max(bw, 100) + 250)
+    crop = img[cy0:cy1, cx0:cx1]
+    boxes = [(b, (b[0] + cx0, b[1] + cy0, b[2] + cx0, b[3] + cy0)) for b in text_boxes(crop)]
+    on_bar = [(local, box) for local, box in boxes if _overlap(box, (bar.x0, bar.y0, bar.x1, bar.y1)) > 0.5]
+    boxes = [b for b in boxes if b not in on_bar]  # the detector takes a bar for text too
+    merged_label = None
+    for local, box in on_bar:
+        if box[2] - box[0] <= 1.3 * bw and box[3] - box[1] <= 2.5 * bh:
+            continue  # the bar alone, taken for text: nothing to read (saves 80 ms)
+        text, score = recognise(crop, local)
+        middle = (bar.y0 + bar.y1) / 2
+        inside_glyphs = box[1] + 0.2 * (box[3] - box[1]) <= middle <= box[3] - 0.2 * (box[3] - box[1])
+        glyph = (box[2] - box[0]) / max(1, len(text.strip()))
+        ends = text.strip()[:1] + text.strip()[-1:]
+        inline = parse_label(text) is not None and any(c in "-—–_" for c in ends)
+        if inside_glyphs and sum(c.isalnum() for c in text) >= 2 and bar.length <= 2.2 * glyph and not inline:
+            # the "bar" is a stroke of a word ("mm" of "4.0mm" in a bold font): no longer than two
+            # glyphs; a bar read as a dash beside its label ("—500nm") is the label's own bar
+            return None
+        found = _label_in(crop, local, box, bar, text, score)
+        if found is not None and bar.length >= MIN_BAR_TO_LABEL * _text_width(found[1], found[3]):
+            merged_label = (found[0], found[2], found[3])  # the label and its bar in one text box
+
+    def gap(box) -> float:
+        return float(np.hypot(max(0, box[0] - bar.x1, bar.x0 - box[2]), max(0, box[1] - bar.y1, bar.y0 - box[3])))
+
+    labels = [(0.0, *merged_label)] if merged_label else []
+    near = [] if merged_label else [b for b in boxes if _beside(b[1], bar)
+                                     and not any(_between(o[1], b[1], bar) for o in boxes)]
+    for local, box in sorted(near, key=lambda b: gap(b[1]))[:3]:  # the nearest lines, nearest first
+        text, score = recognise(crop, local)
+        if _NUMBER_ONLY.match(text) or _UNIT_ONLY.match(text):
+            # the detector may cut "10 nm" into "10" and "nm": the piece and its neighbour on the
+            # line, read as one
+            joined = _with_neighbour((local, box), boxes, (cx0, cy0), number_first=bool(_NUMBER_ONLY.match(text)))
+            if joined is not None:
+                again = recognise(crop, joined[0])
+                if parse_label(again[0]) is not None:
+                    (local, box), (text, score) = joined, again
+        found = _label_in(crop, local, box, bar, text, score)
+        if found is not None:
+            parsed, text, score, box = found
+            # a streak much shorter than the text near it is no bar
+            if bar.length >= MIN_BAR_TO_LABEL * _text_width(text, box):
+                labels.append((gap(box), parsed, score, box))
+            break
+    if not labels:
+        return None, "", 0.0, None, np.inf
+    distance, (value, text), score, box = min(labels, key=lambda t: t[0])
+    return value, text, score, box, distance
 
 
 def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading:
@@ -437,52 +627,22 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
     for y0, y1, x0, x1 in _regions(img.shape, infobar_rows):
         region = img[y0:y1, x0:x1]
         for bar in find_bars(region, (y0, x0), (h, w)):
-            bw, bh = bar.x1 - bar.x0, bar.y1 - bar.y0
-            margin_y = max(40, 4 * bh)
-            cy0, cy1 = max(y0, bar.y0 - margin_y), min(y1, bar.y1 + margin_y)
-            cx0, cx1 = max(x0, bar.x0 - bw // 2 - 40), min(x1, bar.x1 + max(bw, 100) + 250)
-            crop = img[cy0:cy1, cx0:cx1]
-            boxes = [(b, (b[0] + cx0, b[1] + cy0, b[2] + cx0, b[3] + cy0)) for b in text_boxes(crop)]
-            on_bar = [(local, box) for local, box in boxes if _overlap(box, (bar.x0, bar.y0, bar.x1, bar.y1)) > 0.5]
-            boxes = [b for b in boxes if b not in on_bar]  # the detector takes a bar for text too
-            merged_label, in_word = None, False
-            for local, box in on_bar:
-                if box[2] - box[0] <= 1.3 * bw and box[3] - box[1] <= 2.5 * bh:
-                    continue  # the bar alone, taken for text: nothing to read (saves 80 ms)
-                text, score = recognise(crop, local)
-                middle = (bar.y0 + bar.y1) / 2
-                inside_glyphs = box[1] + 0.2 * (box[3] - box[1]) <= middle <= box[3] - 0.2 * (box[3] - box[1])
-                if inside_glyphs and sum(c.isalnum() for c in text) >= 2:
-                    in_word = True  # the "bar" is a stroke of a word ("mm" of "4.0mm" in a bold font)
-                elif parse_label(text) is not None and bar.length >= MIN_BAR_TO_LABEL * _text_width(text, box):
-                    merged_label = (parse_label(text), score, box)  # the label and its bar in one text box
-            if in_word:
-                continue
-
-            def gap(box, bar=bar) -> float:
-                return float(np.hypot(max(0, box[0] - bar.x1, bar.x0 - box[2]), max(0, box[1] - bar.y1, bar.y0 - box[3])))
-
-            labels = [(0.0, *merged_label)] if merged_label else []
-            near = [] if merged_label else [b for b in boxes if _beside(b[1], bar)
-                                             and not any(_between(o[1], b[1], bar) for o in boxes)]
-            for local, box in sorted(near, key=lambda b: gap(b[1]))[:3]:  # the nearest lines, nearest first
-                text, score = recognise(crop, local)
-                parsed = parse_label(text)
-                if parsed is not None:
-                    # a streak much shorter than the text near it is no bar
-                    if bar.length >= MIN_BAR_TO_LABEL * _text_width(text, box):
-                        labels.append((gap(box), parsed, score, box))
+            bh = bar.y1 - bar.y0
+            # a figure's label can be large and stand well apart from its bar: when none is found
+            # near it, a taller crop is read (only then: the text detector's boxes, and with them
+            # what the recogniser reads, change with the crop)
+            for margin_y in dict.fromkeys((max(40, 4 * bh), max(40, 4 * bh, int(0.2 * h)))):
+                found = _bar_label(img, (y0, y1, x0, x1), bar, margin_y)
+                if found is None or found[0] is not None:
                     break
-            if labels:
-                distance, (value, text), score, box = min(labels, key=lambda t: t[0])
-                readings.append((bar, value, text, score, box, distance))
-            else:
-                readings.append((bar, None, "", 0.0, None, np.inf))
+            if found is not None:  # None: the "bar" is a stroke of a word
+                readings.append((bar, *found))
     # One label belongs to one bar: of the bars that claim the same label, the longest keeps it
     # (a short streak on a particle, or glyph feet under the label, would otherwise make two "bars").
     def same_label(a, b) -> bool:
         return max(_overlap(a[4], b[4]), _overlap(b[4], a[4])) > 0.5
 
+    bars = [r[0] for r in readings]
     readings = [r for r in readings if r[1] is None
                 or not any(o[1] is not None and o is not r and same_label(o, r)
                            and (-o[0].length, id(o)) < (-r[0].length, id(r)) for o in readings)]
@@ -494,6 +654,7 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
         return ScaleBarReading("low", "a bar was found but no length label next to it could be read",
                                bar_px=bar.length, box=(bar.x0, bar.y0, bar.x1, bar.y1))
     bar, value, text, score, box, _ = labelled[0]
+    bar = _split_bar(bar, box, bars)
     reading = {"value_nm": value, "text": text, "bar_px": bar.length, "box": (bar.x0, bar.y0, bar.x1, bar.y1), "label_box": box}
     distinct = {(r[0].length, r[1]) for r in labelled}
     if len(distinct) > 1:
