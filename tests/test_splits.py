@@ -75,6 +75,20 @@ def test_split_pairs_reads_emps_articles():
     assert 0.12 < len(parts["test"]) / len(pairs) < 0.2
 
 
+def test_partly_annotated_frames_are_left_out(tmp_path):
+    """sem-silica's A02-3 has 195 of about 2,500 spheres annotated: never trained on or scored."""
+    from emparticles.train.data import PARTLY_ANNOTATED, find_pairs
+
+    assert ("sem-silica", "A02-3") in PARTLY_ANNOTATED
+    for name in ("sem-silica", "my-set"):
+        for sub in ("images", "segmaps"):
+            (tmp_path / name / sub).mkdir(parents=True)
+            for stem in ("A02-2", "A02-3"):
+                (tmp_path / name / sub / f"{stem}.png").write_bytes(b"")
+    assert [p[0].stem for p in find_pairs(tmp_path / "sem-silica" / "images", tmp_path / "sem-silica" / "segmaps")] == ["A02-2"]
+    assert len(find_pairs(tmp_path / "my-set" / "images", tmp_path / "my-set" / "segmaps")) == 2
+
+
 def test_agglomerate_masks_become_foreground_of_unknown_class():
     from emparticles.train.targets import BORDER, FOREGROUND_ONLY, PARTICLE, three_class_target
 
