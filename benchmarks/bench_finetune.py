@@ -1,10 +1,12 @@
 """Fine-tuning on a few images of one source, scored on the rest of the set: before, after, time.
 
     python benchmarks/bench_finetune.py [--set sem-silica|sem-agglomerates|emps-train] [--source A02]
-        [--k 4] [--minutes 10] [--base MODEL]
+        [--k 4] [--minutes 10] [--base MODEL] [--spread] [--lr 5e-4]
 
 Takes the first ``--k`` images of one source (a silica sample group, an agglomerate sample, an
-EMPS article; default: the source with the most images), runs ``emparticles finetune`` on them
+EMPS article; default: the source with the most images), or with ``--spread`` one frame of each
+of ``--k`` sources (a few frames annotated across a series, as a lab would pick them; the
+silica frames are one JEOL series), runs ``emparticles finetune`` on them
 (which itself holds a quarter out to decide whether to keep the result), then scores base and
 fine-tuned models on every other image of the set (instance sets: F1, foreground IoU, count
 ratio, D50 error; agglomerate masks: foreground IoU and the share on bare substrate), and prints
@@ -33,16 +35,23 @@ from emparticles.train.splits import source_groups
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def score(model, pairs, kind: str) -> dict:
+def score(model, pairs, kind: str, groups: dict[str, str]) -> tuple[dict, dict[str, dict]]:
+    """Pooled figures over ``pairs``, and the same per source."""
     truths, preds = [], []
     for image_path, mask_path in pairs:
         _, full = segment_micrograph(locate_infobar(read_micrograph(image_path)), model)
         truths.append(read_labels(mask_path)[0])
         preds.append(full)
-    fig = foreground_figures(zip(truths, preds))
-    if kind == "instances":
-        fig.update(pooled_figures(zip(truths, preds)))
-    return fig
+
+    def figures(idx: list[int]) -> dict:
+        fig = foreground_figures(zip([truths[i] for i in idx], [preds[i] for i in idx]))
+        if kind == "instances":
+            fig.update(pooled_figures(zip([truths[i] for i in idx], [preds[i] for i in idx])))
+        return fig
+
+    sources = sorted({groups[p[0].stem] for p in pairs})
+    per_source = {s: figures([i for i, p in enumerate(pairs) if groups[p[0].stem] == s]) for s in sources}
+    return figures(list(range(len(pairs)))), per_source
 
 
 def line(fig: dict) -> str:
@@ -58,6 +67,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--base", default="")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--spread", action="store_true", help="one frame from each of --k sources")
+    parser.add_argument("--lr", type=float, default=FinetuneConfig.lr)
+    parser.add_argument("--keep", type=Path, default=None, help="copy the fine-tuned model folder here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = DATA / args.set
@@ -65,8 +77,14 @@ def main() -> None:
     kind = "foreground" if args.set == "sem-agglomerates" else "instances"
     pairs = find_pairs(folder / "images", masks)
     groups, _ = source_groups(folder / "images", [p[0].stem for p in pairs])
-    source = args.source or Counter(groups.values()).most_common(1)[0][0]
-    chosen = [p for p in pairs if groups[p[0].stem] == source][: args.k]
+    if args.spread:  # the first frame of every len(sources)/k-th source, in name order
+        sources = sorted(set(groups.values()))
+        picked = [sources[int(i * len(sources) / args.k)] for i in range(args.k)]
+        chosen = [next(p for p in pairs if groups[p[0].stem] == s) for s in picked]
+        source = ", ".join(picked)
+    else:
+        source = args.source or Counter(groups.values()).most_common(1)[0][0]
+        chosen = [p for p in pairs if groups[p[0].stem] == source][: args.k]
     rest = [p for p in pairs if p not in chosen]
     tmp = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     for sub in ("images", "masks"):
@@ -74,19 +92,28 @@ def main() -> None:
     for image_path, mask_path in chosen:
         shutil.copy(image_path, tmp / "images" / image_path.name)
         shutil.copy(mask_path, tmp / "masks" / mask_path.name)
-    print(f"{args.set}: fine-tuning on {len(chosen)} image(s) of source {source}, scoring {len(rest)} others")
+    print(f"{args.set}: fine-tuning on {len(chosen)} image(s) of {'sources' if args.spread else 'source'} {source}, "
+          f"scoring {len(rest)} others")
     t = time.monotonic()
     result = finetune(read_annotated(tmp / "images", tmp / "masks"), tmp / "model",
-                      FinetuneConfig(base=args.base, minutes=args.minutes), images_dir=tmp / "images")
+                      FinetuneConfig(base=args.base, minutes=args.minutes, lr=args.lr), images_dir=tmp / "images")
     took = time.monotonic() - t
     base = load_model(args.base or None, "cpu")
-    before, after = score(base, rest, kind), score(load_model(str(tmp / "model"), "cpu"), rest, kind)
+    (before, before_by), (after, after_by) = (score(base, rest, kind, groups),
+                                              score(load_model(str(tmp / "model"), "cpu"), rest, kind, groups))
     print(f"  kept: {result.kept} ({result.reason})")
     print(f"  time: {took / 60:.1f} min for a budget of {args.minutes:g} min ({result.steps} steps)")
     print(f"  before: {line(before)}")
     print(f"  after:  {line(after)}")
     if kind == "instances":
         print(f"  F1 change on the other images: {after['f1'] - before['f1']:+.3f}")
+    print("  per source, before -> after:")
+    for source in before_by:
+        b, a = before_by[source], after_by[source]
+        keys = ("f1", "count_ratio") if kind == "instances" else ("foreground_iou", "foreground_on_background")
+        print(f"    {source}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}" for k in keys))
+    if args.keep:
+        shutil.copytree(tmp / "model", args.keep, dirs_exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
