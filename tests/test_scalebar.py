@@ -312,3 +312,16 @@ def test_bar_then_label_on_one_line_keeps_its_length():
     d.text((428, 433), "200 nm", fill=0, font=ImageFont.load_default(size=22))
     r = read_scale_bar(np.array(im))
     assert (r.confidence, r.value_nm, r.bar_px) == ("high", 200.0, 120.0)
+
+
+def test_bar_over_the_field_of_a_frame_whose_data_strip_has_none():
+    """A data strip with no bar in it (only text and ticks): the bar drawn over the field above
+    it is read."""
+    im = field(seed=22)
+    draw_bar(im, 470, 380, 120, "500 nm", 255)
+    img = np.array(im)
+    img[440:] = 0
+    d = ImageDraw.Draw(strip := Image.fromarray(img))
+    d.text((20, 448), "x 100k   15 kV", fill=255, font=ImageFont.load_default(size=18))
+    r = read_scale_bar(np.array(strip), infobar_rows=40)
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 500.0, 120.0)

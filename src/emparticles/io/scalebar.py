@@ -408,13 +408,16 @@ def recognise(crop: np.ndarray, box: tuple[int, int, int, int], enlarge: float =
     return str(result.txts[0]), float(result.scores[0])
 
 
-def _regions(shape: tuple[int, int], infobar_rows: int) -> list[tuple[int, int, int, int]]:
-    """(y0, y1, x0, x1) of the places a scale bar is looked for."""
+def _regions(shape: tuple[int, int], infobar_rows: int) -> list[list[tuple[int, int, int, int]]]:
+    """(y0, y1, x0, x1) of the places a scale bar is looked for, in turns: the info bar first when
+    there is one, then the bottom and top strips of the field above it (a figure's bar drawn over
+    the field of a frame whose data strip holds none)."""
     h, w = shape
-    if infobar_rows > 0:
-        return [(h - infobar_rows, h, 0, w)]
-    ch = max(24, int(0.22 * h))
-    return [(h - ch, h, 0, w), (0, ch, 0, w)]  # bottom and top strips: bars stand in a corner or mid-way
+    field_h = h - infobar_rows
+    ch = max(24, int(0.22 * field_h))
+    # bottom and top strips: bars stand in a corner or mid-way
+    strips = [(max(0, field_h - ch), field_h, 0, w), (0, min(ch, field_h), 0, w)]
+    return [[(field_h, h, 0, w)], strips] if infobar_rows > 0 else [strips]
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -622,9 +625,20 @@ def _bar_label(img: np.ndarray, region: tuple[int, int, int, int], bar: _Bar, ma
 def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading:
     """Find and read the scale bar of a (H, W) micrograph; see the module's docstring."""
     img = _to_uint8(pixels)
+    readings: list[tuple] = []
+    for regions in _regions(img.shape, infobar_rows):
+        if any(r[1] is not None for r in readings):
+            break  # a label was read in the info bar: the field is not searched
+        readings += _readings_in(img, regions)
+    return _verdict(readings)
+
+
+def _readings_in(img: np.ndarray, regions: list[tuple[int, int, int, int]]) -> list[tuple]:
+    """(bar, value in nm or None, label, OCR score, label box, distance) of every bar found in
+    ``regions`` of the uint8 image."""
     h, w = img.shape
     readings = []
-    for y0, y1, x0, x1 in _regions(img.shape, infobar_rows):
+    for y0, y1, x0, x1 in regions:
         region = img[y0:y1, x0:x1]
         for bar in find_bars(region, (y0, x0), (h, w)):
             bh = bar.y1 - bar.y0
@@ -637,15 +651,23 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
                     break
             if found is not None:  # None: the "bar" is a stroke of a word
                 readings.append((bar, *found))
+    return readings
+
+
+def _verdict(readings: list[tuple]) -> ScaleBarReading:
+    """The reading of an image from the readings of its bars (see the module's docstring)."""
     # One label belongs to one bar: of the bars that claim the same label, the longest keeps it
     # (a short streak on a particle, or glyph feet under the label, would otherwise make two "bars").
     def same_label(a, b) -> bool:
         return max(_overlap(a[4], b[4]), _overlap(b[4], a[4])) > 0.5
 
     bars = [r[0] for r in readings]
+    # one label read two ways from two crops ("2.0 µm" and "20 µm"): neither can be trusted
+    misread = next(((a[2], b[2]) for a in readings for b in readings if a[1] is not None and b[1] is not None
+                    and a[1] != b[1] and same_label(a, b)), None)
     readings = [r for r in readings if r[1] is None
                 or not any(o[1] is not None and o is not r and same_label(o, r)
-                           and (-o[0].length, id(o)) < (-r[0].length, id(r)) for o in readings)]
+                           and (-o[0].length, o[0].x0, o[0].y0) < (-r[0].length, r[0].x0, r[0].y0) for o in readings)]
     labelled = [r for r in readings if r[1] is not None]
     if not readings:
         return ScaleBarReading()
@@ -661,6 +683,8 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
         return ScaleBarReading("low", f"{len(distinct)} scale bars with labels were found", **reading)
     if bar.touches_border:
         return ScaleBarReading("low", "the bar touches the image border and may be cut", **reading)
+    if misread:
+        return ScaleBarReading("low", f"the label was read two ways ('{misread[0]}', '{misread[1]}')", **reading)
     if score < MIN_TEXT_SCORE:
         return ScaleBarReading("low", f"the label was read with little certainty ({score:.2f})", **reading)
     if value >= MAX_BAR_NM:
