@@ -325,3 +325,20 @@ def test_bar_over_the_field_of_a_frame_whose_data_strip_has_none():
     d.text((20, 448), "x 100k   15 kV", fill=255, font=ImageFont.load_default(size=18))
     r = read_scale_bar(np.array(strip), infobar_rows=40)
     assert (r.confidence, r.value_nm, r.bar_px) == ("high", 500.0, 120.0)
+
+
+def test_faint_other_half_past_the_label_is_followed_along_its_rows():
+    """FEI's thin grey line in its black strip: the half past the label, broken up by the
+    label's last glyph, is followed along the bar's rows to its end."""
+    from emparticles.io.scalebar import _Bar, _split_bar
+
+    img = np.full((40, 300), 40, np.uint8)
+    img[20, 20:120] = 155  # the half found as a bar
+    img[20, 160:250] = 155  # the other half, not found as a bar of its own
+    img[20, 158:166:2] = 40  # the label's last glyph breaks its first columns
+    img[12:29, 125:158] = 200  # the label
+    bar = _Bar(20, 20, 120, 21, 100.0, False)
+    whole = _split_bar(img, bar, (122, 12, 160, 29), [bar])
+    assert (whole.x0, whole.x1, whole.length) == (20, 250, 230.0)
+    img[20, 160:250] = 40  # nothing past the label: "—— 200 nm"
+    assert _split_bar(img, bar, (122, 12, 160, 29), [bar]) == bar

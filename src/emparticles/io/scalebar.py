@@ -217,10 +217,12 @@ def _solid_band(comp: np.ndarray) -> tuple[int, int, int, int] | None:
     return None
 
 
-def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[int, int]) -> list[_Bar]:
-    """Bar-like components of both polarities in a uint8 region (see the module's docstring).
-    A bar broken by its label (FEI: dot, line, label, line, dot) is joined into one; a bar joined
-    to its label, or with ragged edges, is found by :func:`_solid_band`."""
+def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[int, int],
+              level: float = 0.15) -> list[_Bar]:
+    """Bar-like components of both polarities in a uint8 region (see the module's docstring):
+    pixels within ``level`` of the region's contrast from its light or its dark end. A bar broken
+    by its label (FEI: dot, line, label, line, dot) is joined into one; a bar joined to its
+    label, or with ragged edges, is found by :func:`_solid_band`."""
     region_h, region_w = region.shape
     lo, hi = np.percentile(region, (1, 99))
     if hi - lo < 40:
@@ -230,7 +232,7 @@ def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[in
                    offset[0] + region_h < image_shape[0])
     small = max(30, 0.06 * image_shape[0])  # the tallest bar; a bar with its label may be taller
     bars = []
-    for mask in (region >= hi - 0.15 * (hi - lo), region <= lo + 0.15 * (hi - lo)):
+    for mask in (region >= hi - level * (hi - lo), region <= lo + level * (hi - lo)):
         labels, _n = ndi.label(mask, structure=np.ones((3, 3)))
         found = []
         for k, sl in enumerate(ndi.find_objects(labels), start=1):
@@ -535,12 +537,12 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return w * h / max(1, (b[2] - b[0]) * (b[3] - b[1]))
 
 
-def _split_bar(bar: _Bar, box: tuple[int, int, int, int], bars: list[_Bar]) -> _Bar:
+def _split_bar(img: np.ndarray, bar: _Bar, box: tuple[int, int, int, int], bars: list[_Bar]) -> _Bar:
     """A label standing on its bar's line at one end of it may be the middle of a bar broken by
     its label ("|—— 2 µm ——|", as FEI and many figures draw it): when another bar-like line on the
-    same rows starts right past the label's other side, the bar runs from the outer end of one
-    half to the outer end of the other. Else (a bar then its label on one line, "—— 200 nm", as
-    often) the bar is kept as it is."""
+    same rows starts right past the label's other side, or its grey runs on there
+    (:func:`_continued`), the bar runs from the outer end of one half to the outer end of the
+    other. Else (a bar then its label on one line, "—— 200 nm", as often) the bar is kept as it is."""
     height = box[3] - box[1]
     middle = (bar.y0 + bar.y1) / 2
     centre = (box[0] + box[2]) / 2
@@ -560,6 +562,37 @@ def _split_bar(bar: _Bar, box: tuple[int, int, int, int], bars: list[_Bar]) -> _
             continue
         return _Bar(x0, min(bar.y0, other.y0), x1, max(bar.y1, other.y1), float(x1 - x0),
                     bar.touches_border or other.touches_border)
+    return _continued(img, bar, box, right)
+
+
+def _continued(img: np.ndarray, bar: _Bar, box: tuple[int, int, int, int], right: bool) -> _Bar:
+    """The bar with its other half when, on its rows past the label, pixels of the bar's grey
+    level (nearer to it than to the rows just off the bar) run on for at least a third of its
+    length, starting within a text height of the label: a half too faint or too ragged to be
+    found as a bar of its own (FEI's thin grey line in its data strip)."""
+    w = img.shape[1]
+    rows = img[bar.y0:bar.y1].astype(np.float32)
+    ink = float(np.median(rows[:, bar.x0:bar.x1]))
+    off = np.concatenate([img[max(0, bar.y0 - 3):bar.y0, bar.x0:bar.x1].ravel(),
+                          img[bar.y1:bar.y1 + 3, bar.x0:bar.x1].ravel()]).astype(np.float32)
+    if off.size == 0:
+        return bar
+    paper = float(np.median(off))
+    if abs(ink - paper) < 20:
+        return bar
+    like = (np.abs(rows - ink) < np.abs(rows - paper)).mean(axis=0) >= 0.5  # per column
+    height = box[3] - box[1]
+    step = 1 if right else -1
+    near = box[2] if right else box[0]  # the label's far edge from this half
+    for start in range(near - step * (height // 2), near + step * height, step):
+        if not 0 <= start < w or not like[start]:
+            continue
+        end = start  # the run of bar-like columns from here (the label's last glyph breaks runs up)
+        while 0 <= end + step < w and like[end + step]:
+            end += step
+        if abs(end - start) + 1 >= (bar.x1 - bar.x0) / 3:
+            x0, x1 = (bar.x0, end + 1) if right else (end, bar.x1)
+            return _Bar(x0, bar.y0, x1, bar.y1, float(x1 - x0), bar.touches_border or x0 == 0 or x1 >= w)
     return bar
 
 
@@ -630,7 +663,7 @@ def read_scale_bar(pixels: np.ndarray, infobar_rows: int = 0) -> ScaleBarReading
         if any(r[1] is not None for r in readings):
             break  # a label was read in the info bar: the field is not searched
         readings += _readings_in(img, regions)
-    return _verdict(readings)
+    return _verdict(img, readings)
 
 
 def _readings_in(img: np.ndarray, regions: list[tuple[int, int, int, int]]) -> list[tuple]:
@@ -640,21 +673,38 @@ def _readings_in(img: np.ndarray, regions: list[tuple[int, int, int, int]]) -> l
     readings = []
     for y0, y1, x0, x1 in regions:
         region = img[y0:y1, x0:x1]
-        for bar in find_bars(region, (y0, x0), (h, w)):
-            bh = bar.y1 - bar.y0
-            # a figure's label can be large and stand well apart from its bar: when none is found
-            # near it, a taller crop is read (only then: the text detector's boxes, and with them
-            # what the recogniser reads, change with the crop)
-            for margin_y in dict.fromkeys((max(40, 4 * bh), max(40, 4 * bh, int(0.2 * h)))):
-                found = _bar_label(img, (y0, y1, x0, x1), bar, margin_y)
-                if found is None or found[0] is not None:
-                    break
-            if found is not None:  # None: the "bar" is a stroke of a word
-                readings.append((bar, *found))
+        found_here = _bars_read(img, (y0, y1, x0, x1), find_bars(region, (y0, x0), (h, w)))
+        if not any(r[1] is not None for r in found_here):
+            # a thin anti-aliased line (Zeiss's ticked bar in its white panel, FEI's in its black
+            # strip) is grey, not at the region's extremes: looked for at a looser level, only
+            # when nothing was read at the strict one
+            looser = _bars_read(img, (y0, y1, x0, x1), find_bars(region, (y0, x0), (h, w), level=0.4))
+            if any(r[1] is not None for r in looser):
+                found_here = looser
+        readings += found_here
     return readings
 
 
-def _verdict(readings: list[tuple]) -> ScaleBarReading:
+def _bars_read(img: np.ndarray, region: tuple[int, int, int, int], bars: list[_Bar]) -> list[tuple]:
+    """:func:`_bar_label` of each bar of a region, bars that are strokes of words left out."""
+    y0, y1, x0, x1 = region
+    h = img.shape[0]
+    readings = []
+    for bar in bars:
+        bh = bar.y1 - bar.y0
+        # a figure's label can be large and stand well apart from its bar: when none is found
+        # near it, a taller crop is read (only then: the text detector's boxes, and with them
+        # what the recogniser reads, change with the crop)
+        for margin_y in dict.fromkeys((max(40, 4 * bh), max(40, 4 * bh, int(0.2 * h)))):
+            found = _bar_label(img, (y0, y1, x0, x1), bar, margin_y)
+            if found is None or found[0] is not None:
+                break
+        if found is not None:  # None: the "bar" is a stroke of a word
+            readings.append((bar, *found))
+    return readings
+
+
+def _verdict(img: np.ndarray, readings: list[tuple]) -> ScaleBarReading:
     """The reading of an image from the readings of its bars (see the module's docstring)."""
     # One label belongs to one bar: of the bars that claim the same label, the longest keeps it
     # (a short streak on a particle, or glyph feet under the label, would otherwise make two "bars").
@@ -676,7 +726,7 @@ def _verdict(readings: list[tuple]) -> ScaleBarReading:
         return ScaleBarReading("low", "a bar was found but no length label next to it could be read",
                                bar_px=bar.length, box=(bar.x0, bar.y0, bar.x1, bar.y1))
     bar, value, text, score, box, _ = labelled[0]
-    bar = _split_bar(bar, box, bars)
+    bar = _split_bar(img, bar, box, bars)
     reading = {"value_nm": value, "text": text, "bar_px": bar.length, "box": (bar.x0, bar.y0, bar.x1, bar.y1), "label_box": box}
     distinct = {(r[0].length, r[1]) for r in labelled}
     if len(distinct) > 1:
