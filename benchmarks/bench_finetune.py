@@ -22,9 +22,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from emparticles.evaluate import size_agreement
 from emparticles.io import read_labels, read_micrograph
+from emparticles.measure import measure_labels
 from emparticles.models import load_model
 from emparticles.pipeline import locate_infobar, segment_micrograph
 from emparticles.train.data import find_pairs
@@ -47,6 +50,9 @@ def score(model, pairs, kind: str, groups: dict[str, str]) -> tuple[dict, dict[s
         fig = foreground_figures(zip([truths[i] for i in idx], [preds[i] for i in idx]))
         if kind == "instances":
             fig.update(pooled_figures(zip([truths[i] for i in idx], [preds[i] for i in idx])))
+            ecd = [np.concatenate([measure_labels(x[i])["ecd_px"].to_numpy() for i in idx if x[i].max() > 0]
+                                  or [np.zeros(0)]) for x in (truths, preds)]
+            fig["d50_rel_error"] = size_agreement(*ecd)["d50_rel_error"]
         return fig
 
     sources = sorted({groups[p[0].stem] for p in pairs})
@@ -56,6 +62,8 @@ def score(model, pairs, kind: str, groups: dict[str, str]) -> tuple[dict, dict[s
 
 def line(fig: dict) -> str:
     parts = [f"{k} {fig[k]:.3f}" for k in ("f1", "foreground_iou", "count_ratio", "foreground_on_background") if k in fig]
+    if "d50_rel_error" in fig:
+        parts.append(f"D50 error {fig['d50_rel_error']:+.1%}")
     return ", ".join(parts)
 
 
@@ -70,6 +78,8 @@ def main() -> None:
     parser.add_argument("--spread", action="store_true", help="one frame from each of --k sources")
     parser.add_argument("--lr", type=float, default=FinetuneConfig.lr)
     parser.add_argument("--keep", type=Path, default=None, help="copy the fine-tuned model folder here")
+    parser.add_argument("--score-source-only", action="store_true",
+                        help="score only the other images of the chosen source (a new material), not the whole set")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = DATA / args.set
@@ -85,7 +95,8 @@ def main() -> None:
     else:
         source = args.source or Counter(groups.values()).most_common(1)[0][0]
         chosen = [p for p in pairs if groups[p[0].stem] == source][: args.k]
-    rest = [p for p in pairs if p not in chosen]
+    rest = [p for p in pairs if p not in chosen
+            and (not args.score_source_only or groups[p[0].stem] in {groups[c[0].stem] for c in chosen})]
     tmp = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     for sub in ("images", "masks"):
         (tmp / sub).mkdir()
