@@ -342,3 +342,15 @@ def test_faint_other_half_past_the_label_is_followed_along_its_rows():
     assert (whole.x0, whole.x1, whole.length) == (20, 250, 230.0)
     img[20, 160:250] = 40  # nothing past the label: "—— 200 nm"
     assert _split_bar(img, bar, (122, 12, 160, 29), [bar]) == bar
+
+
+def test_label_reaching_past_the_bar_touching_it_by_a_thin_stroke():
+    """A large white "1.0 um" over a white bar no wider than the text, one glyph touching the bar
+    by a thin stroke (the descender of a µ in a serif font): one component, the bar its full rows."""
+    im = field(seed=23)
+    d = ImageDraw.Draw(im)
+    d.text((452, 394), "1.0 um", fill=255, font=ImageFont.load_default(size=40))
+    d.rectangle([470, 440, 589, 451], fill=255)
+    d.rectangle([540, 428, 541, 440], fill=255)  # the stroke
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm, r.bar_px) == ("high", 1000.0, 120.0)

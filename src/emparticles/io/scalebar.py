@@ -173,8 +173,9 @@ def _solid_band(comp: np.ndarray) -> tuple[int, int, int, int] | None:
     than the bar: a bar with anti-aliased or ragged edge rows (JPEG figures), or a bar with its
     label standing on it, joined into one component (a white "1.0 µm" on its white bar). The bar
     is the one band of rows filled at least 90% across; beyond two blurred rows on each side,
-    one side holds a few specks at most and the other the same, or text over the middle of the
-    bar (never at its ends, where ticks would rise). None when the component is no such bar."""
+    one side holds a few specks at most and the other the same, or text (several pieces, or one
+    glyph touching the bar by a thin stroke; thin upright pieces at both ends would be ticks).
+    None when the component is no such bar."""
     rows = comp.mean(axis=1)
     core = np.nonzero(rows >= 0.9)[0]
     if core.size == 0 or core[-1] - core[0] + 1 != core.size:
@@ -205,12 +206,27 @@ def _solid_band(comp: np.ndarray) -> tuple[int, int, int, int] | None:
 
     def text_over_middle(part: np.ndarray) -> bool:
         used = np.nonzero(part.any(axis=0))[0]
-        if used.size == 0 or used[0] < c0 + edge or used[-1] >= c1 - edge or part.mean() >= 0.6:
+        if used.size == 0 or part.mean() >= 0.6:
             return False
-        # glyphs are several pieces once the bar is taken away, or a thin stroke; one wide blob is
-        # the rest of a bright particle cut flat by an info bar's edge, not a label
-        _pieces, n = ndi.label(part, structure=np.ones((3, 3)))
-        return n >= 2 or used[-1] - used[0] + 1 <= 2 * (r1 - r0)
+        # glyphs are several pieces once the bar is taken away, a thin stroke, or one glyph that
+        # touches the bar by a thin stroke (the descender of a µ); one wide blob sitting on the bar
+        # is the rest of a bright particle cut flat by an info bar's edge, not a label
+        pieces, n = ndi.label(part, structure=np.ones((3, 3)))
+        width = used[-1] - used[0] + 1
+        if n < 2 and width > 2 * (r1 - r0):
+            edge_row = part[-1] if part is above else part[0]  # the row that touches the bar
+            if edge_row.sum() > max(3, 0.1 * width):
+                return False
+        # a label may reach past an end of its bar ("1.0 µm" over a bar as wide as its text); thin
+        # upright pieces at both ends are ticks, and the shape a line with end ticks
+        def tick_at(lo: int, hi: int) -> bool:
+            for sl in ndi.find_objects(pieces):
+                pw, ph = sl[1].stop - sl[1].start, sl[0].stop - sl[0].start
+                if sl[1].start < hi and sl[1].stop > lo and pw <= max(3, (c1 - c0) // 20) and ph >= 2 * pw:
+                    return True
+            return False
+
+        return not (tick_at(c0, c0 + edge) and tick_at(c1 - edge, c1))
 
     if (clear(above) and (clear(below) or text_over_middle(below))) or (clear(below) and text_over_middle(above)):
         return r0, r1, c0, c1
