@@ -1,21 +1,24 @@
 """Fine-tuning on a few images of one source, scored on the rest of the set: before, after, time.
 
     python benchmarks/bench_finetune.py [--set sem-silica|sem-agglomerates|emps-train] [--source A02]
-        [--k 4] [--minutes 10] [--base MODEL] [--spread] [--lr 5e-4]
+        [--k 4] [--minutes 10] [--base MODEL] [--spread | --pick A,B,C] [--lr 5e-4]
+        [--unseen-by RUN/split.json]
 
 Takes the first ``--k`` images of one source (a silica sample group, an agglomerate sample, an
 EMPS article; default: the source with the most images), or with ``--spread`` one frame of each
 of ``--k`` sources (a few frames annotated across a series, as a lab would pick them; the
-silica frames are one JEOL series), runs ``emparticles finetune`` on them
+silica frames are one JEOL series), or the ``--pick`` ones, runs ``emparticles finetune`` on them
 (which itself holds a quarter out to decide whether to keep the result), then scores base and
 fine-tuned models on every other image of the set (instance sets: F1, foreground IoU, count
 ratio, D50 error; agglomerate masks: foreground IoU and the share on bare substrate), and prints
-the wall time of the fine-tuning against its budget.
+the wall time of the fine-tuning against its budget. ``--unseen-by`` leaves out of the scoring
+the images the base model itself was trained on.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -76,8 +79,12 @@ def main() -> None:
     parser.add_argument("--base", default="")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--spread", action="store_true", help="one frame from each of --k sources")
+    parser.add_argument("--pick", default=None, help="the images to fine-tune on, by stem, comma-separated")
     parser.add_argument("--lr", type=float, default=FinetuneConfig.lr)
     parser.add_argument("--keep", type=Path, default=None, help="copy the fine-tuned model folder here")
+    parser.add_argument("--unseen-by", type=Path, default=None, metavar="SPLIT_JSON",
+                        help="score only images outside the training part of this split (the base's own training "
+                             "run's split.json: a base scored on its training images looks better than it is)")
     parser.add_argument("--score-source-only", action="store_true",
                         help="score only the other images of the chosen source (a new material), not the whole set")
     args = parser.parse_args()
@@ -87,7 +94,11 @@ def main() -> None:
     kind = "foreground" if args.set == "sem-agglomerates" else "instances"
     pairs = find_pairs(folder / "images", masks)
     groups, _ = source_groups(folder / "images", [p[0].stem for p in pairs])
-    if args.spread:  # the first frame of every len(sources)/k-th source, in name order
+    if args.pick:
+        wanted = args.pick.split(",")
+        chosen = [p for p in pairs if p[0].stem in wanted]
+        source = ", ".join(sorted({groups[p[0].stem] for p in chosen}))
+    elif args.spread:  # the first frame of every len(sources)/k-th source, in name order
         sources = sorted(set(groups.values()))
         picked = [sources[int(i * len(sources) / args.k)] for i in range(args.k)]
         chosen = [next(p for p in pairs if groups[p[0].stem] == s) for s in picked]
@@ -97,13 +108,17 @@ def main() -> None:
         chosen = [p for p in pairs if groups[p[0].stem] == source][: args.k]
     rest = [p for p in pairs if p not in chosen
             and (not args.score_source_only or groups[p[0].stem] in {groups[c[0].stem] for c in chosen})]
+    if args.unseen_by:
+        split = json.loads(args.unseen_by.read_text())
+        trained = set((split.get(args.set) if isinstance(split.get(args.set), dict) else split).get("train", []))
+        rest = [p for p in rest if p[0].stem not in trained]
     tmp = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     for sub in ("images", "masks"):
         (tmp / sub).mkdir()
     for image_path, mask_path in chosen:
         shutil.copy(image_path, tmp / "images" / image_path.name)
         shutil.copy(mask_path, tmp / "masks" / mask_path.name)
-    print(f"{args.set}: fine-tuning on {len(chosen)} image(s) of {'sources' if args.spread else 'source'} {source}, "
+    print(f"{args.set}: fine-tuning on {len(chosen)} image(s) of {'source' if len({groups[c[0].stem] for c in chosen}) == 1 else 'sources'} {source}, "
           f"scoring {len(rest)} others")
     t = time.monotonic()
     result = finetune(read_annotated(tmp / "images", tmp / "masks"), tmp / "model",
