@@ -21,7 +21,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 #: stem): trained on, they teach that unannotated particles are background; scored, every
 #: unannotated particle counts as a false one. :func:`find_pairs` leaves them out.
 PARTLY_ANNOTATED = {
-    # 195 of about 2,500 spheres annotated, in one region (6% of the field is labelled, 80-89% in
+    # 195 of about 2,500 spheres annotated, in one region (6% of the field is labelled, 72-89% in
     # every other frame); v5 found 2,575 particles there, F1 0.13, count ratio 13
     ("sem-silica", "A02-3"),
 }
