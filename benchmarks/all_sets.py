@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emparticles.evaluate import size_agreement
+from emparticles.evaluate import label_size_agreement
 from emparticles.io import read_labels, read_micrograph
-from emparticles.measure import measure_labels
 from emparticles.models import load_model
 from emparticles.pipeline import locate_infobar, segment_micrograph
 from emparticles.train.data import find_pairs, split_pairs
@@ -67,9 +66,7 @@ def figures(kind: str, truths: list[np.ndarray], preds: list[np.ndarray]) -> dic
     if kind == "foreground":
         return fg
     out = {**pooled_figures(zip(truths, preds)), **fg}
-    true_ecd = np.concatenate([measure_labels(t)["ecd_px"].to_numpy() for t in truths if t.max() > 0] or [np.zeros(0)])
-    pred_ecd = np.concatenate([measure_labels(p)["ecd_px"].to_numpy() for p in preds if p.max() > 0] or [np.zeros(0)])
-    agreement = size_agreement(true_ecd, pred_ecd)
+    agreement = label_size_agreement(truths, preds)
     out.update(d50_rel_error=agreement["d50_rel_error"], ks_statistic=agreement["ks_statistic"])
     return out
 

@@ -25,12 +25,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from emparticles.evaluate import size_agreement
+from emparticles.evaluate import label_size_agreement
 from emparticles.io import read_labels, read_micrograph
-from emparticles.measure import measure_labels
 from emparticles.models import load_model
 from emparticles.pipeline import locate_infobar, segment_micrograph
 from emparticles.train.data import find_pairs
@@ -53,9 +51,8 @@ def score(model, pairs, kind: str, groups: dict[str, str]) -> tuple[dict, dict[s
         fig = foreground_figures(zip([truths[i] for i in idx], [preds[i] for i in idx]))
         if kind == "instances":
             fig.update(pooled_figures(zip([truths[i] for i in idx], [preds[i] for i in idx])))
-            ecd = [np.concatenate([measure_labels(x[i])["ecd_px"].to_numpy() for i in idx if x[i].max() > 0]
-                                  or [np.zeros(0)]) for x in (truths, preds)]
-            fig["d50_rel_error"] = size_agreement(*ecd)["d50_rel_error"]
+            agreement = label_size_agreement([truths[i] for i in idx], [preds[i] for i in idx])
+            fig["d50_rel_error"] = agreement["d50_rel_error"]
         return fig
 
     sources = sorted({groups[p[0].stem] for p in pairs})
@@ -97,6 +94,9 @@ def main() -> None:
     if args.pick:
         wanted = args.pick.split(",")
         chosen = [p for p in pairs if p[0].stem in wanted]
+        missing = sorted(set(wanted) - {p[0].stem for p in chosen})
+        if missing:
+            parser.error(f"--pick: no annotated image {', '.join(missing)} in {folder}")
         source = ", ".join(sorted({groups[p[0].stem] for p in chosen}))
     elif args.spread:  # the first frame of every len(sources)/k-th source, in name order
         sources = sorted(set(groups.values()))

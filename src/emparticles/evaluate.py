@@ -244,11 +244,21 @@ def size_agreement(true_ecd: np.ndarray, pred_ecd: np.ndarray) -> dict:
             "ks_statistic": float(sst.ks_2samp(true_ecd, pred_ecd).statistic)}
 
 
+def label_size_agreement(gts, preds) -> dict:
+    """:func:`size_agreement` of the ECDs of every particle of true and predicted label images
+    (pairs of lists; labels < 1 and empty images carry no particle)."""
+    from .measure import measure_labels
+
+    def ecds(images) -> np.ndarray:
+        return np.concatenate([measure_labels(x)["ecd_px"].to_numpy() for x in images if x.max() > 0] or [np.zeros(0)])
+
+    return size_agreement(ecds(gts), ecds(preds))
+
+
 def evaluate_dataset(gts: list[np.ndarray], preds: list[np.ndarray], scores: list[np.ndarray] | None = None) -> dict:
     """Every metric over a set of images: pooled matching at IoU 0.5 and averaged over 0.5:0.95
     (precision, recall, F1, panoptic quality), semantic scores, COCO and VOC AP, matched-pair
     Dice, and size-distribution agreement of the ECD."""
-    from .measure import measure_labels
 
     if scores is None:
         scores = [np.ones(int(p.max()) if p.size else 0) for p in preds]
@@ -269,7 +279,5 @@ def evaluate_dataset(gts: list[np.ndarray], preds: list[np.ndarray], scores: lis
     out["matched_dice"] = float(np.nanmean([matched_dice(t, p) for t, p in zip(gts, preds)]))
     out.update({f"coco_{k}": v for k, v in coco_ap(gts, preds, scores).items()})
     out["voc_ap50_11pt"] = voc_ap50(gts, preds, scores)
-    true_ecd = np.concatenate([measure_labels(g)["ecd_px"].to_numpy() for g in gts]) if gts else np.zeros(0)
-    pred_ecd = np.concatenate([measure_labels(p)["ecd_px"].to_numpy() if p.max() > 0 else np.zeros(0) for p in preds]) if preds else np.zeros(0)
-    out.update(size_agreement(true_ecd, pred_ecd))
+    out.update(label_size_agreement(gts, preds))
     return out

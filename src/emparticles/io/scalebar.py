@@ -526,12 +526,13 @@ def _label_in(crop: np.ndarray, local: tuple[int, int, int, int], box: tuple[int
     a line that holds no label is read again at twice the size, where the same lines mostly come
     out whole ("50 nm", "0.5 µm"). A label inside a longer line ("x50 200µm WD:28.0mm 8kV") is
     the one by the bar, and its box is its share of the line."""
+    enlarged = False
     if parse_label(text) is None and not label_tokens(text):
         again = recognise(crop, local, enlarge=2.0)
         if parse_label(again[0]) is not None or label_tokens(again[0]):
-            text, score = again
+            (text, score), enlarged = again, True
     parsed = parse_label(text)
-    if parsed is not None and score < MIN_TEXT_SCORE:
+    if parsed is not None and score < MIN_TEXT_SCORE and not enlarged:
         # an unsure read: read again at twice the size; two reads of the same value are as sure
         # as the surer of them
         again = recognise(crop, local, enlarge=2.0)

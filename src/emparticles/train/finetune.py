@@ -163,15 +163,12 @@ def held_out(stems: list[str], images_dir: Path) -> tuple[list[str], list[str]]:
 def figures(seg, data) -> dict:
     """F1, precision, recall, PQ at IoU 0.5, foreground IoU, count ratio and D50 error of a
     segmenter's whole road on normalised (image, labels) pairs."""
-    from ..evaluate import size_agreement
-    from ..measure import measure_labels
+    from ..evaluate import label_size_agreement
     from .loop import pooled_figures
 
     preds = [seg.segment_normalised(img)[0].labels for img, _ in data]
     out = pooled_figures(zip([lab for _, lab in data], preds))
-    ecd = [np.concatenate([measure_labels(x)["ecd_px"].to_numpy() for x in xs if x.max() > 0] or [np.zeros(0)])
-           for xs in ([lab for _, lab in data], preds)]
-    out["d50_rel_error"] = size_agreement(*ecd)["d50_rel_error"]
+    out["d50_rel_error"] = label_size_agreement([lab for _, lab in data], preds)["d50_rel_error"]
     return out
 
 
