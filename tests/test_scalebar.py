@@ -100,6 +100,19 @@ def test_jeol_frames_read_within_two_percent():
         assert r.pixel_size_nm == pytest.approx(float(row["pixel_size_nm"]), rel=0.02), row["image"]
 
 
+@pytest.mark.parametrize("name", ["test_tiff_Zeiss_SEM_1k.tif", "test_tiff_Zeiss_SEM_512pix.tif"])
+def test_zeiss_bars_agree_with_their_tags(name):
+    """Both real Zeiss files' ticked bars, in their white data panels: the 512-px frame's "200 nm"
+    bar is 17 px, drawn in grey between black text and a white panel."""
+    from emparticles.io import read_micrograph
+    from emparticles.pipeline import locate_infobar
+
+    mg = locate_infobar(read_micrograph(need(SHARED / "vendor-metadata" / name)))
+    r = read_scale_bar(mg.pixels, mg.infobar_rows)
+    assert r.confidence == "high", r.reason
+    assert r.pixel_size_nm == pytest.approx(mg.pixel_size_nm, rel=0.02)
+
+
 def test_analyze_calibrates_from_the_bar_and_keeps_it_out(tmp_path):
     from typer.testing import CliRunner
 
