@@ -367,3 +367,46 @@ def test_label_reaching_past_the_bar_touching_it_by_a_thin_stroke():
     d.rectangle([540, 428, 541, 440], fill=255)  # the stroke
     r = read_scale_bar(np.array(im))
     assert (r.confidence, r.value_nm, r.bar_px) == ("high", 1000.0, 120.0)
+
+
+def test_blurred_bar_is_measured_at_half_its_contrast():
+    """A JPEG figure's bar has blurred ends: read edge to edge at half its contrast, it is its
+    drawn length to a fraction of a pixel, where counting its brightest pixels reads it short."""
+    from scipy import ndimage as ndi
+
+    im = field(seed=21)
+    d = ImageDraw.Draw(im)
+    d.text((230, 400), "200 nm", fill=255, font=ImageFont.load_default(size=28))
+    a = np.array(im).astype(np.float32)
+    # a bar 100.5 px long drawn at 8x and averaged down: its ends are grey, then blurred
+    fine = np.zeros((8 * 10, 8 * 140), np.float32)
+    fine[8:72, 8 * 10:8 * 10 + 804] = 1
+    cover = fine.reshape(10, 8, 140, 8).mean(axis=(1, 3))
+    cover = ndi.gaussian_filter1d(cover, 1.0, axis=1)
+    patch = a[438:448, 200:340]
+    a[438:448, 200:340] = patch * (1 - cover) + 255 * cover
+    r = read_scale_bar(np.clip(a, 0, 255).astype(np.uint8))
+    assert r.confidence == "high" and r.value_nm == 200.0
+    assert r.bar_px == pytest.approx(100.5, abs=0.3)
+
+
+def test_glyph_crossing_its_bar_is_no_obstacle():
+    """A "µ" standing on its bar, its descender running through the bar and out below it."""
+    from emparticles.io.scalebar import _solid_band
+
+    comp = np.zeros((16, 98), bool)
+    comp[13] = True                          # the bar, one row
+    comp[0:10, 44:46] = True                 # "µ": the left stem ...
+    comp[0:10, 51:54] = True                 # ... the right stem
+    comp[7:10, 46:54] = True                 # ... the bowl
+    comp[10:13, 43:47] = True                # ... and the descender down to the bar
+    comp[14:16, 44:46] = True                # ... and through it
+    comp[0:10, 57:59] = True                 # "m"
+    comp[0:10, 63:65] = True
+    comp[0:2, 57:69] = True
+    comp[0:10, 67:69] = True
+    assert _solid_band(comp) == (13, 14, 0, 98)
+    # the same pixels under the bar with no glyph coming down onto it: something else lies there
+    apart = comp.copy()
+    apart[10:13] = False
+    assert _solid_band(apart) is None
