@@ -696,7 +696,9 @@ def _bar_label(img: np.ndarray, region: tuple[int, int, int, int], bar: _Bar, ma
         text, score = recognise(crop, local)
         middle = (bar.y0 + bar.y1) / 2
         inside_glyphs = box[1] + 0.2 * (box[3] - box[1]) <= middle <= box[3] - 0.2 * (box[3] - box[1])
-        glyph = (box[2] - box[0]) / max(1, len(text.strip()))
+        # the glyphs' width, the bar's own span left out: a box may hold a bar and its label side
+        # by side ("|____| 1 µm" in a figure's white panel), which no stroke of a word does
+        glyph = (box[2] - box[0] - bw) / max(1, len(text.strip()))
         ends = text.strip()[:1] + text.strip()[-1:]
         inline = parse_label(text) is not None and any(c in "-—–_" for c in ends)
         if inside_glyphs and sum(c.isalnum() for c in text) >= 2 and bar.length <= 2.2 * glyph and not inline:
