@@ -410,3 +410,26 @@ def test_glyph_crossing_its_bar_is_no_obstacle():
     apart = comp.copy()
     apart[10:13] = False
     assert _solid_band(apart) is None
+
+
+def test_faint_bar_on_a_light_film_among_dark_particles():
+    """A white bar (250) on a light grey film (205) under dark particles (40): it does not stand
+    out from the strip's contrast, only from its surroundings, and is still read; a bright band
+    that runs on past the bar's ends is not taken for it."""
+    rng = np.random.default_rng(22)
+    img = rng.normal(205, 4, (480, 640))
+    yy, xx = np.mgrid[:480, :640]
+    for cy, cx in ((400, 300), (430, 420), (380, 520), (450, 200), (60, 100), (90, 400)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 30 ** 2] = 40
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    d.text((30, 410), "50 nm", fill=250, font=ImageFont.load_default(size=26))
+    d.rectangle([30, 446, 109, 452], fill=250)
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm) == ("high", 50.0)
+    assert r.bar_px == pytest.approx(80, abs=0.5)
+    # the same bar as a stretch of a longer bright band: no clean ends, no reading
+    ImageDraw.Draw(im).rectangle([30, 446, 160, 452], fill=250)
+    ImageDraw.Draw(im).rectangle([100, 449, 101, 449], fill=205)
+    r = read_scale_bar(np.array(im))
+    assert r.confidence != "high" or r.bar_px == pytest.approx(131, abs=1)

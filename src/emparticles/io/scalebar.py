@@ -768,7 +768,60 @@ def _readings_in(img: np.ndarray, regions: list[tuple[int, int, int, int]]) -> l
             readings = found
         if any(r[1] is not None for r in readings):
             break
+    else:
+        local = _local_contrast_readings(img, regions)
+        if local:
+            readings = local
     return readings
+
+
+def _label_over_or_under(box: tuple[int, int, int, int], bar: _Bar) -> bool:
+    """The label stands over or under the bar, its centre within the bar's span widened by half
+    the label's width (as figures set it), not on the bar's rows or off to one side."""
+    if bar.y0 <= (box[1] + box[3]) / 2 <= bar.y1:  # a text box may reach a row or two into the bar
+        return False
+    half = (box[2] - box[0]) / 2
+    return bar.x0 - half <= (box[0] + box[2]) / 2 <= bar.x1 + half
+
+
+def _clean_ends(img: np.ndarray, bar: _Bar) -> bool:
+    """In the image itself, both ends of the bar are ends: just past each (2-4 px), on the bar's
+    rows, the grey is nearer the bar's surroundings than the bar. A stretch of a longer bright
+    band, or of a bar that runs on into a bright particle, is not."""
+    _h, w = img.shape
+    if bar.x0 < 4 or bar.x1 > w - 4:
+        return False
+    rows = img[bar.y0:bar.y1].astype(np.float32)
+    ink = float(np.median(rows[:, bar.x0:bar.x1]))
+    off = np.concatenate([img[max(0, bar.y0 - 4):max(0, bar.y0 - 2), bar.x0:bar.x1].ravel(),
+                          img[bar.y1 + 2:bar.y1 + 4, bar.x0:bar.x1].ravel()]).astype(np.float32)
+    if off.size == 0:
+        return False
+    contrast = abs(ink - float(np.median(off)))
+    ends = (rows[:, bar.x0 - 4:bar.x0 - 1], rows[:, bar.x1 + 1:bar.x1 + 4])
+    return contrast >= 20 and all(abs(float(np.median(e)) - ink) >= 0.5 * contrast for e in ends)
+
+
+def _local_contrast_readings(img: np.ndarray, regions: list[tuple[int, int, int, int]]) -> list[tuple]:
+    """Readings of bars that stand out from their surroundings only, not from the whole region: a
+    white bar on a light grey TEM film (250 on 205) under dark particles. Each region's thin
+    bright (then dark) structures are kept by a top-hat 15 px tall, which takes away the
+    background and anything thicker than a bar, and bars are looked for there. Only a bar with a
+    plausible label counts; of the two polarities, the first whose labelled bar stays clear of the
+    image border (the dark rim under a bright bar at the border is the other polarity's echo)."""
+    h, w = img.shape
+    found: list[list[tuple]] = []
+    for tophat in (ndi.white_tophat, ndi.black_tophat):
+        readings = []
+        for y0, y1, x0, x1 in regions:
+            kept = tophat(img[y0:y1, x0:x1], size=(15, 1))
+            readings += _bars_read(img, (y0, y1, x0, x1), find_bars(kept, (y0, x0), (h, w), level=0.4))
+        labelled = [r for r in readings if r[1] is not None and r[1] < MAX_BAR_NM and significant_digits(r[2]) <= 2
+                    and _label_over_or_under(r[4], r[0]) and _clean_ends(img, r[0])]
+        if labelled:
+            found.append(labelled)
+    clear = [f for f in found if not any(r[0].touches_border for r in f)]
+    return (clear or found or [[]])[0]
 
 
 def _bars_read(img: np.ndarray, region: tuple[int, int, int, int], bars: list[_Bar]) -> list[tuple]:
