@@ -100,15 +100,22 @@ def test_jeol_frames_read_within_two_percent():
         assert r.pixel_size_nm == pytest.approx(float(row["pixel_size_nm"]), rel=0.02), row["image"]
 
 
+@pytest.mark.parametrize("inverted", [False, True])
 @pytest.mark.parametrize("name", ["test_tiff_Zeiss_SEM_1k.tif", "test_tiff_Zeiss_SEM_512pix.tif"])
-def test_zeiss_bars_agree_with_their_tags(name):
+def test_zeiss_bars_agree_with_their_tags(name, inverted):
     """Both real Zeiss files' ticked bars, in their white data panels: the 512-px frame's "200 nm"
-    bar is 17 px, drawn in grey between black text and a white panel."""
+    bar is 17 px, drawn in grey between black text and a white panel. Inverted, the panel is
+    SmartSEM's black data bar with white text."""
     from emparticles.io import read_micrograph
+    from emparticles.io.infobar import detect_infobar
     from emparticles.pipeline import locate_infobar
 
     mg = locate_infobar(read_micrograph(need(SHARED / "vendor-metadata" / name)))
-    r = read_scale_bar(mg.pixels, mg.infobar_rows)
+    pixels = mg.pixels.copy()
+    if inverted:
+        pixels[-mg.infobar_rows:] = 255 - pixels[-mg.infobar_rows:]
+        assert detect_infobar(pixels) == mg.infobar_rows
+    r = read_scale_bar(pixels, mg.infobar_rows)
     assert r.confidence == "high", r.reason
     assert r.pixel_size_nm == pytest.approx(mg.pixel_size_nm, rel=0.02)
 
