@@ -440,3 +440,32 @@ def test_faint_bar_on_a_light_film_among_dark_particles():
     ImageDraw.Draw(im).rectangle([100, 449, 101, 449], fill=205)
     r = read_scale_bar(np.array(im))
     assert r.confidence != "high" or r.bar_px == pytest.approx(131, abs=1)
+
+
+def hitachi_frame(ticks: int, spacing: float = 15.7, hidden: tuple[int, ...] = ()) -> np.ndarray:
+    """An SEM frame over a black data strip holding a Hitachi ruler: ``ticks`` white ticks
+    ``spacing`` px apart (the middle and end ones taller), "1.00um" under its right end."""
+    im = field(w=640, h=480, seed=23)
+    strip = Image.new("L", (640, 40), 0)
+    d = ImageDraw.Draw(strip)
+    x_first = 420.0
+    for k in range(ticks):
+        if k in hidden:
+            continue
+        x = round(x_first + k * spacing)
+        top = 2 if k in (0, ticks // 2, ticks - 1) else 4
+        d.rectangle([x, top, x + 1, 9], fill=255)
+    d.text((530, 14), "1.00um", fill=255, font=ImageFont.load_default(size=20))
+    return np.vstack([np.array(im), np.array(strip)])
+
+
+def test_hitachi_ruler_is_read_over_its_ten_divisions():
+    img = hitachi_frame(11)
+    r = read_scale_bar(img, 40)
+    assert (r.confidence, r.value_nm) == ("high", 1000.0)
+    assert r.bar_px == pytest.approx(157, abs=1)
+    # a tick hidden by a particle leaves a double gap: the ruler is still its ten divisions
+    r = read_scale_bar(hitachi_frame(11, hidden=(3,)), 40)
+    assert r.confidence == "high" and r.bar_px == pytest.approx(157, abs=1)
+    # seven ticks are no Hitachi ruler: no pixel size from them
+    assert read_scale_bar(hitachi_frame(7), 40).pixel_size_nm is None

@@ -290,6 +290,7 @@ def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[in
                 y, x = sl[0].start, sl[1].start
                 found.append(("solid", (slice(y + r0, y + r1), slice(x + c0, x + c1)), float(c1 - c0)))
         found += _joined_halves([f for f in found if f[0] == "half"])
+        found += _tick_rulers(labels, inner_sides, region_w, region_h)
         for kind, sl, length in found:
             if kind == "half" or length < max(12, 0.015 * image_shape[1]):
                 continue
@@ -304,6 +305,61 @@ def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[in
             touches = x0 == 0 or y0 == 0 or x1 >= image_shape[1] or y1 >= image_shape[0]
             bars.append(_Bar(x0, y0, x1, y1, float(length), touches))
     return bars
+
+
+#: Divisions of a Hitachi ruler: 11 ticks, the label giving the length of all ten
+RULER_DIVISIONS = 10
+
+
+def _tick_rulers(labels: np.ndarray, inner_sides: tuple[bool, bool, bool, bool], region_w: int,
+                 region_h: int) -> list[tuple[str, tuple[slice, slice], float]]:
+    """Hitachi's scale (S-4800, SU8000, SU8020 ...): a row of 11 evenly spaced ticks, the label
+    under its right end giving the length of the whole ruler, first tick to last ("1.00um" over
+    ten divisions of 15.7 px). Ticks are small upright components on overlapping rows (the middle
+    and end ticks may be taller); a row of them whose gaps are whole multiples of one spacing (a
+    tick hidden by a particle leaves a double gap) and which spans exactly ten spacings is a
+    ruler, measured between its end ticks' centres. Rows of glyphs ("1111") are too few or too
+    uneven to pass."""
+    ticks = []
+    for k, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        bh, bw = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        if bw > 4 or not 3 <= bh <= 24 or bh < 2 * bw:
+            continue
+        if (inner_sides[2] and sl[0].start == 0) or (inner_sides[3] and sl[0].stop == region_h):
+            continue
+        xs = np.nonzero(labels[sl] == k)[1]
+        ticks.append((sl[0].start, sl[0].stop, sl[1].start + float(xs.mean()) + 0.5, sl))
+    ticks.sort(key=lambda t: t[2])
+    rulers = []
+    used: set[int] = set()
+    for i, (y0, y1, _x, _sl) in enumerate(ticks):
+        if i in used:
+            continue
+        row = [j for j, t in enumerate(ticks) if j not in used
+               and min(t[1], y1) - max(t[0], y0) >= 0.5 * min(t[1] - t[0], y1 - y0)]
+        if len(row) < 6:
+            continue
+        xs = np.array([ticks[j][2] for j in row])
+        gaps = np.diff(xs)
+        spacing = float(np.median(gaps))
+        if spacing < 4:
+            continue
+        steps = gaps / spacing
+        if np.any(np.abs(steps - np.round(steps)) > 0.15) or np.any(np.round(steps) < 1):
+            continue
+        divisions = round(float(xs[-1] - xs[0]) / spacing)
+        if divisions != RULER_DIVISIONS or len(row) < RULER_DIVISIONS - 2:
+            continue
+        used.update(row)
+        ry0 = min(ticks[j][0] for j in row)
+        ry1 = max(ticks[j][1] for j in row)
+        rx0, rx1 = ticks[row[0]][3][1].start, ticks[row[-1]][3][1].stop
+        if (inner_sides[0] and rx0 == 0) or (inner_sides[1] and rx1 == region_w):
+            continue
+        rulers.append(("ruler", (slice(ry0, ry1), slice(rx0, rx1)), float(xs[-1] - xs[0])))
+    return rulers
 
 
 def _edge_to_edge(region: np.ndarray, sl: tuple[slice, slice], length: float) -> float:
