@@ -469,3 +469,18 @@ def test_hitachi_ruler_is_read_over_its_ten_divisions():
     assert r.confidence == "high" and r.bar_px == pytest.approx(157, abs=1)
     # seven ticks are no Hitachi ruler: no pixel size from them
     assert read_scale_bar(hitachi_frame(7), 40).pixel_size_nm is None
+
+
+def test_label_between_bar_halves_is_read_without_the_dashes():
+    """FEI's "|—— 5 um ——|": the line read with its halves holds dashes; with the bar's rows
+    painted out beside the glyphs, the label alone is read."""
+    from emparticles.io.scalebar import _Bar, _read_without_bar
+
+    im = Image.new("L", (200, 44), 0)
+    d = ImageDraw.Draw(im)
+    d.rectangle([10, 20, 70, 22], fill=230)
+    d.rectangle([128, 20, 188, 22], fill=230)
+    d.text((78, 8), "5 um", fill=230, font=ImageFont.load_default(size=24))
+    crop = np.array(im)
+    text, _score = _read_without_bar(crop, (6, 4, 194, 40), (6, 4, 194, 40), _Bar(10, 20, 189, 23, 179.0, False))
+    assert not any(c in text for c in "-—–_") and parse_label(text) == (5000.0, text.strip())

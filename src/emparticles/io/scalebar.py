@@ -658,6 +658,12 @@ def _label_in(crop: np.ndarray, local: tuple[int, int, int, int], box: tuple[int
         again = recognise(crop, local, enlarge=2.0)
         if (parse_label(again[0]) or (None,))[0] == parsed[0]:
             score = max(score, again[1])
+    if parsed is not None and score < MIN_TEXT_SCORE:
+        # a label between the halves of its bar ("—— 5 µm ——", FEI) is read with the halves'
+        # dashes, which cost the line its certainty: read again with the bar painted out
+        again = _read_without_bar(crop, local, box, bar)
+        if again is not None and (parse_label(again[0]) or (None,))[0] == parsed[0]:
+            score = max(score, again[1])
     if parsed is not None:
         return parsed, text, score, box
     token = _token_by_bar(text, box, bar)
@@ -665,6 +671,33 @@ def _label_in(crop: np.ndarray, local: tuple[int, int, int, int], box: tuple[int
         return None
     parsed, token_box, label = token
     return parsed, label, score, token_box
+
+
+def _read_without_bar(crop: np.ndarray, local: tuple[int, int, int, int], box: tuple[int, int, int, int],
+                      bar: _Bar) -> tuple[str, float] | None:
+    """(text, score) of a text line read again with the bar's rows painted over with the line's
+    background, beside the glyphs (the columns with ink off the bar's rows); None when the bar
+    does not cross the line."""
+    dy, dx = box[1] - local[1], box[0] - local[0]  # image = local + offset
+    x0, y0, x1, y1 = local
+    by0, by1 = bar.y0 - dy - 1, bar.y1 - dy + 1
+    if by1 <= y0 or by0 >= y1:
+        return None
+    line = crop[y0:y1, x0:x1].astype(np.float32)
+    paper = float(np.median(line))
+    ink_is_light = float(np.median(crop[max(0, by0 + 1):by1 - 1, max(0, bar.x0 - dx):bar.x1 - dx])) > paper
+    ink = (line > paper + 40) if ink_is_light else (line < paper - 40)
+    off_bar = np.ones(line.shape[0], bool)
+    off_bar[max(0, by0 - y0):max(0, by1 - y0)] = False
+    cols = np.nonzero(ink[off_bar].any(axis=0))[0]
+    if cols.size == 0:
+        return None
+    g0, g1 = x0 + int(cols[0]) - 2, x0 + int(cols[-1]) + 3
+    painted = crop.copy()
+    h = max(1, y1 - y0)
+    for a, b in ((0, g0), (g1, crop.shape[1])):  # the bar's rows left and right of the glyphs
+        painted[max(0, by0):max(0, by1), max(0, a):max(0, b)] = np.uint8(paper)
+    return recognise(painted, (max(0, g0 - h // 4), y0, min(crop.shape[1], g1 + h // 4), y1))
 
 
 def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
