@@ -71,15 +71,21 @@ def figures(kind: str, truths: list[np.ndarray], preds: list[np.ndarray]) -> dic
     return out
 
 
-def fold_spread(kind: str, stems: list[str], truths, preds, groups: dict[str, str], k: int) -> tuple[float, float, int]:
-    """(mean, standard deviation, folds) of F1 (instances) or foreground IoU (agglomerates) over
-    ``k`` folds of whole sources."""
+def fold_values(kind: str, stems: list[str], truths, preds, groups: dict[str, str], k: int) -> list[float]:
+    """F1 (instances) or foreground IoU (agglomerates) of each of ``k`` folds of whole sources
+    (the same folds for every model scored on the same images)."""
     index = {s: i for i, s in enumerate(stems)}
     values = []
     for fold in group_folds({s: groups[s] for s in stems}, k):
         sub = [index[s] for s in fold]
         fig = figures(kind, [truths[i] for i in sub], [preds[i] for i in sub])
         values.append(fig["f1"] if kind == "instances" else fig["foreground_iou"])
+    return values
+
+
+def fold_spread(kind: str, stems: list[str], truths, preds, groups: dict[str, str], k: int) -> tuple[float, float, int]:
+    """(mean, standard deviation, folds) of :func:`fold_values`."""
+    values = fold_values(kind, stems, truths, preds, groups, k)
     if len(values) < 2:
         return (values[0] if values else float("nan")), float("nan"), len(values)
     return float(np.mean(values)), float(np.std(values, ddof=1)), len(values)
@@ -107,6 +113,7 @@ def main() -> None:
     if args.synth:
         sets.append(("synthetic SEM (aid only)", "instances", find_pairs(args.synth / "images", args.synth / "masks")))
     rows = []
+    per_fold: dict[tuple[str, str], list[float]] = {}
     for model_name in args.models:
         model = load_model(model_name, "cpu")
         for name, kind, pairs in sets:
@@ -125,6 +132,7 @@ def main() -> None:
             mean, sd, k = fold_spread(kind, stems, truths, preds, groups, args.folds)
             rows.append((Path(model_name).name, name, len(pairs), len(set(groups.values())), kind, fig, mean, sd, k,
                          statistics.median(times)))
+            per_fold[(model_name, name)] = fold_values(kind, stems, truths, preds, groups, args.folds)
             print(f"{Path(model_name).name} | {name}: {len(pairs)} images, {fig}", flush=True)
     print()
     print(f"part: {args.part}; spread: standard deviation over folds of whole sources")
@@ -138,6 +146,28 @@ def main() -> None:
               f"| {f('panoptic_quality')} | {f('foreground_iou')} | {f('foreground_on_background', '.0%')} "
               f"| {f('count_ratio', '.2f')} | {f('d50_rel_error', '+.1%')} | {f('ks_statistic')} "
               f"| {mean:.3f} +- {sd:.3f} ({k}) | {sec:.2f} |")
+    if len(args.models) > 1:
+        print()
+        print(paired_table(args.models, [name for name, _, _ in sets], per_fold))
+
+
+def paired_table(models: list[str], set_names: list[str], per_fold: dict[tuple[str, str], list[float]]) -> str:
+    """Each model against the first, fold by fold: both were scored on the same folds, so the
+    spread of their difference, not of either model's figure, says whether a change is more than
+    noise (the folds' own difficulty, which moves both models alike, cancels)."""
+    lines = [(f"paired against {Path(models[0]).name}: F1 (fg IoU for agglomerates) difference per fold, "
+              "mean +- standard deviation, folds better"),
+             "", "| model | set | difference | folds better |", "|---|---|---|---|"]
+    for model in models[1:]:
+        for name in set_names:
+            base, other = per_fold.get((models[0], name)), per_fold.get((model, name))
+            if not base or not other:
+                continue
+            diff = np.array(other) - np.array(base)
+            sd = float(np.std(diff, ddof=1)) if diff.size > 1 else float("nan")
+            lines.append(f"| {Path(model).name} | {name} | {diff.mean():+.3f} +- {sd:.3f} | "
+                         f"{int((diff > 0).sum())} of {diff.size} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
