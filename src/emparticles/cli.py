@@ -271,8 +271,13 @@ def calibrate(
             failures += 1
             _report_error(path, exc)
     table = Table(title=f"pixel sizes of {len(rows)} image(s)")
-    for col in ("image", "nm/px", "source", "scale bar", "bar px", "confidence", "metadata nm/px", "agreement"):
-        table.add_column(col, overflow="fold")
+    # the figures never wrap (a number cut over two lines misreads); names and sources fold
+    table.add_column("image", overflow="fold", min_width=12, ratio=3)
+    table.add_column("nm/px", no_wrap=True)
+    table.add_column("source", overflow="fold", min_width=8, ratio=2)
+    table.add_column("bar", overflow="fold", min_width=6, ratio=1)
+    for col in ("px", "conf.", "metadata", "agree"):
+        table.add_column(col, no_wrap=True)
 
     def num(v, fmt: str) -> str:
         return "" if v is None or np.isnan(v) else format(v, fmt)
@@ -281,7 +286,8 @@ def calibrate(
         table.add_row(r["image"], num(r["pixel_size_nm"], ".4g"), r["pixel_size_source"], r["scale_bar_text"],
                       num(r["scale_bar_px"], ".0f"), r["scale_bar_confidence"], num(r["metadata_pixel_size_nm"], ".4g"),
                       num(r["agreement"], "+.1%"))
-    out.print(table, width=None if out.is_terminal else 200)
+    # piped or redirected (a log of a batch), the table is not squeezed into 80 columns
+    (out if out.is_terminal else Console(file=out.file, width=200, markup=False)).print(table)
     if output is not None and rows:
         try:
             write_csv(pd.DataFrame(rows), output)
