@@ -442,18 +442,26 @@ def test_faint_bar_on_a_light_film_among_dark_particles():
     assert r.confidence != "high" or r.bar_px == pytest.approx(131, abs=1)
 
 
-def hitachi_frame(ticks: int, spacing: float = 15.7, hidden: tuple[int, ...] = ()) -> np.ndarray:
+def hitachi_frame(ticks: int, spacing: float = 15.7, hidden: tuple[int, ...] = (), edge_line: bool = False,
+                  first_from_top: bool = False) -> np.ndarray:
     """An SEM frame over a black data strip holding a Hitachi ruler: ``ticks`` white ticks
-    ``spacing`` px apart (the middle and end ones taller), "1.00um" under its right end."""
+    ``spacing`` px apart (the middle and end ones taller), "1.00um" under its right end.
+    ``edge_line``: a white line along the strip's top, the taller ticks joined to it;
+    ``first_from_top``: the first tick runs up to the strip's top (joined to what is above)."""
     im = field(w=640, h=480, seed=23)
     strip = Image.new("L", (640, 40), 0)
     d = ImageDraw.Draw(strip)
+    if edge_line:
+        d.rectangle([0, 0, 639, 0], fill=255)
     x_first = 420.0
     for k in range(ticks):
         if k in hidden:
             continue
         x = round(x_first + k * spacing)
-        top = 2 if k in (0, ticks // 2, ticks - 1) else 4
+        tall = k in (0, ticks // 2, ticks - 1)
+        top = (0 if edge_line else 2) if tall else 4
+        if k == 0 and first_from_top:
+            top = 0
         d.rectangle([x, top, x + 1, 9], fill=255)
     d.text((530, 14), "1.00um", fill=255, font=ImageFont.load_default(size=20))
     return np.vstack([np.array(im), np.array(strip)])
@@ -466,6 +474,13 @@ def test_hitachi_ruler_is_read_over_its_ten_divisions():
     assert r.bar_px == pytest.approx(157, abs=1)
     # a tick hidden by a particle leaves a double gap: the ruler is still its ten divisions
     r = read_scale_bar(hitachi_frame(11, hidden=(3,)), 40)
+    assert r.confidence == "high" and r.bar_px == pytest.approx(157, abs=1)
+    # the taller end and middle ticks joined to a line along the strip's top (SU8010): the
+    # eight short ticks and the ink where the end ticks stand give the ruler
+    r = read_scale_bar(hitachi_frame(11, edge_line=True), 40)
+    assert r.confidence == "high" and r.bar_px == pytest.approx(157, abs=1)
+    # the first tick joined to what lies above the strip: the taller middle tick is its centre
+    r = read_scale_bar(hitachi_frame(11, first_from_top=True), 40)
     assert r.confidence == "high" and r.bar_px == pytest.approx(157, abs=1)
     # seven ticks are no Hitachi ruler: no pixel size from them
     assert read_scale_bar(hitachi_frame(7), 40).pixel_size_nm is None

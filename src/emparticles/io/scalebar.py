@@ -318,8 +318,10 @@ def _tick_rulers(labels: np.ndarray, inner_sides: tuple[bool, bool, bool, bool],
     ten divisions of 15.7 px). Ticks are small upright components on overlapping rows (the middle
     and end ticks may be taller); a row of them whose gaps are whole multiples of one spacing (a
     tick hidden by a particle leaves a double gap) and which spans exactly ten spacings is a
-    ruler, measured between its end ticks' centres. Rows of glyphs ("1111") are too few or too
-    uneven to pass."""
+    ruler, measured between its end ticks' centres. Where the taller end ticks are joined to
+    something else (the strip's edge line, a particle over it), the ruler's ends are found from
+    the eight short ticks or from the taller middle tick, five spacings either side, when there
+    is ink at both. Rows of glyphs ("1111") are too few or too uneven to pass."""
     ticks = []
     for k, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
@@ -350,15 +352,43 @@ def _tick_rulers(labels: np.ndarray, inner_sides: tuple[bool, bool, bool, bool],
         if np.any(np.abs(steps - np.round(steps)) > 0.15) or np.any(np.round(steps) < 1):
             continue
         divisions = round(float(xs[-1] - xs[0]) / spacing)
-        if divisions != RULER_DIVISIONS or len(row) < RULER_DIVISIONS - 2:
-            continue
-        used.update(row)
         ry0 = min(ticks[j][0] for j in row)
         ry1 = max(ticks[j][1] for j in row)
-        rx0, rx1 = ticks[row[0]][3][1].start, ticks[row[-1]][3][1].stop
+        step = float(xs[-1] - xs[0]) / divisions
+
+        def inked(x: float, rows: slice = slice(ry0, ry1)) -> bool:
+            """Ink near column ``x`` on the ticks' rows (an end tick, whatever it is joined to)."""
+            c = round(x - 0.5)
+            return 0 <= c < region_w and bool((labels[rows, max(0, c - 1):c + 2] > 0).any())
+
+        if divisions == RULER_DIVISIONS and len(row) >= RULER_DIVISIONS - 2:
+            first, last = float(xs[0]), float(xs[-1])
+        elif divisions == RULER_DIVISIONS - 2 and list(np.round(steps).astype(int)) == [1, 1, 1, 2, 1, 1, 1]:
+            # the taller end and middle ticks joined to the strip's edge line (SU8010): the eight
+            # short ones, and ink where the end ticks stand, one spacing further out
+            first, last = float(xs[0]) - step, float(xs[-1]) + step
+            if not (inked(first) and inked(last)):
+                continue
+        else:
+            # an end tick joined to something else (a particle over the strip's edge): the taller
+            # middle tick is the ruler's centre, and its ends lie five spacings either side
+            heights = np.array([ticks[j][1] - ticks[j][0] for j in row])
+            ends = []
+            for j, height in zip(row, heights):
+                centre = ticks[j][2]
+                a, b = centre - RULER_DIVISIONS / 2 * step, centre + RULER_DIVISIONS / 2 * step
+                if (height >= np.median(heights) + 2 and len(row) >= 7 and xs[0] >= a - 0.3 * step
+                        and xs[-1] <= b + 0.3 * step and inked(a) and inked(b)):
+                    ends.append((a, b))
+            if len(ends) != 1:
+                continue
+            first, last = ends[0]
+        rx0 = max(0, round(first - 0.5) - 1)
+        rx1 = min(region_w, round(last - 0.5) + 2)
+        used.update(row)
         if (inner_sides[0] and rx0 == 0) or (inner_sides[1] and rx1 == region_w):
             continue
-        rulers.append(("ruler", (slice(ry0, ry1), slice(rx0, rx1)), float(xs[-1] - xs[0])))
+        rulers.append(("ruler", (slice(ry0, ry1), slice(rx0, rx1)), last - first))
     return rulers
 
 
