@@ -499,3 +499,19 @@ def test_label_between_bar_halves_is_read_without_the_dashes():
     crop = np.array(im)
     text, _score = _read_without_bar(crop, (6, 4, 194, 40), (6, 4, 194, 40), _Bar(10, 20, 189, 23, 179.0, False))
     assert not any(c in text for c in "-—–_") and parse_label(text) == (5000.0, text.strip())
+
+
+def test_bar_against_the_bottom_border_keeps_its_length():
+    """A bar drawn against the bottom border loses some thickness, not length: it calibrates. A
+    short piece there (the top edge of an outlined box cut by the border) does not."""
+    im = field(seed=24)
+    d = ImageDraw.Draw(im)
+    d.text((470, 430), "200 nm", fill=255, font=ImageFont.load_default(size=26))
+    d.rectangle([460, 476, 579, 479], fill=255)  # rows 476-479 of 480
+    r = read_scale_bar(np.array(im))
+    assert (r.confidence, r.value_nm) == ("high", 200.0) and r.bar_px == pytest.approx(120, abs=0.5)
+    cut = field(seed=24)
+    d = ImageDraw.Draw(cut)
+    d.text((470, 430), "200 nm", fill=255, font=ImageFont.load_default(size=26))
+    d.rectangle([500, 476, 529, 479], fill=255)
+    assert read_scale_bar(np.array(cut)).confidence != "high"

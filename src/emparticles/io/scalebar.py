@@ -302,7 +302,9 @@ def find_bars(region: np.ndarray, offset: tuple[int, int], image_shape: tuple[in
                 length = _edge_to_edge(region, sl, length)
             y0, x0 = sl[0].start + offset[0], sl[1].start + offset[1]
             y1, x1 = sl[0].stop + offset[0], sl[1].stop + offset[1]
-            touches = x0 == 0 or y0 == 0 or x1 >= image_shape[1] or y1 >= image_shape[0]
+            # a bar is measured along its rows: the left or right border may cut it short; one
+            # drawn against the bottom or top border loses only some of its thickness
+            touches = x0 == 0 or x1 >= image_shape[1]
             bars.append(_Bar(x0, y0, x1, y1, float(length), touches))
     return bars
 
@@ -994,6 +996,12 @@ def _verdict(img: np.ndarray, readings: list[tuple]) -> ScaleBarReading:
         return ScaleBarReading("low", f"{len(distinct)} scale bars with labels were found", **reading)
     if bar.touches_border:
         return ScaleBarReading("low", "the bar touches the image border and may be cut", **reading)
+    if (bar.y0 == 0 or bar.y1 >= img.shape[0]) and bar.length < 0.5 * _text_width(text, box):
+        # against the top or bottom border only some of a bar's thickness is lost, unless what
+        # is left is a piece of another shape (the top edge of an outlined box): short against
+        # its label, it is not trusted
+        return ScaleBarReading("low", "the bar touches the image's top or bottom border and is short for its label: "
+                                      "it may be cut", **reading)
     if misread:
         return ScaleBarReading("low", f"the label was read two ways ('{misread[0]}', '{misread[1]}')", **reading)
     if score < MIN_TEXT_SCORE:
