@@ -133,6 +133,13 @@ def main() -> None:
     print(f"  after:  {line(after)}")
     if kind == "instances":
         print(f"  F1 change on the other images: {after['f1'] - before['f1']:+.3f}")
+    if (tmp / "model" / "rejected").exists():
+        # was the held-out judgement right? the attempt it turned down, on the other images
+        rejected, _ = score(load_model(str(tmp / "model" / "rejected"), "cpu"), rest, kind, groups)
+        print(f"  the rejected attempt: {line(rejected)}")
+        if kind == "instances":
+            print(f"  its F1 change on the other images: {rejected['f1'] - before['f1']:+.3f} "
+                  f"({'the guard was right' if rejected['f1'] <= before['f1'] else 'the guard turned down a gain'})")
     print("  per source, before -> after:")
     for source in before_by:
         b, a = before_by[source], after_by[source]

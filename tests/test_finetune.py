@@ -137,6 +137,14 @@ def test_not_better_keeps_the_base(tmp_path, monkeypatch):
     assert all(np.array_equal(base[k].numpy(), kept[k].numpy()) for k in base)
     card = (tmp_path / "model" / "MODEL_CARD.md").read_text()
     assert "Kept: base" in card and "| f1 | 0.800 | 0.700 |" in card
+    # the turned-down attempt is kept beside, as a model of its own with other weights
+    from emparticles.models import load_model
+
+    attempt = load_file(str(tmp_path / "model" / "rejected" / "weights.safetensors"))
+    assert any(not np.array_equal(base[k].numpy(), attempt[k].numpy()) for k in base)
+    assert "rejected" in result.reason
+    load_model(str(tmp_path / "model" / "rejected"), "cpu")
+    load_model(str(tmp_path / "model"), "cpu")  # the folder itself still loads as the base
 
 
 def test_interruption_leaves_a_usable_folder(tmp_path, monkeypatch):

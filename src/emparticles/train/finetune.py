@@ -14,7 +14,7 @@ The road:
 5. Score the held-out images with the base and with the fine-tuned model; keep the fine-tuned
    weights only when F1 at IoU 0.5 and foreground IoU gain together (:data:`MIN_GAIN`) without F1
    dropping by more than :data:`MAX_F1_LOSS`; else keep the base's, and say so. The folder records
-   the attempt either way.
+   the attempt either way; a rejected attempt's weights are kept beside, in ``rejected/``.
 
 A non-finite loss stops the training and falls back to the last finite weights. Ctrl-C stops it
 too and leaves a usable folder (the best of base and the weights so far, judged on the held-out
@@ -325,9 +325,11 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
         _write_folder(out_dir, base_dir, net, tuned_config, thresholds, cfg, kept, reason, train_stems, hold_stems,
                       before, after, steps, train_s, scale)
     else:
-        reason = f"not better than the base, so the base's weights are kept: {reason}"
+        reason = (f"not better than the base, so the base's weights are kept: {reason}; the attempt is in "
+                  f"{out_dir.name}/rejected")
         _write_folder(out_dir, base_dir, None, {**base_config, "name": out_dir.name}, base_seg.thresholds, cfg, kept,
-                      reason, train_stems, hold_stems, before, after, steps, train_s, scale)
+                      reason, train_stems, hold_stems, before, after, steps, train_s, scale,
+                      rejected=(net, tuned_config, thresholds))
     log(f"{kept} model -> {out_dir} ({reason})")
     report(1.0, "done")
     return FinetuneResult(out_dir, kept, reason, train_stems, hold_stems, before, after, steps,
@@ -336,10 +338,13 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
 
 def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: dict, cfg: FinetuneConfig, kept: str,
                   reason: str, train_stems, hold_stems, before: dict, after: dict, steps: int, train_s: float,
-                  scale: float) -> None:
+                  scale: float, rejected: tuple | None = None) -> None:
     """The model folder (weights of ``net``, or the base's when None) with the record of the run
     in ``config.json`` (``finetune``) and ``MODEL_CARD.md``. Written to a temporary folder and
-    swapped in, so that an interruption never leaves a half-written model."""
+    swapped in, so that an interruption never leaves a half-written model. ``rejected``: (net,
+    config, thresholds) of a fine-tuned attempt that was not kept, written as a model folder of
+    its own in ``rejected/`` (``--model MODEL_DIR/rejected`` tries it; the judgement rests on a
+    few held-out images, and the user may know better)."""
     import shutil
 
     from safetensors.torch import load_file
@@ -357,6 +362,12 @@ def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: 
     shutil.rmtree(tmp, ignore_errors=True)
     config = {k: v for k, v in config.items() if k != "validation_tuned"}
     save_model_folder(net, tmp, {**config, "finetune": record}, thresholds, card=_card(out_dir.name, record))
+    if rejected is not None:
+        r_net, r_config, r_thresholds = rejected
+        r_config = {k: v for k, v in r_config.items() if k != "validation_tuned"}
+        r_record = {**record, "kept": "fine-tuned (rejected: not better than the base on the held-out images)"}
+        save_model_folder(r_net, tmp / "rejected", {**r_config, "name": f"{out_dir.name}/rejected", "finetune": r_record},
+                          r_thresholds, card=_card(f"{out_dir.name}/rejected", r_record))
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
