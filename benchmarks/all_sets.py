@@ -83,9 +83,8 @@ def fold_values(kind: str, stems: list[str], truths, preds, groups: dict[str, st
     return values
 
 
-def fold_spread(kind: str, stems: list[str], truths, preds, groups: dict[str, str], k: int) -> tuple[float, float, int]:
+def fold_spread(values: list[float]) -> tuple[float, float, int]:
     """(mean, standard deviation, folds) of :func:`fold_values`."""
-    values = fold_values(kind, stems, truths, preds, groups, k)
     if len(values) < 2:
         return (values[0] if values else float("nan")), float("nan"), len(values)
     return float(np.mean(values)), float(np.std(values, ddof=1)), len(values)
@@ -129,10 +128,10 @@ def main() -> None:
             stems = [p[0].stem for p in pairs]
             groups, _ = source_groups(pairs[0][0].parent, stems)
             fig = figures(kind, truths, preds)
-            mean, sd, k = fold_spread(kind, stems, truths, preds, groups, args.folds)
+            per_fold[(model_name, name)] = fold_values(kind, stems, truths, preds, groups, args.folds)
+            mean, sd, k = fold_spread(per_fold[(model_name, name)])
             rows.append((Path(model_name).name, name, len(pairs), len(set(groups.values())), kind, fig, mean, sd, k,
                          statistics.median(times)))
-            per_fold[(model_name, name)] = fold_values(kind, stems, truths, preds, groups, args.folds)
             print(f"{Path(model_name).name} | {name}: {len(pairs)} images, {fig}", flush=True)
     print()
     print(f"part: {args.part}; spread: standard deviation over folds of whole sources")
