@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--init-from", default="", help="model folder whose weights start the training")
     parser.add_argument("--distance-head", action="store_true",
                         help="a fourth output, the distance to each particle's outline, whose seeds part touching particles")
+    parser.add_argument("--local-contrast", type=float, default=0.0, metavar="PX",
+                        help="local contrast normalisation of this sigma (px) as the network's first stage")
     parser.add_argument("--average-epochs", type=int, default=0,
                         help="the model is the mean of the weights after each of the last N epochs")
     parser.add_argument("--real-set", nargs=3, action="append", default=[], metavar=("FOLDER", "SHARE", "KIND"),
@@ -80,6 +82,7 @@ def main() -> None:
                       init_from=args.init_from, class_weighting=args.class_weighting,
                       average_epochs=args.average_epochs, device=args.device, workers=args.workers,
                       test_fraction=args.test_fraction, distance_head=args.distance_head,
+                      local_contrast_px=args.local_contrast,
                       real_sets=[real_set(Path(f), float(sh), k) for f, sh, k in args.real_set]
                       + ([real_set(f, sh, k) for f, sh, k in REAL_SETS] if args.real_sets_shipped else []))
     stop = None if args.stop_after_minutes is None else 60 * args.stop_after_minutes

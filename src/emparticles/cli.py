@@ -499,7 +499,7 @@ def train(
     images: Annotated[Path, typer.Option("--images", help="Folder of micrographs.")],
     masks: Annotated[Path, typer.Option("--masks", help="Folder of instance masks (16-bit labels, same file stems).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder; the best model ends in OUTPUT/best.")],
-    arch: Annotated[str, typer.Option("--arch", help="strided-unet, strided-unet-slim, strided-unet-lite, compact-unet, unet-resnet18, unet-resnet34, deeplabv3-resnet50, maskrcnn-resnet18-fpn or maskrcnn-resnet50-fpn.")] = "strided-unet",
+    arch: Annotated[str, typer.Option("--arch", help="strided-unet, strided-unet-slim, strided-unet-lite, compact-unet, multiresunet, multiresunet-slim, unet-resnet18, unet-resnet34, deeplabv3-resnet50, maskrcnn-resnet18-fpn or maskrcnn-resnet50-fpn.")] = "strided-unet",
     epochs: Annotated[int, typer.Option("--epochs", help="Passes of --steps-per-epoch steps, each followed by validation; on two CPU cores an epoch of 100 steps takes about 5 minutes.", min=1)] = 40,
     steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch", help="Training steps between validations.", min=1)] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Augmented crops per step.", min=1)] = 8,
@@ -515,6 +515,7 @@ def train(
     average_epochs: Annotated[int, typer.Option("--average-epochs", help="The model is the mean of the weights after each of the last N epochs (stochastic weight averaging) instead of the epoch with the best validation F1, which is kept in OUTPUT/best-epoch.")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="Processes that build the augmented batches; on a GPU about one per CPU core, or the GPU waits for them.")] = 0,
     distance_head: Annotated[bool, _flag("--distance-head", help="Also learn each pixel's distance to its particle's outline; the tuning then chooses the seeds that part touching particles (borders, distance or both).")] = False,
+    local_contrast: Annotated[float | None, typer.Option("--local-contrast", metavar="PX", help="Put local contrast normalisation (Gaussian sigma in px at the network's scale) before the network, in training and in use; against exposure and shading that vary between frames. Default: as the --init-from model, else off.", min=0)] = None,
 ) -> None:
     """Train a 3-class (background/particle/border) network, or a Mask R-CNN, on your annotated images."""
     from .models.maskrcnn import MASKRCNN_ARCHITECTURES
@@ -532,6 +533,8 @@ def train(
         _fail(InputError(extra_images or extra_masks, "--extra-images and --extra-masks go together", "give both folders"))
     if arch in MASKRCNN_ARCHITECTURES and distance_head:
         _fail(InputError(None, "--distance-head is for the semantic networks", "leave it out with a Mask R-CNN --arch"))
+    if arch in MASKRCNN_ARCHITECTURES and local_contrast:
+        _fail(InputError(None, "--local-contrast is for the semantic networks", "leave it out with a Mask R-CNN --arch"))
     if arch in MASKRCNN_ARCHITECTURES:
         from .train.maskrcnn import MaskRCNNConfig, train_maskrcnn
 
@@ -549,7 +552,7 @@ def train(
                       val_fraction=val_fraction, device=device, init_from=str(init_from or ""),
                       extra_images=str(extra_images or ""), extra_masks=str(extra_masks or ""), extra_fraction=extra_fraction,
                       paste_fraction=paste_fraction, average_epochs=average_epochs, workers=workers,
-                      distance_head=distance_head)
+                      distance_head=distance_head, local_contrast_px=float(local_contrast or 0.0))
     if not 0 <= average_epochs <= epochs:
         _fail(InputError(None, f"--average-epochs {average_epochs} is not between 0 and --epochs ({epochs})", "average at most the epochs that run"))
     if init_from is not None:
@@ -559,10 +562,12 @@ def train(
             cfg.init_from = str(SHIPPED_DIR / str(init_from))
         import json as _json
 
-        arch_of = _json.loads((Path(cfg.init_from) / "config.json").read_text()).get("arch") if (Path(cfg.init_from) / "config.json").exists() else None
-        if arch_of is None:
+        base = _json.loads((Path(cfg.init_from) / "config.json").read_text()) if (Path(cfg.init_from) / "config.json").exists() else {}
+        if base.get("arch") is None:
             _fail(InputError(init_from, "is not a model folder", "pass a folder with config.json and weights.safetensors"))
-        cfg.arch = arch_of
+        cfg.arch = base["arch"]
+        if local_contrast is None:
+            cfg.local_contrast_px = float(base.get("local_contrast_px", 0.0))
     from rich.progress import TimeRemainingColumn
 
     try:

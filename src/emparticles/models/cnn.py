@@ -58,7 +58,7 @@ def load_network(folder: Path, device: str | torch.device = "cpu") -> tuple[torc
             raise InputError(folder, f"is not a model folder (no {name})", "pass a folder written by 'emparticles train'")
     try:
         config = json.loads((folder / "config.json").read_text())
-        net = build_network(config["arch"], network_outputs(config))
+        net = build_network(config["arch"], network_outputs(config), float(config.get("local_contrast_px", 0.0)))
         net.load_state_dict(load_file(str(folder / "weights.safetensors")))
     except (KeyError, ValueError, RuntimeError) as exc:
         raise InputError(folder, f"model folder cannot be loaded ({exc})", "re-export it with this version of emparticles") from None

@@ -356,7 +356,7 @@ def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: 
               "held_out_images": list(hold_stems), "before": _plain(before), "after": _plain(after), "steps": steps,
               "training_seconds": round(train_s, 1), "scale": scale, "settings": asdict(cfg)}
     if net is None:
-        net = build_network(config["arch"], network_outputs(config))
+        net = build_network(config["arch"], network_outputs(config), float(config.get("local_contrast_px", 0.0)))
         net.load_state_dict(load_file(str(base_dir / "weights.safetensors")))
     tmp = out_dir.with_name(out_dir.name + ".writing")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -74,6 +74,7 @@ class TrainConfig:
     paste_fraction: float = 0.0  # share of crops made by pasting training agglomerates on empty backgrounds
     scale_search: bool = True  # the model chooses its resampling per image (SCALE_SEARCH)
     average_epochs: int = 0  # >0: the model is the mean of the weights after each of the last N epochs
+    local_contrast_px: float = 0.0  # >0: local contrast normalisation of this sigma (px) before the network
     workers: int = 0  # processes that build the augmented batches (0: the training process itself)
     # More annotated real sets, each {"images": DIR, "masks": DIR, "share": 0.2, "kind": "instances"}
     # ("foreground" for agglomerate-level masks: learnt as particle vs substrate, separation left
@@ -145,6 +146,9 @@ def load_matching_weights(net: torch.nn.Module, state: dict) -> list[str]:
     (a 3-class head into a network with a distance output) fills the leading rows, the rest
     keeping their random initialisation. Returns the names of the tensors filled in part."""
     own = net.state_dict()
+    if own and all(k.startswith("body.") for k in own) and not any(k.startswith("body.") for k in state):
+        # a network without the local contrast stage starts one with it: the same weights
+        state = {"body." + k: v for k, v in state.items()}
     filled = []
     for name, value in state.items():
         if name in own and own[name].shape != value.shape:
@@ -393,7 +397,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     (out_dir / "split.json").write_text(json.dumps(splits, indent=1))
     weights = torch.from_numpy(class_weights([three_class_target(lab, cfg.border_width) for _, lab in instance_train],
                                              scheme=cfg.class_weighting)).to(device)
-    net = build_network(cfg.arch, outputs(cfg))
+    net = build_network(cfg.arch, outputs(cfg), cfg.local_contrast_px)
     val_thresholds = None  # validation of a fresh network uses the default post-processing
     if cfg.init_from:
         from safetensors.torch import load_file
@@ -665,6 +669,7 @@ def _model_config(cfg: TrainConfig, epoch: int, val: dict) -> dict:
             "overlap": cfg.overlap, "pad": cfg.pad, "bf16": cfg.bf16, "border_width": cfg.border_width, "epoch": epoch,
             "validation": {k: v for k, v in val.items() if not k.startswith("_") and k != "sets"},
             "train_config": asdict(cfg),
+            **({"local_contrast_px": cfg.local_contrast_px} if cfg.local_contrast_px else {}),
             **({"scale_search": SCALE_SEARCH} if cfg.scale_search else {})}
 
 
