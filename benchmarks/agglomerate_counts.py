@@ -1,7 +1,7 @@
 """Agglomerate counts against agglomerate-level annotations (../shared/data/sem-agglomerates).
 
     python benchmarks/agglomerate_counts.py MODEL [MODEL ...] [--min-area 100] [--part all|test|validation]
-        [--split RUN/split.json]
+        [--split RUN/split.json] [--particles any|bright]
 
 Each frame goes the road of ``emparticles analyze`` (info bar found and left out, segmentation,
 agglomerates as 8-connected groups of touching particles); agglomerates of ``--min-area`` pixels
@@ -9,7 +9,8 @@ or more are counted and compared with the annotated ones (each 8-connected compo
 annotation of that size). Prints per frame the two counts and their ratio, the pooled ratio,
 foreground IoU and the share of the predicted foreground on bare substrate. ``--part`` as in
 ``benchmarks/all_sets.py`` (a model trained with the set's training part must be scored on
-``test``).
+``test``). ``--particles bright`` leaves out what is darker than its surroundings, as
+``analyze --particles bright`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from scipy import ndimage as ndi
 from emparticles.agglomerates import agglomerate_labels
 from emparticles.io import read_labels, read_micrograph
 from emparticles.models import load_model
-from emparticles.pipeline import locate_infobar, segment_micrograph
+from emparticles.pipeline import drop_wrong_contrast, locate_infobar, segment_micrograph
 
 SET = Path(__file__).resolve().parents[2] / "shared" / "data" / "sem-agglomerates"
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--part", default="all", choices=["test", "validation", "all"])
     parser.add_argument("--split", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--particles", default="any", choices=["any", "bright", "dark"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pairs = set_pairs(SET, "masks", args.part, args.split)
@@ -58,7 +60,8 @@ def main() -> None:
         print(f"model {name}, {len(pairs)} frames, agglomerates of {args.min_area} px or more")
         for image_path, mask_path in pairs:
             mg = locate_infobar(read_micrograph(image_path))
-            _, full = segment_micrograph(mg, model)
+            inst, full = segment_micrograph(mg, model)
+            _, full, _ = drop_wrong_contrast(inst, full, mg, args.particles)
             truth = read_labels(mask_path)[0]
             t = count_large(ndi.label(truth > 0, structure=np.ones((3, 3)))[0], args.min_area)
             p = count_large(full, args.min_area)

@@ -60,6 +60,13 @@ def set_pairs(folder: Path, masks: str, part: str, split_file: Path | None) -> l
     return split_pairs(pairs)[part]
 
 
+def shown(model: str) -> str:
+    """A model's name in the tables: a registered name as it is, a folder by its name, or by its
+    run and name where that is a run's ``best`` (``v6cont/best``)."""
+    path = Path(model)
+    return f"{path.parent.name}/{path.name}" if len(path.parts) > 1 and path.name.startswith("best") else path.name
+
+
 def figures(kind: str, truths: list[np.ndarray], preds: list[np.ndarray]) -> dict:
     """Pooled figures of one set (see the module's docstring)."""
     fg = foreground_figures(zip(truths, preds))
@@ -130,9 +137,9 @@ def main() -> None:
             fig = figures(kind, truths, preds)
             per_fold[(model_name, name)] = fold_values(kind, stems, truths, preds, groups, args.folds)
             mean, sd, k = fold_spread(per_fold[(model_name, name)])
-            rows.append((Path(model_name).name, name, len(pairs), len(set(groups.values())), kind, fig, mean, sd, k,
+            rows.append((shown(model_name), name, len(pairs), len(set(groups.values())), kind, fig, mean, sd, k,
                          statistics.median(times)))
-            print(f"{Path(model_name).name} | {name}: {len(pairs)} images, {fig}", flush=True)
+            print(f"{shown(model_name)} | {name}: {len(pairs)} images, {fig}", flush=True)
     print()
     print(f"part: {args.part}; spread: standard deviation over folds of whole sources")
     print()
@@ -154,7 +161,7 @@ def paired_table(models: list[str], set_names: list[str], per_fold: dict[tuple[s
     """Each model against the first, fold by fold: both were scored on the same folds, so the
     spread of their difference, not of either model's figure, says whether a change is more than
     noise (the folds' own difficulty, which moves both models alike, cancels)."""
-    lines = [(f"paired against {Path(models[0]).name}: F1 (fg IoU for agglomerates) difference per fold, "
+    lines = [(f"paired against {shown(models[0])}: F1 (fg IoU for agglomerates) difference per fold, "
               "mean +- standard deviation, folds better"),
              "", "| model | set | difference | folds better |", "|---|---|---|---|"]
     for model in models[1:]:
@@ -164,7 +171,7 @@ def paired_table(models: list[str], set_names: list[str], per_fold: dict[tuple[s
                 continue
             diff = np.array(other) - np.array(base)
             sd = float(np.std(diff, ddof=1)) if diff.size > 1 else float("nan")
-            lines.append(f"| {Path(model).name} | {name} | {diff.mean():+.3f} +- {sd:.3f} | "
+            lines.append(f"| {shown(model)} | {name} | {diff.mean():+.3f} +- {sd:.3f} | "
                          f"{int((diff > 0).sum())} of {diff.size} |")
     return "\n".join(lines)
 

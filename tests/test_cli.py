@@ -275,3 +275,20 @@ def test_synth_and_import_refuse_bad_input(tmp_path):
     res = run("annotations", "import", tmp_path / "bad.json", tmp_path / "good.json", "-o", tmp_path / "m")
     assert res.exit_code == 1 and "bad.json" in res.output and "1 mask(s)" in res.output
     assert (tmp_path / "m" / "g.png").exists()
+
+
+def test_analyze_particles_bright_leaves_out_dark_objects(images, tmp_path):
+    d, _ = images  # dark disks on a bright background, as in TEM bright field
+    r = run("analyze", d / "grid.png", "-o", tmp_path / "sem", "--keep-edge-particles", "--model", "classical",
+            "--particles", "bright")
+    assert r.exit_code == 1, r.output  # an image without particles, as for any other reason
+    imgs = pd.read_csv(tmp_path / "sem" / "images.csv").set_index("image")
+    assert imgs.loc["grid", "particles_detected"] == 0
+    assert "12 objects darker than their surroundings left out (--particles bright)" in r.output
+    r = run("analyze", d / "grid.png", "-o", tmp_path / "tem", "--keep-edge-particles", "--model", "classical",
+            "--particles", "dark")
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(tmp_path / "tem" / "images.csv").set_index("image").loc["grid", "particles_detected"] == 12
+    assert json.loads((tmp_path / "tem" / "run.json").read_text())["settings"]["particles"] == "dark"
+    r = run("analyze", d / "grid.png", "-o", tmp_path / "bad", "--particles", "shiny")
+    assert r.exit_code != 0 and "--particles 'shiny'" in r.output and "any, bright, dark" in r.output

@@ -189,3 +189,52 @@ def test_error_kinds_on_a_hand_built_pair():
     # nothing predicted: every particle missed; identical images: everything matched
     assert error_kinds(truth, np.zeros_like(truth))["true_missed"] == 6
     assert error_kinds(truth, truth)["matched"] == 6
+
+
+def _bright_and_dark_disks():
+    """A mid-grey field with 3 bright disks (particles in SEM) and 3 dark ones (pits), labelled
+    1-6 left to right, and one bright disk inside a ring of particles (no background around it)."""
+    from skimage.draw import disk
+
+    img = np.full((80, 200), 120.0)
+    labels = np.zeros((80, 200), np.int32)
+    for i, cx in enumerate((20, 50, 80, 110, 140, 170), start=1):
+        rr, cc = disk((25, cx), 8, shape=img.shape)
+        labels[rr, cc] = i
+        img[rr, cc] = 200.0 if i <= 3 else 40.0
+    labels[50:80, 0:60] = 7  # a block of particle, and in it a darker particle with no background ring
+    img[50:80, 0:60] = 180.0
+    labels[58:72, 20:34] = 8
+    img[58:72, 20:34] = 100.0
+    return img.astype(np.uint8), labels
+
+
+def test_contrast_to_surroundings_signs_and_rings():
+    from emparticles.instances import contrast_to_surroundings
+
+    img, labels = _bright_and_dark_disks()
+    c = contrast_to_surroundings(labels, img)
+    assert np.isnan(c[0]) and np.isnan(c[8])  # no ring of background around particle 8
+    assert c[1:4] == pytest.approx([80.0] * 3) and c[4:7] == pytest.approx([-80.0] * 3)
+
+
+@pytest.mark.parametrize("particles, left_out", [("any", []), ("bright", [4, 5, 6]), ("dark", [1, 2, 3, 7])])
+def test_wrong_contrast_leaves_out_pits_for_sem_and_bright_objects_for_tem(particles, left_out):
+    from emparticles.instances import Instances, wrong_contrast
+    from emparticles.pipeline import drop_wrong_contrast
+    from emparticles.types import Micrograph
+
+    img, labels = _bright_and_dark_disks()
+    flags = wrong_contrast(labels, img, particles)
+    assert np.flatnonzero(flags).tolist() == left_out
+    # in the pipeline: rows below the field (an info bar) stay 0, the rest renumbered with their scores
+    full = np.zeros((90, 200), np.int32)
+    full[:80] = labels
+    scores = np.linspace(0.5, 0.9, 8).astype(np.float32)
+    mg = Micrograph(np.vstack([img, np.zeros((10, 200), np.uint8)]), infobar_rows=10)
+    inst, out, n = drop_wrong_contrast(Instances(full[:80], scores), full, mg, particles)
+    assert n == len(left_out) and inst.count == 8 - n and out.shape == (90, 200)
+    assert set(inst.scores.tolist()) == {float(scores[i - 1]) for i in range(1, 9) if i not in left_out}
+    assert not out[80:].any() and np.array_equal(out[:80] > 0, np.isin(labels, [i for i in range(1, 9) if i not in left_out]))
+    with pytest.raises(ValueError, match="bright"):
+        wrong_contrast(labels, img, "brighter")

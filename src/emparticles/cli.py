@@ -98,6 +98,7 @@ def analyze(
     crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar (no detection).")] = None,
     scale_bar: Annotated[str, typer.Option("--scale-bar", help="auto: read the burned-in scale bar, to calibrate images without a pixel size in their metadata and to cross-check those with one; off: never.")] = "auto",
     no_infobar: Annotated[bool, _flag("--no-infobar", help="The images have no info bar: analyse every row.")] = False,
+    particles: Annotated[str, typer.Option("--particles", help="any (default); bright: particles are brighter than their surroundings (SEM), so dark pits, pores and holes found as particles are left out; dark: particles are darker (TEM bright field).")] = "any",
     overwrite: Annotated[bool, _flag("--overwrite", help="Redo images already finished in OUTPUT.")] = False,
     workers: Annotated[int | None, typer.Option("--workers", help="Analyse on a local dask.distributed cluster of N worker processes (the cores shared among them).", min=1)] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Analyse on the dask.distributed cluster at this address (tcp://HOST:8786); OUTPUT must be on storage every worker mounts at the same path.")] = None,
@@ -131,9 +132,13 @@ def analyze(
         settings = AnalysisSettings(model=model or DEFAULT_MODEL, pixel_size_nm=ps, crop_bottom=crop_bottom,
                                     detect_infobar=not no_infobar, edge_particles=mode,
                                     min_area=min_area, device=device, particle_size=particle_size,
-                                    scale_bar=scale_bar)
+                                    scale_bar=scale_bar, particles=particles)
         if scale_bar not in ("auto", "off"):
             raise InputError(None, f"--scale-bar {scale_bar!r} is not a mode", "use auto or off")
+        from .instances import PARTICLE_CONTRASTS
+
+        if particles not in PARTICLE_CONTRASTS:
+            raise InputError(None, f"--particles {particles!r} is not a contrast", f"use one of {', '.join(PARTICLE_CONTRASTS)}")
         if workers and scheduler:
             raise InputError(None, "--workers and --scheduler both given", "give one: --workers starts a local cluster")
         distributed = bool(workers or scheduler)

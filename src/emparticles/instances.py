@@ -192,6 +192,55 @@ def drop_instances(inst: Instances, drop: np.ndarray) -> Instances:
     return Instances(labels, scores)
 
 
+def contrast_to_surroundings(labels: np.ndarray, image: np.ndarray, ring_px: int = 6) -> np.ndarray:
+    """(N + 1,) float: for each particle of (H, W) ``labels`` (1..N), its mean grey level in
+    ``image`` minus that of the background ring around it (the pixels within ``ring_px`` outside
+    it that belong to no particle); positive for a particle brighter than its surroundings. NaN
+    for a particle with fewer than 10 ring pixels (inside a dense agglomerate) and for index 0."""
+    out = np.full(int(labels.max(initial=0)) + 1, np.nan)
+    footprint = np.ones((2 * ring_px + 1, 2 * ring_px + 1), bool)
+    h, w = labels.shape
+    for lab, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        y0, y1 = max(sl[0].start - ring_px, 0), min(sl[0].stop + ring_px, h)
+        x0, x1 = max(sl[1].start - ring_px, 0), min(sl[1].stop + ring_px, w)
+        window = labels[y0:y1, x0:x1]
+        inside = window == lab
+        ring = ndi.binary_dilation(inside, footprint) & (window == 0)
+        if ring.sum() < 10:
+            continue
+        part = image[y0:y1, x0:x1]
+        out[lab] = float(part[inside].mean()) - float(part[ring].mean())
+    return out
+
+
+#: ``--particles``: which contrast a particle may have against its surroundings
+PARTICLE_CONTRASTS = ("any", "bright", "dark")
+
+
+def wrong_contrast(labels: np.ndarray, image: np.ndarray, particles: str) -> np.ndarray:
+    """(N + 1,) bool, True for the particles of ``labels`` whose contrast to their surroundings
+    (:func:`contrast_to_surroundings`) contradicts ``particles``: darker for ``bright`` (SEM:
+    secondary and backscattered electrons make particles on a substrate bright, while pits, pores
+    and holes in it are dark), brighter for ``dark`` (TEM bright field); nothing for ``any``.
+    Particles without a ring of background (inside dense agglomerates) are never flagged.
+
+    Measured on the validation sample of the agglomerate frames (0.5 wt% filler on a textured
+    polymer), where the default model takes the polymer's dark pits for particles: ``bright``
+    brought the agglomerate count ratio from 3.81 to 1.25; the silica frames did not change."""
+    if particles not in PARTICLE_CONTRASTS:
+        raise ValueError(f"particles must be one of {', '.join(PARTICLE_CONTRASTS)}, not '{particles}'")
+    flags = np.zeros(int(labels.max(initial=0)) + 1, bool)
+    if particles == "any" or flags.size == 1:
+        return flags
+    contrast = contrast_to_surroundings(labels, image)
+    with np.errstate(invalid="ignore"):
+        flags = contrast < 0 if particles == "bright" else contrast > 0
+    flags[0] = False
+    return flags
+
+
 def fill_particle_holes(labels: np.ndarray) -> np.ndarray:
     """(H, W) labels with every hole of a single particle filled with that particle: background
     regions (4-connected) that do not reach the image border and touch no other particle. Gaps

@@ -53,6 +53,9 @@ class AnalysisSettings:
     particle_size : typical particle diameter hint (``"20nm"`` or ``"15px"``), or None (automatic).
     scale_bar : ``auto``: read the burned-in scale bar; it calibrates an image without a pixel size
         in its metadata (when read with high confidence) and cross-checks one with; ``off``: never.
+    particles : ``any`` (default), ``bright`` (SEM: particles brighter than their surroundings;
+        dark pits and pores are left out) or ``dark`` (TEM bright field); see
+        :func:`~emparticles.instances.wrong_contrast`.
     """
 
     model: str = "classical"
@@ -64,6 +67,7 @@ class AnalysisSettings:
     device: str = "auto"
     particle_size: str | None = None
     scale_bar: str = "auto"
+    particles: str = "any"
 
     def fingerprint(self) -> str:
         """Short hash of the settings; a finished image is reused only if this matches."""
@@ -187,6 +191,23 @@ def drop_scale_bar(instances: Instances, full: np.ndarray, mg: Micrograph) -> tu
     return Instances(labels, instances.scores[keep[1:]]), out
 
 
+def drop_wrong_contrast(instances: Instances, full: np.ndarray, mg: Micrograph,
+                        particles: str) -> tuple[Instances, np.ndarray, int]:
+    """Leave out the particles whose contrast to their surroundings contradicts ``particles``
+    (``bright``, ``dark``; ``any`` keeps all): the instances, the full-size labels and how many
+    were left out."""
+    from .instances import drop_instances, wrong_contrast
+
+    flags = wrong_contrast(instances.labels, mg.analysed_pixels, particles)
+    n = int(flags.sum())
+    if not n:
+        return instances, full, 0
+    kept = drop_instances(instances, flags)
+    out = np.zeros_like(full)
+    out[: kept.labels.shape[0]] = kept.labels
+    return Instances(out[: kept.labels.shape[0]], kept.scores), out, n
+
+
 def model_used(model: Segmenter) -> str:
     """The model that segmented the latest image: the chosen member of a selecting model
     (``"kind": "select"`` in its config), else the model itself."""
@@ -209,6 +230,10 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     warnings: list[str] = list(mg.notes)
     instances, full = segment_micrograph(mg, model, settings.particle_size, warnings)
     instances, full = drop_scale_bar(instances, full, mg)
+    instances, full, n_contrast = drop_wrong_contrast(instances, full, mg, settings.particles)
+    if n_contrast:
+        warnings.append(f"{n_contrast} objects {'darker' if settings.particles == 'bright' else 'brighter'} than their "
+                        f"surroundings left out (--particles {settings.particles})")
     table = measure_labels(instances.labels, mg.analysed_pixels, mg.pixel_size_nm, image_name=mg.stem,
                            ultimate_points=True)
     if len(table):

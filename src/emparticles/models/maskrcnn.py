@@ -168,27 +168,13 @@ def low_contrast(labels: np.ndarray, image: np.ndarray, min_contrast: float, rin
     pixels within ``ring_px`` outside the particle that belong to no particle) by less than
     ``min_contrast`` times the image's standard deviation. Particles with fewer than 10 ring
     pixels (inside dense agglomerates) are never flagged; index 0 is False."""
-    from scipy import ndimage as ndi
+    from ..instances import contrast_to_surroundings
 
-    flags = np.zeros(int(labels.max(initial=0)) + 1, bool)
     spread = float(np.std(image))
     if spread == 0:
-        return flags
-    footprint = np.ones((2 * ring_px + 1, 2 * ring_px + 1), bool)
-    h, w = labels.shape
-    for lab, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        y0, y1 = max(sl[0].start - ring_px, 0), min(sl[0].stop + ring_px, h)
-        x0, x1 = max(sl[1].start - ring_px, 0), min(sl[1].stop + ring_px, w)
-        window = labels[y0:y1, x0:x1]
-        inside = window == lab
-        ring = ndi.binary_dilation(inside, footprint) & (window == 0)
-        if ring.sum() < 10:
-            continue
-        part = image[y0:y1, x0:x1]
-        flags[lab] = abs(float(part[inside].mean()) - float(part[ring].mean())) < min_contrast * spread
-    return flags
+        return np.zeros(int(labels.max(initial=0)) + 1, bool)
+    with np.errstate(invalid="ignore"):
+        return np.abs(contrast_to_surroundings(labels, image, ring_px)) < min_contrast * spread
 
 
 class MaskRCNNSegmenter:
