@@ -61,10 +61,10 @@ def set_pairs(folder: Path, masks: str, part: str, split_file: Path | None) -> l
 
 
 def shown(model: str) -> str:
-    """A model's name in the tables: a registered name as it is, a folder by its name, or by its
-    run and name where that is a run's ``best`` (``v6cont/best``)."""
+    """A model's name in the tables: a registered name as it is, a folder by its parent and name
+    (``v6cont/best``: every run's best model is a folder ``best``)."""
     path = Path(model)
-    return f"{path.parent.name}/{path.name}" if len(path.parts) > 1 and path.name.startswith("best") else path.name
+    return f"{path.parent.name}/{path.name}" if len(path.parts) > 1 else path.name
 
 
 def figures(kind: str, truths: list[np.ndarray], preds: list[np.ndarray]) -> dict:
