@@ -238,3 +238,20 @@ def test_wrong_contrast_leaves_out_pits_for_sem_and_bright_objects_for_tem(parti
     assert not out[80:].any() and np.array_equal(out[:80] > 0, np.isin(labels, [i for i in range(1, 9) if i not in left_out]))
     with pytest.raises(ValueError, match="bright"):
         wrong_contrast(labels, img, "brighter")
+
+
+def test_particles_setting_changes_the_fingerprint_only_when_used():
+    import json
+    from dataclasses import asdict
+
+    from emparticles import __version__
+    from emparticles.pipeline import AnalysisSettings
+
+    plain = AnalysisSettings(model="m")
+    assert AnalysisSettings(model="m", particles="bright").fingerprint() != plain.fingerprint()
+    # a run made before the setting existed is still reused: its fingerprint had no such key
+    before = {k: v for k, v in asdict(plain).items() if k != "particles"}
+    import hashlib
+
+    blob = json.dumps({**before, "version": __version__}, sort_keys=True, default=str)
+    assert plain.fingerprint() == hashlib.sha256(blob.encode()).hexdigest()[:16]

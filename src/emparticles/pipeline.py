@@ -71,7 +71,10 @@ class AnalysisSettings:
 
     def fingerprint(self) -> str:
         """Short hash of the settings; a finished image is reused only if this matches."""
-        blob = json.dumps({**asdict(self), "version": __version__}, sort_keys=True, default=str)
+        settings = asdict(self)
+        if settings["particles"] == "any":  # added later: runs that do not use it keep their fingerprint
+            del settings["particles"]
+        blob = json.dumps({**settings, "version": __version__}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
