@@ -196,3 +196,38 @@ def test_a_non_finite_loss_stops_with_a_message(tmp_path, monkeypatch):
     assert "loss became nan" in result.reason
     weights = load_file(str(tmp_path / "model" / "weights.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_a_base_with_local_contrast_fine_tunes_and_keeps_its_stage(tmp_path, monkeypatch):
+    from emparticles.models import load_model
+    from emparticles.models.cnn import load_network, save_model_folder
+    from emparticles.models.networks import WithLocalContrast, build_network
+    from emparticles.train.loop import load_matching_weights
+
+    shipped = ft.resolve_base("")
+    config = json.loads((shipped / "config.json").read_text())
+    net = build_network(config["arch"], len(config["channels"]), local_contrast_px=16)
+    load_matching_weights(net, load_file(str(shipped / "weights.safetensors")))
+    base = save_model_folder(net.eval(), tmp_path / "base", {**config, "name": "lc-base", "local_contrast_px": 16},
+                             json.loads((shipped / "thresholds.json").read_text()))
+    images, masks = write_set(tmp_path)
+    data = ft.read_annotated(images, masks)
+    calls = []
+
+    def scripted(seg, hold):  # the attempt scores worse: the base is written back, the attempt beside it
+        calls.append(seg)
+        f1 = 0.80 if len(calls) == 1 else 0.70
+        return {"f1": f1, "foreground_iou": 0.9, "count_ratio": 1.0, "precision": f1, "recall": f1,
+                "panoptic_quality": f1, "d50_rel_error": 0.0}
+
+    monkeypatch.setattr(ft, "figures", scripted)
+    result = ft.finetune(data, tmp_path / "model", ft.FinetuneConfig(base=str(base), minutes=0.15, crop=96, batch_size=2),
+                         images_dir=images, log=lambda m: None)
+    assert result.kept == "base"
+    for folder in (tmp_path / "model", tmp_path / "model" / "rejected"):
+        again, cfg, _ = load_network(folder)
+        assert isinstance(again, WithLocalContrast) and cfg["local_contrast_px"] == 16
+        load_model(str(folder), "cpu").segment(data[0][1])
+    kept = load_file(str(tmp_path / "model" / "weights.safetensors"))
+    original = load_file(str(base / "weights.safetensors"))
+    assert all(np.array_equal(original[k].numpy(), kept[k].numpy()) for k in original)
