@@ -347,17 +347,13 @@ def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: 
     few held-out images, and the user may know better)."""
     import shutil
 
-    from safetensors.torch import load_file
-
-    from ..models.cnn import network_outputs, save_model_folder
-    from ..models.networks import build_network
+    from ..models.cnn import load_network, save_model_folder
 
     record = {"base": str(base_dir), "kept": kept, "reason": reason, "train_images": list(train_stems),
               "held_out_images": list(hold_stems), "before": _plain(before), "after": _plain(after), "steps": steps,
               "training_seconds": round(train_s, 1), "scale": scale, "settings": asdict(cfg)}
     if net is None:
-        net = build_network(config["arch"], network_outputs(config), float(config.get("local_contrast_px", 0.0)))
-        net.load_state_dict(load_file(str(base_dir / "weights.safetensors")))
+        net, _, _ = load_network(base_dir)  # the base's own network, its stages as its config says
     tmp = out_dir.with_name(out_dir.name + ".writing")
     shutil.rmtree(tmp, ignore_errors=True)
     config = {k: v for k, v in config.items() if k != "validation_tuned"}
