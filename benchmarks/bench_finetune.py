@@ -2,7 +2,7 @@
 
     python benchmarks/bench_finetune.py [--set sem-silica|sem-agglomerates|emps-train] [--source A02]
         [--k 4] [--minutes 10] [--base MODEL] [--spread | --pick A,B,C] [--lr 5e-4]
-        [--unseen-by RUN/split.json]
+        [--unseen-by RUN/split.json] [--rounds N]
 
 Takes the first ``--k`` images of one source (a silica sample group, an agglomerate sample, an
 EMPS article; default: the source with the most images), or with ``--spread`` one frame of each
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--spread", action="store_true", help="one frame from each of --k sources")
     parser.add_argument("--pick", default=None, help="the images to fine-tune on, by stem, comma-separated")
     parser.add_argument("--lr", type=float, default=FinetuneConfig.lr)
+    parser.add_argument("--rounds", type=int, default=FinetuneConfig.rounds,
+                        help="held-out folds to rotate through (0: as many as the budget allows)")
     parser.add_argument("--keep", type=Path, default=None, help="copy the fine-tuned model folder here")
     parser.add_argument("--unseen-by", type=Path, default=None, metavar="SPLIT_JSON",
                         help="score only images outside the training part of this split (the base's own training "
@@ -122,7 +124,7 @@ def main() -> None:
           f"scoring {len(rest)} others")
     t = time.monotonic()
     result = finetune(read_annotated(tmp / "images", tmp / "masks"), tmp / "model",
-                      FinetuneConfig(base=args.base, minutes=args.minutes, lr=args.lr), images_dir=tmp / "images")
+                      FinetuneConfig(base=args.base, minutes=args.minutes, lr=args.lr, rounds=args.rounds), images_dir=tmp / "images")
     took = time.monotonic() - t
     base = load_model(args.base or None, "cpu")
     (before, before_by), (after, after_by) = (score(base, rest, kind, groups),
@@ -140,6 +142,10 @@ def main() -> None:
         if kind == "instances":
             print(f"  its F1 change on the other images: {rejected['f1'] - before['f1']:+.3f} "
                   f"({'the guard was right' if rejected['f1'] <= before['f1'] else 'the guard turned down a gain'})")
+    for round_dir in sorted((tmp / "model" / "rounds").glob("*")):
+        # each round's own model (trained without its held-out images), beside their mean
+        fig, _ = score(load_model(str(round_dir), "cpu"), rest, kind, groups)
+        print(f"  round {round_dir.name} alone: {line(fig)}")
     print("  per source, before -> after:")
     for source in before_by:
         b, a = before_by[source], after_by[source]

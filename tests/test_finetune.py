@@ -1,4 +1,5 @@
-"""emparticles finetune: ROI-zip masks, the time budget, the not-better guard, interruption, NaN."""
+"""emparticles finetune: ROI-zip masks, the time budget, the not-better guard, interruption, NaN,
+the rotation of the held-out images."""
 
 from __future__ import annotations
 
@@ -122,14 +123,14 @@ def test_not_better_keeps_the_base(tmp_path, monkeypatch):
     data = ft.read_annotated(images, masks)
     calls = []
 
-    def scripted(seg, hold):
-        calls.append(seg)
+    def scripted(truths, preds):
+        calls.append(preds)
         f1 = 0.80 if len(calls) == 1 else 0.70  # the fine-tuned model scores worse
         return {"f1": f1, "foreground_iou": 0.9, "count_ratio": 1.0, "precision": f1, "recall": f1,
                 "panoptic_quality": f1, "d50_rel_error": 0.0}
 
     monkeypatch.setattr(ft, "figures", scripted)
-    result = ft.finetune(data, tmp_path / "model", ft.FinetuneConfig(minutes=0.15, crop=96, batch_size=2),
+    result = ft.finetune(data, tmp_path / "model", ft.FinetuneConfig(minutes=0.5, crop=96, batch_size=2),
                          images_dir=images, log=lambda m: None)
     assert result.kept == "base" and "not better" in result.reason
     base = load_file(str(ft.resolve_base("") / "weights.safetensors"))
@@ -214,14 +215,14 @@ def test_a_base_with_local_contrast_fine_tunes_and_keeps_its_stage(tmp_path, mon
     data = ft.read_annotated(images, masks)
     calls = []
 
-    def scripted(seg, hold):  # the attempt scores worse: the base is written back, the attempt beside it
-        calls.append(seg)
+    def scripted(truths, preds):  # the attempt scores worse: the base is written back, the attempt beside it
+        calls.append(preds)
         f1 = 0.80 if len(calls) == 1 else 0.70
         return {"f1": f1, "foreground_iou": 0.9, "count_ratio": 1.0, "precision": f1, "recall": f1,
                 "panoptic_quality": f1, "d50_rel_error": 0.0}
 
     monkeypatch.setattr(ft, "figures", scripted)
-    result = ft.finetune(data, tmp_path / "model", ft.FinetuneConfig(base=str(base), minutes=0.15, crop=96, batch_size=2),
+    result = ft.finetune(data, tmp_path / "model", ft.FinetuneConfig(base=str(base), minutes=0.5, crop=96, batch_size=2),
                          images_dir=images, log=lambda m: None)
     assert result.kept == "base"
     for folder in (tmp_path / "model", tmp_path / "model" / "rejected"):
@@ -231,3 +232,117 @@ def test_a_base_with_local_contrast_fine_tunes_and_keeps_its_stage(tmp_path, mon
     kept = load_file(str(tmp_path / "model" / "weights.safetensors"))
     original = load_file(str(base / "weights.safetensors"))
     assert all(np.array_equal(original[k].numpy(), kept[k].numpy()) for k in original)
+
+
+def test_rotation_folds_hold_out_whole_quarters_and_start_with_the_single_split(tmp_path):
+    images, _ = write_set(tmp_path, count=5)
+    stems = [f"img{k}" for k in range(5)]
+    folds = ft.rotation_folds(stems, images)
+    # one source: every frame its own group, a quarter of five is one frame
+    assert sorted(s for f in folds for s in f) == stems and all(len(f) == 1 for f in folds)
+    train, hold = ft.held_out(stems, images)
+    assert hold == folds[0] and sorted(train + hold) == stems
+    assert ft.rotation_folds(stems[:2], images) == []  # too few to hold any out
+    # 8 frames: folds of two, never the whole set
+    images8, _ = write_set(tmp_path / "eight", count=8)
+    folds8 = ft.rotation_folds([f"img{k}" for k in range(8)], images8)
+    assert [len(f) for f in folds8] == [2, 2, 2, 2]
+
+
+def test_rounds_follow_the_budget():
+    cfg = ft.FinetuneConfig()
+    overheads, soup = [60.0] * 5, 70.0
+    # ten minutes leave one round of about eight minutes; twenty two of six or more; 25 three
+    assert ft._rounds(cfg, overheads, soup, 600 - 30) == 1
+    assert ft._rounds(cfg, overheads, soup, 1200 - 30) == 2
+    assert ft._rounds(cfg, overheads, soup, 1500 - 30) == 3
+    assert ft._rounds(ft.FinetuneConfig(rounds=4), overheads, soup, 60) == 4  # asked for: as many as asked
+    assert ft._rounds(ft.FinetuneConfig(rounds=9), overheads, soup, 60) == 5  # at most one per fold
+    assert ft._rounds(ft.FinetuneConfig(rounds=3), [], soup, 600) == 1  # nothing to hold out
+
+
+def test_averaged_weights_are_the_mean():
+    import torch
+
+    a, b = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        a.weight.fill_(1.0)
+        b.weight.fill_(3.0)
+    a.num_batches_tracked.fill_(7)
+    mean = ft.averaged_weights([a, b])
+    assert torch.equal(mean["weight"], torch.full((3,), 2.0))
+    assert mean["num_batches_tracked"].dtype == torch.long and int(mean["num_batches_tracked"]) == 7
+
+
+def test_rotation_judges_every_held_out_image_by_a_round_that_never_saw_it(tmp_path, monkeypatch):
+    from emparticles.models import load_model
+
+    images, masks = write_set(tmp_path, count=4)
+    data = ft.read_annotated(images, masks)
+    seen = []
+
+    def scripted(truths, preds):  # base first, then the rounds together, then each round
+        seen.append(len(truths))
+        f1 = 0.70 if len(seen) == 1 else 0.85
+        return {"f1": f1, "foreground_iou": 0.9, "count_ratio": 1.0, "precision": f1, "recall": f1,
+                "panoptic_quality": f1, "d50_rel_error": 0.0}
+
+    monkeypatch.setattr(ft, "figures", scripted)
+    result = ft.finetune(data, tmp_path / "model", ft.FinetuneConfig(minutes=0.5, crop=96, batch_size=2, rounds=2, tune=False),
+                         images_dir=images, log=lambda m: None)
+    folds = ft.rotation_folds([s for s, _, _ in data], images)
+    assert result.rounds == 2 and result.kept == "fine-tuned"
+    assert result.holdout_images == folds[0] + folds[1] and sorted(result.train_images) == sorted(s for s, _, _ in data)
+    assert seen[:2] == [2, 2] and seen[2:] == [1, 1, 1, 1]  # pooled over both rounds' images, then per round
+    record = json.loads((tmp_path / "model" / "config.json").read_text())["finetune"]
+    assert [r["held_out"] for r in record["rounds"]] == folds[:2] and all(r["steps"] > 0 for r in record["rounds"])
+    card = (tmp_path / "model" / "MODEL_CARD.md").read_text()
+    assert "rotated over 2 rounds" in card and "| 1 | " in card and "| 2 | " in card
+    # the kept weights are the mean of the two rounds', which are models of their own
+    kept = load_file(str(tmp_path / "model" / "weights.safetensors"))
+    r1 = load_file(str(tmp_path / "model" / "rounds" / "1" / "weights.safetensors"))
+    r2 = load_file(str(tmp_path / "model" / "rounds" / "2" / "weights.safetensors"))
+    changed = [k for k in kept if kept[k].is_floating_point() and not np.array_equal(r1[k].numpy(), r2[k].numpy())]
+    assert changed
+    for k in changed:
+        np.testing.assert_allclose(kept[k].numpy(), (r1[k].numpy() + r2[k].numpy()) / 2, rtol=1e-5, atol=1e-6)
+    for folder in ("model", "model/rounds/1", "model/rounds/2"):
+        load_model(str(tmp_path / folder), "cpu").segment(data[0][1])
+
+
+def test_the_command_rotates_when_asked(tmp_path):
+    from typer.testing import CliRunner
+
+    from emparticles.cli import app
+
+    images, masks = write_set(tmp_path, count=4)
+    res = CliRunner().invoke(app, ["finetune", "--images", str(images), "--masks", str(masks), "-o",
+                                   str(tmp_path / "model"), "--minutes", "0.5", "--rounds", "2"])
+    assert res.exit_code == 0, res.output
+    assert "2 rounds, holding out" in res.output and "use it with --model" in res.output
+    record = json.loads((tmp_path / "model" / "config.json").read_text())["finetune"]
+    assert record["settings"]["rounds"] == 2 and len(record["rounds"]) == 2
+    assert (tmp_path / "model" / "rounds" / "2" / "weights.safetensors").is_file()
+    bad = CliRunner().invoke(app, ["finetune", "--images", str(images), "--masks", str(masks), "-o",
+                                   str(tmp_path / "m2"), "--rounds", "-1"])
+    assert bad.exit_code != 0
+
+
+def test_tuning_stops_at_its_deadline_with_the_best_so_far():
+    import time as _time
+
+    from emparticles.train.loop import tune_thresholds, tuning_trials
+
+    yy, xx = np.mgrid[:64, :64]
+    labels = np.zeros((64, 64), np.int32)
+    labels[(yy - 20) ** 2 + (xx - 20) ** 2 <= 64] = 1
+    labels[(yy - 44) ** 2 + (xx - 44) ** 2 <= 64] = 2
+    particle = np.where(labels > 0, 0.45, 0.05).astype(np.float32)  # under the default threshold of 0.5
+    border = np.full_like(particle, 0.05)
+    probs = [np.stack([1 - particle - border, particle, border])]
+    data = [(particle, labels)]
+    found, f1 = tune_thresholds(probs, data)
+    assert f1 == 1.0 and found["foreground_threshold"] < 0.45
+    late, f1_late = tune_thresholds(probs, data, deadline=_time.monotonic() - 1)
+    assert f1_late == 0.0 and late["foreground_threshold"] == 0.5  # nothing tried: the start stands
+    assert tuning_trials(3) == 50 and tuning_trials(4) == 60

@@ -4,7 +4,10 @@ a time budget, on a CPU, and only keeping the result when it is better.
 The road:
 
 1. Hold out a quarter of the images (at least one, whole sources; from three images on) to judge
-   base against fine-tuned; with fewer, nothing is held out and the card says so.
+   base against fine-tuned; with fewer, nothing is held out and the card says so. When the budget
+   leaves each round :data:`MIN_ROUND_MINUTES` of training (or ``rounds`` says so), rotate: each
+   round trains from the base without its quarter and scores it, so more images judge the result;
+   the weights kept are then the rounds' mean, which together saw every image.
 2. Ask the base model's scale search at which resampling it sees these images' particles, and
    train on crops resampled around that scale (x0.8-1.25), with strong augmentation.
 3. Adapt the decoder at the full learning rate and the encoder at a third of it; batch-norm
@@ -43,6 +46,9 @@ MIN_IMAGES_FOR_HOLDOUT = 3
 #: and F1 loses at most MAX_F1_LOSS
 MIN_GAIN = 0.01
 MAX_F1_LOSS = 0.01
+#: Training time each round of the rotation must keep for a budget to rotate (``rounds`` 0):
+#: about what a single 10-minute run trains, so that rotating never trades training for checking
+MIN_ROUND_MINUTES = 6.0
 
 
 class TrainingDiverged(EmparticlesError):
@@ -63,6 +69,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "cpu"
     tune: bool = True
+    rounds: int = 0  # held-out folds to rotate through; 0 = as many as the budget allows (MIN_ROUND_MINUTES each)
 
 
 @dataclass
@@ -79,6 +86,7 @@ class FinetuneResult:
     steps: int = 0
     seconds: float = 0.0
     scale: float = 1.0
+    rounds: int = 1
 
 
 def resolve_base(base: str) -> Path:
@@ -146,29 +154,59 @@ def read_annotated(images_dir: Path, masks: Path) -> list[tuple[str, np.ndarray,
     return out
 
 
-def held_out(stems: list[str], images_dir: Path) -> tuple[list[str], list[str]]:
-    """(training stems, held-out stems): :data:`HOLDOUT_SHARE` of the images, whole sources,
-    from :data:`MIN_IMAGES_FOR_HOLDOUT` images on; else nothing held out."""
-    from .splits import source_groups, split_by_source
+def rotation_folds(stems: list[str], images_dir: Path) -> list[list[str]]:
+    """The held-out folds a run can rotate through: whole sources, each about
+    :data:`HOLDOUT_SHARE` of the images, in the fixed order of :func:`~.splits.split_by_source`
+    (so the first fold is the part a single split holds out); none under
+    :data:`MIN_IMAGES_FOR_HOLDOUT` images."""
+    from .splits import _group_order, source_groups
 
     if len(stems) < MIN_IMAGES_FOR_HOLDOUT:
-        return list(stems), []
+        return []
     groups, _ = source_groups(images_dir, stems)
     if len(set(groups.values())) < 2:  # one source: hold out frames of it rather than nothing
         groups = {s: s for s in stems}
-    parts = split_by_source(groups, validation=HOLDOUT_SHARE, test=0.0)
-    return parts["train"], parts["validation"]
+    members: dict[str, list[str]] = {}
+    for stem in sorted(groups):
+        members.setdefault(groups[stem], []).append(stem)
+    target = HOLDOUT_SHARE * len(stems)
+    folds: list[list[str]] = []
+    fold: list[str] = []
+    for g in _group_order(groups.values()):
+        # the same rule as split_by_source: fill to the share, stop short rather than overshoot
+        if fold and (len(fold) >= target or len(fold) + len(members[g]) > 1.5 * target):
+            folds.append(fold)
+            fold = []
+        fold = fold + members[g]
+    if fold and len(fold) < len(stems):
+        folds.append(fold)
+    return [sorted(f) for f in folds if len(f) < len(stems)]
 
 
-def figures(seg, data) -> dict:
-    """F1, precision, recall, PQ at IoU 0.5, foreground IoU, count ratio and D50 error of a
-    segmenter's whole road on normalised (image, labels) pairs."""
+def held_out(stems: list[str], images_dir: Path) -> tuple[list[str], list[str]]:
+    """(training stems, held-out stems) of a run without rotation: the first of
+    :func:`rotation_folds` held out; with fewer than :data:`MIN_IMAGES_FOR_HOLDOUT` images,
+    nothing."""
+    folds = rotation_folds(stems, images_dir)
+    hold = folds[0] if folds else []
+    return [s for s in stems if s not in hold], hold
+
+
+def predictions(seg, data) -> list[np.ndarray]:
+    """Instance labels of a segmenter's whole road (scale search, post-processing) on normalised
+    (image, labels) pairs; ``seg`` may also be a list with one segmenter per image."""
+    segs = seg if isinstance(seg, (list, tuple)) else [seg] * len(data)
+    return [s.segment_normalised(img)[0].labels for s, (img, _) in zip(segs, data)]
+
+
+def figures(truths: list[np.ndarray], preds: list[np.ndarray]) -> dict:
+    """F1, precision, recall, PQ at IoU 0.5, foreground IoU, count ratio and D50 error, pooled
+    over the images."""
     from ..evaluate import label_size_agreement
     from .loop import pooled_figures
 
-    preds = [seg.segment_normalised(img)[0].labels for img, _ in data]
-    out = pooled_figures(zip([lab for _, lab in data], preds))
-    out["d50_rel_error"] = label_size_agreement([lab for _, lab in data], preds)["d50_rel_error"]
+    out = pooled_figures(zip(truths, preds))
+    out["d50_rel_error"] = label_size_agreement(list(truths), list(preds))["d50_rel_error"]
     return out
 
 
@@ -196,73 +234,48 @@ def schedule(fraction: float, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (fraction - warmup) / max(1e-9, 1 - warmup))))
 
 
-def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg: FinetuneConfig,
-             images_dir: Path | None = None, log: Callable[[str], None] = print,
-             progress: Callable[[float, str], None] | None = None) -> FinetuneResult:
-    """Fine-tune ``cfg.base`` on ``data`` ((stem, normalised image, labels) from
-    :func:`read_annotated`) into the model folder ``out_dir`` within ``cfg.minutes``; see the
-    module's docstring. ``progress(fraction of the budget, what)`` is called as time passes."""
-    from ..inference import pick_device
-    from ..models.cnn import CNNSegmenter, load_network
-    from .data import augmented_sample, augmenter
-    from .loop import COUNT_RANGE, segmentation_loss, tune_thresholds
-    from .targets import class_weights, three_class_target
+def averaged_weights(nets: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The mean of networks' weights, all fine-tuned from one base (a "model soup", Wortsman et
+    al. 2022): floating-point tensors averaged, counters taken from the first."""
+    states = [n.state_dict() for n in nets]
+    return {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone())
+            for k, v in states[0].items()}
 
-    started = time.monotonic()
-    budget = 60.0 * cfg.minutes
-    report = progress or (lambda f, m: None)
-    out_dir = Path(out_dir)
-    base_dir = resolve_base(cfg.base)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    by_stem = {s: (img, lab) for s, img, lab in data}
-    train_stems, hold_stems = held_out(list(by_stem), images_dir or Path("."))
-    train_data = [by_stem[s] for s in train_stems]
-    hold_data = [by_stem[s] for s in hold_stems]
-    log(f"{len(train_data)} training image(s)" + (f", {len(hold_data)} held out to judge the result"
-                                                  if hold_data else "; too few to hold any out (3 or more needed): "
-                                                  "the result cannot be checked"))
-    base_seg = CNNSegmenter(base_dir, str(device), onnx=False)
-    base_config = dict(base_seg.config)
-    # 1. the base's scale for these images, and its held-out figures
-    t_scale = time.monotonic()
-    scales = [base_seg.choose_scale(img)[0] if base_config.get("scale_search") else 1.0 for img, _ in train_data]
-    scale = float(np.median(scales))
-    per_image_s = (time.monotonic() - t_scale) / max(1, len(train_data))
-    t_eval = time.monotonic()
-    before = figures(base_seg, hold_data) if hold_data else {}
-    if hold_data:
-        per_image_s = (time.monotonic() - t_eval) / len(hold_data)
-    if before:
-        log(f"base {base_dir.name} on the held-out images: F1 {before['f1']:.3f}, foreground IoU "
-            f"{before['foreground_iou']:.3f}, count ratio {before['count_ratio']:.2f}")
-    # the base's folder first: a usable model whatever happens next
-    _write_folder(out_dir, base_dir, None, base_config, base_seg.thresholds, cfg, "base (not yet fine-tuned)",
-                  "fine-tuning has not finished", train_stems, hold_stems, before, {}, 0, 0.0, scale)
-    # 2. training, within the time left after scoring and tuning
-    net, _, _ = load_network(base_dir, device)
+
+@dataclass
+class _Round:
+    """One round of the rotation: the network trained without ``held_out``, judged on it."""
+
+    held_out: list[str]
+    net: torch.nn.Module
+    thresholds: dict
+    steps: int = 0
+    train_s: float = 0.0
+    preds: list = field(default_factory=list)
+    interrupted: bool = False
+    diverged: str = ""
+
+
+def _train(net: torch.nn.Module, train_data: list, weights: torch.Tensor, cfg: FinetuneConfig, aug, border_width: int,
+           until: float, rng: np.random.Generator, device, report: Callable[[str], None], log) -> tuple[int, bool, str]:
+    """Train ``net`` in place on crops of ``train_data`` until the monotonic time ``until``, the
+    learning rate laid over that time. Returns (steps, interrupted by Ctrl-C, divergence message);
+    after a non-finite loss the weights of the last finite step are put back."""
+    from .data import augmented_sample
+    from .loop import segmentation_loss
+
     net.train()
     _freeze_batchnorm(net)
     opt = torch.optim.AdamW(_param_groups(net, cfg.lr, cfg.encoder_lr_factor), weight_decay=1e-4)
-    weights = torch.from_numpy(class_weights([three_class_target(lab, int(base_config.get("border_width", 2)))
-                                              for _, lab in train_data])).to(device)
-    aug = augmenter(cfg.crop, (scale * 0.8, scale * 1.25))
-    # kept for what follows training: scoring the held-out images again, and for the retuning one
-    # segmentation of each training image plus about 45 post-processing trials of its map
-    # (on a loaded machine these took up to twice the estimate, hence the margin)
-    reserve = 1.5 * (per_image_s * (len(hold_data) + (1.5 * len(train_data) if cfg.tune else 0))
-                     + (8.0 * len(train_data) if cfg.tune else 0)) + 15.0
-    train_until = started + max(budget * 0.3, budget - min(reserve, 0.6 * budget))
-    t_train = time.monotonic()
+    t0 = time.monotonic()
     steps, last_good, interrupted, diverged = 0, copy.deepcopy(net.state_dict()), False, ""
     try:
-        while time.monotonic() < train_until:
-            fraction = (time.monotonic() - t_train) / max(1e-9, train_until - t_train)
+        while time.monotonic() < until:
+            fraction = (time.monotonic() - t0) / max(1e-9, until - t0)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * schedule(fraction, cfg.warmup_share)
-            batch = [augmented_sample(aug, *train_data[int(rng.integers(len(train_data)))],
-                                      int(base_config.get("border_width", 2))) for _ in range(cfg.batch_size)]
+            batch = [augmented_sample(aug, *train_data[int(rng.integers(len(train_data)))], border_width)
+                     for _ in range(cfg.batch_size)]
             x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
             x = ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
@@ -279,34 +292,159 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
             steps += 1
             if steps % 10 == 0:
                 last_good = copy.deepcopy(net.state_dict())
-            report((time.monotonic() - started) / budget, f"fine-tuning, step {steps}, loss {float(loss.detach()):.3f}")
+            report(f"step {steps}, loss {float(loss.detach()):.3f}")
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: judging the weights so far against the base (Ctrl-C again to keep the base)")
     net.eval()
-    train_s = time.monotonic() - t_train
-    # 3. post-processing retuned on the training images, then the held-out verdict
+    return steps, interrupted, diverged
+
+
+def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg: FinetuneConfig,
+             images_dir: Path | None = None, log: Callable[[str], None] = print,
+             progress: Callable[[float, str], None] | None = None) -> FinetuneResult:
+    """Fine-tune ``cfg.base`` on ``data`` ((stem, normalised image, labels) from
+    :func:`read_annotated`) into the model folder ``out_dir`` within ``cfg.minutes``; see the
+    module's docstring. ``progress(fraction of the budget, what)`` is called as time passes."""
+    from ..inference import pick_device
+    from ..models.cnn import CNNSegmenter, load_network
+    from .data import augmenter
+    from .loop import COUNT_RANGE, pooled_counts, tune_thresholds, tuning_trials
+    from .targets import class_weights, three_class_target
+
+    started = time.monotonic()
+    budget = 60.0 * cfg.minutes
+    report = progress or (lambda f, m: None)
+    out_dir = Path(out_dir)
+    base_dir = resolve_base(cfg.base)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    by_stem = {s: (img, lab) for s, img, lab in data}
+    stems = list(by_stem)
+    folds = rotation_folds(stems, images_dir or Path("."))
+    first_train = [s for s in stems if not folds or s not in folds[0]]
+    base_seg = CNNSegmenter(base_dir, str(device), onnx=False)
+    base_config = dict(base_seg.config)
+    border_width = int(base_config.get("border_width", 2))
+    # 1. the base's scale for these images (its search needs no annotation)
+    t_scale = time.monotonic()
+    scales = [base_seg.choose_scale(by_stem[s][0])[0] if base_config.get("scale_search") else 1.0 for s in first_train]
+    scale = float(np.median(scales))
+    per_image_s = (time.monotonic() - t_scale) / max(1, len(first_train))
+    # one post-processing trial of the retuning, timed on the first training image (silica frames
+    # of 1,000 spheres take 0.26 s a trial, sixty trials an image: a fixed guess overran budgets)
+    trial_s = 0.0
+    if cfg.tune:
+        img, lab = by_stem[first_train[0]]
+        prob = _probs(base_seg, img, base_config)
+        t_trial = time.monotonic()
+        pooled_counts([prob], [(img, lab)], base_seg.thresholds)
+        trial_s = (time.monotonic() - t_trial) * tuning_trials(len(prob))
+
+    def kept_for(n_train: int, n_hold: int) -> float:
+        return _kept_for(per_image_s, trial_s, n_train, n_hold, cfg.tune)
+
+    # 2. how many held-out folds to rotate through: each round trains from the base without its
+    # fold, so every held-out image is judged by a model that never saw it
+    overheads = [kept_for(len(stems) - len(f), len(f)) for f in folds] or [kept_for(len(stems), 0)]
+    soup_overhead = kept_for(len(stems), 0)
+    rounds = _rounds(cfg, overheads, soup_overhead, budget - (time.monotonic() - started) - 15.0)
+    planned = [list(f) for f in folds[:rounds]] or [[]]
+    hold_stems = [s for f in planned for s in f]
+    log(f"{len(stems)} annotated image(s)" + (
+        (f"; holding out {', '.join(planned[0])} to judge the result" if rounds == 1 else
+         f"; {rounds} rounds, holding out {', then '.join(', '.join(f) for f in planned)} to judge the result")
+        if folds else "; too few to hold any out (3 or more needed): the result cannot be checked"))
+    t_eval = time.monotonic()
+    base_preds = predictions(base_seg, [by_stem[s] for s in hold_stems])
+    base_figures = {}
+    if hold_stems:
+        per_image_s = (time.monotonic() - t_eval) / len(hold_stems)
+        base_figures = figures([by_stem[s][1] for s in hold_stems], base_preds)
+        log(f"base {base_dir.name} on the held-out images: F1 {base_figures['f1']:.3f}, foreground IoU "
+            f"{base_figures['foreground_iou']:.3f}, count ratio {base_figures['count_ratio']:.2f}")
+    # the base's folder first: a usable model whatever happens next
+    _write_folder(out_dir, base_dir, None, base_config, base_seg.thresholds, cfg, "base (not yet fine-tuned)",
+                  "fine-tuning has not finished", first_train, planned[0], {}, {}, 0, 0.0, scale)
+    aug = augmenter(cfg.crop, (scale * 0.8, scale * 1.25))
+    # 3. the rounds: train, retune the post-processing on the round's training images, predict its fold
+    done: list[_Round] = []
+    for r, fold in enumerate(planned):
+        train_data = [by_stem[s] for s in stems if s not in fold]
+        weights = torch.from_numpy(class_weights([three_class_target(lab, border_width) for _, lab in train_data])).to(device)
+        now = time.monotonic()
+        # what is kept for after training: scoring and retuning of this round and the rounds
+        # to come, and the soup's retuning (on a loaded machine these took up to twice the
+        # estimate, hence the margin in _kept_for)
+        after_this = sum(overheads[r + 1:rounds]) + (soup_overhead if rounds > 1 else 0.0)
+        reserve = overheads[r] + after_this + 15.0
+        end = started + max(budget * 0.3, budget - min(reserve, 0.6 * budget))
+        until = now + max(0.0, (end - now) / (rounds - r))
+        net, _, _ = load_network(base_dir, device)
+        what = f"fine-tuning{f' (round {r + 1} of {rounds})' if rounds > 1 else ''}"
+        steps_before = time.monotonic()
+        steps, interrupted, diverged = _train(
+            net, train_data, weights, cfg, aug, border_width, until, rng, device,
+            lambda m, w=what: report((time.monotonic() - started) / budget, f"{w}, {m}"), log)
+        one = _Round(fold, net, dict(base_seg.thresholds), steps, time.monotonic() - steps_before,
+                     interrupted=interrupted, diverged=diverged)
+        if interrupted and done:
+            break  # a later round cut short: the finished rounds stand
+        try:
+            seg = _segmenter(out_dir, base_dir, net, base_config, one.thresholds, cfg, device)
+            if cfg.tune and not interrupted:
+                report((time.monotonic() - started) / budget, "retuning the post-processing")
+                probs = [_probs(seg, img, base_config) for img, _ in train_data]
+                # the retuning stops in time to score the fold and leave the later rounds theirs
+                deadline = started + budget - after_this - 1.5 * per_image_s * len(fold) - 10.0
+                one.thresholds, _ = tune_thresholds(probs, train_data, start=one.thresholds, count_range=COUNT_RANGE,
+                                                    deadline=deadline)
+                seg.thresholds = one.thresholds
+            report((time.monotonic() - started) / budget, "scoring the held-out images")
+            one.preds = predictions(seg, [by_stem[s] for s in fold])
+        except KeyboardInterrupt:
+            if done:
+                break
+            _write_folder(out_dir, base_dir, None, base_config, base_seg.thresholds, cfg, "base (interrupted)",
+                          "interrupted before the fine-tuned weights could be judged: the base's weights are kept",
+                          first_train, planned[0], {}, {}, steps, one.train_s, scale)
+            return FinetuneResult(out_dir, "base (interrupted)", "interrupted before judging", first_train, planned[0],
+                                  {}, {}, steps, time.monotonic() - started, scale)
+        done.append(one)
+        if interrupted or diverged:
+            break
+    # 4. the verdict, pooled over the folds judged
+    judged = [s for one in done for s in one.held_out]
+    truths = [by_stem[s][1] for s in judged]
+    before = (base_figures if len(judged) == len(hold_stems) else figures(truths, base_preds[:len(judged)])) if judged else {}
+    after = figures(truths, [p for one in done for p in one.preds]) if judged else {}
+    steps, train_s = sum(o.steps for o in done), sum(o.train_s for o in done)
     tuned_config = {**base_config, "name": out_dir.name, "finetuned_from": base_config.get("name", base_dir.name)}
-    thresholds = dict(base_seg.thresholds)
-    try:
-        _write_folder(out_dir, base_dir, net, tuned_config, thresholds, cfg, "fine-tuned (not yet judged)",
-                      "scoring", train_stems, hold_stems, before, {}, steps, train_s, scale)
-        seg = CNNSegmenter(out_dir, str(device), onnx=False)
-        if cfg.tune and not interrupted:
-            report((time.monotonic() - started) / budget, "retuning the post-processing")
-            probs = [seg.searched(img)[2].probabilities if base_config.get("scale_search")
-                     else seg.at_scale(img, 1.0)[1].probabilities for img, _ in train_data]
-            thresholds, _ = tune_thresholds(probs, train_data, start=thresholds, count_range=COUNT_RANGE)
-            seg.thresholds = thresholds
-        report((time.monotonic() - started) / budget, "scoring the held-out images")
-        after = figures(seg, hold_data) if hold_data else {}
-    except KeyboardInterrupt:
-        _write_folder(out_dir, base_dir, None, base_config, base_seg.thresholds, cfg, "base (interrupted)",
-                      "interrupted before the fine-tuned weights could be judged: the base's weights are kept",
-                      train_stems, hold_stems, before, {}, steps, train_s, scale)
-        return FinetuneResult(out_dir, "base (interrupted)", "interrupted before judging", train_stems, hold_stems,
-                              before, {}, steps, time.monotonic() - started, scale)
-    if hold_data:
+    net, thresholds = done[0].net, done[0].thresholds
+    per_round = []
+    if len(done) > 1:
+        # the kept attempt: the mean of the rounds' weights, which together saw every image,
+        # its post-processing retuned on all of them
+        per_round = [{"held_out": o.held_out, "steps": o.steps, "training_seconds": round(o.train_s, 1),
+                      "before": _plain(figures([by_stem[s][1] for s in o.held_out], base_preds[i:i + len(o.held_out)])),
+                      "after": _plain(figures([by_stem[s][1] for s in o.held_out], o.preds))}
+                     for o, i in zip(done, np.cumsum([0] + [len(o.held_out) for o in done[:-1]]))]
+        net, _, _ = load_network(base_dir, device)
+        net.load_state_dict(averaged_weights([o.net for o in done]))
+        net.eval()
+        if cfg.tune:
+            try:
+                report((time.monotonic() - started) / budget, "retuning the post-processing of the averaged weights")
+                seg = _segmenter(out_dir, base_dir, net, base_config, thresholds, cfg, device)
+                all_data = [by_stem[s] for s in stems]
+                thresholds, _ = tune_thresholds([_probs(seg, img, base_config) for img, _ in all_data], all_data,
+                                                start=thresholds, count_range=COUNT_RANGE,
+                                                deadline=started + budget - 10.0)
+            except KeyboardInterrupt:
+                log("interrupted: the averaged weights keep the first round's post-processing")
+    train_stems = first_train if len(done) == 1 else stems
+    if judged:
         gain = (after["f1"] - before["f1"], after["foreground_iou"] - before["foreground_iou"])
         # better: F1 and foreground IoU together gain, and F1 does not drop by more than a
         # particle or two of the held-out images (on one silica frame: F1 0.842 -> 0.836 is one
@@ -314,37 +452,85 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
         better = gain[0] + gain[1] > MIN_GAIN and gain[0] > -MAX_F1_LOSS
         reason = (f"held-out F1 {before['f1']:.3f} -> {after['f1']:.3f}, foreground IoU {before['foreground_iou']:.3f} "
                   f"-> {after['foreground_iou']:.3f}")
+        if len(done) > 1:
+            reason += (f" (over {len(done)} rounds, each image judged by the round that did not train on it; the weights "
+                       "are the rounds' mean)")
     else:
         better, reason = True, "no held-out images to judge it (fewer than 3 annotated): kept unchecked"
+    diverged = next((o.diverged for o in done if o.diverged), "")
+    interrupted = any(o.interrupted for o in done) or len(done) < rounds
     if diverged:
         reason = f"{diverged}; {reason}"
     kept = "fine-tuned" if better else "base"
     if interrupted:
         reason = f"interrupted after {train_s:.0f} s of training; {reason}"
+    round_nets = [(o.net, {**tuned_config, "name": f"{out_dir.name}/rounds/{i + 1}"}, o.thresholds)
+                  for i, o in enumerate(done)] if len(done) > 1 else []
     if better:
-        _write_folder(out_dir, base_dir, net, tuned_config, thresholds, cfg, kept, reason, train_stems, hold_stems,
-                      before, after, steps, train_s, scale)
+        _write_folder(out_dir, base_dir, net, tuned_config, thresholds, cfg, kept, reason, train_stems, judged,
+                      before, after, steps, train_s, scale, per_round=per_round, round_nets=round_nets)
     else:
         reason = (f"not better than the base, so the base's weights are kept: {reason}; the attempt is in "
                   f"{out_dir.name}/rejected")
         _write_folder(out_dir, base_dir, None, {**base_config, "name": out_dir.name}, base_seg.thresholds, cfg, kept,
-                      reason, train_stems, hold_stems, before, after, steps, train_s, scale,
-                      rejected=(net, tuned_config, thresholds))
+                      reason, train_stems, judged, before, after, steps, train_s, scale,
+                      rejected=(net, tuned_config, thresholds), per_round=per_round, round_nets=round_nets)
     log(f"{kept} model -> {out_dir} ({reason})")
     report(1.0, "done")
-    return FinetuneResult(out_dir, kept, reason, train_stems, hold_stems, before, after, steps,
-                          time.monotonic() - started, scale)
+    return FinetuneResult(out_dir, kept, reason, train_stems, judged, before, after, steps,
+                          time.monotonic() - started, scale, rounds=len(done))
+
+
+def _kept_for(per_image_s: float, tuning_s: float, n_train: int, n_hold: int, tune: bool) -> float:
+    """Seconds kept after a round's training: scoring its held-out images (``per_image_s`` each),
+    and for the retuning one segmentation of each training image plus its post-processing trials
+    (``tuning_s`` an image); x1.5, since on a loaded machine these took up to twice the estimate."""
+    return 1.5 * (per_image_s * (n_hold + (1.5 * n_train if tune else 0)) + (tuning_s * n_train if tune else 0))
+
+
+def _rounds(cfg: FinetuneConfig, overheads: list[float], soup_overhead: float, seconds_left: float) -> int:
+    """``cfg.rounds`` when given (at most one per fold); else as many rounds as leave each
+    :data:`MIN_ROUND_MINUTES` of training, at least one."""
+    if cfg.rounds > 0:
+        return max(1, min(cfg.rounds, len(overheads)))
+    best = 1
+    for r in range(2, len(overheads) + 1):
+        if (seconds_left - sum(overheads[:r]) - soup_overhead) / r >= 60.0 * MIN_ROUND_MINUTES:
+            best = r
+    return best
+
+
+def _segmenter(out_dir: Path, base_dir: Path, net, config: dict, thresholds: dict, cfg: FinetuneConfig, device):
+    """A segmenter of ``net`` as its model folder would load it (written to a scratch folder)."""
+    import shutil
+    import tempfile
+
+    from ..models.cnn import CNNSegmenter, save_model_folder
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-", dir=out_dir.parent))
+    try:
+        save_model_folder(net, scratch / "model", {k: v for k, v in config.items() if k != "validation_tuned"}, thresholds)
+        return CNNSegmenter(scratch / "model", str(device), onnx=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _probs(seg, img: np.ndarray, config: dict) -> object:
+    return seg.searched(img)[2].probabilities if config.get("scale_search") else seg.at_scale(img, 1.0)[1].probabilities
 
 
 def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: dict, cfg: FinetuneConfig, kept: str,
                   reason: str, train_stems, hold_stems, before: dict, after: dict, steps: int, train_s: float,
-                  scale: float, rejected: tuple | None = None) -> None:
+                  scale: float, rejected: tuple | None = None, per_round: list | None = None,
+                  round_nets: list | None = None) -> None:
     """The model folder (weights of ``net``, or the base's when None) with the record of the run
     in ``config.json`` (``finetune``) and ``MODEL_CARD.md``. Written to a temporary folder and
     swapped in, so that an interruption never leaves a half-written model. ``rejected``: (net,
     config, thresholds) of a fine-tuned attempt that was not kept, written as a model folder of
     its own in ``rejected/`` (``--model MODEL_DIR/rejected`` tries it; the judgement rests on a
-    few held-out images, and the user may know better)."""
+    few held-out images, and the user may know better). ``per_round``: the held-out figures of
+    each round of a rotation; ``round_nets``: (net, config, thresholds) of each round, written as
+    model folders in ``rounds/1``, ``rounds/2``, ..."""
     import shutil
 
     from ..models.cnn import load_network, save_model_folder
@@ -352,6 +538,8 @@ def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: 
     record = {"base": str(base_dir), "kept": kept, "reason": reason, "train_images": list(train_stems),
               "held_out_images": list(hold_stems), "before": _plain(before), "after": _plain(after), "steps": steps,
               "training_seconds": round(train_s, 1), "scale": scale, "settings": asdict(cfg)}
+    if per_round:
+        record["rounds"] = per_round
     if net is None:
         net, _, _ = load_network(base_dir)  # the base's own network, its stages as its config says
     tmp = out_dir.with_name(out_dir.name + ".writing")
@@ -364,6 +552,11 @@ def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: 
         r_record = {**record, "kept": "fine-tuned (rejected: not better than the base on the held-out images)"}
         save_model_folder(r_net, tmp / "rejected", {**r_config, "name": f"{out_dir.name}/rejected", "finetune": r_record},
                           r_thresholds, card=_card(f"{out_dir.name}/rejected", r_record))
+    for i, (r_net, r_config, r_thresholds) in enumerate(round_nets or [], start=1):
+        r_config = {k: v for k, v in r_config.items() if k != "validation_tuned"}
+        r_record = {**record, "kept": f"round {i} of the rotation (trained without {', '.join(per_round[i - 1]['held_out'])})"}
+        save_model_folder(r_net, tmp / "rounds" / str(i), {**r_config, "finetune": r_record}, r_thresholds,
+                          card=_card(f"{out_dir.name}/rounds/{i}", r_record))
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
@@ -393,5 +586,14 @@ def _card(name: str, r: dict) -> str:
         lines += ["Held-out images, base against fine-tuned (IoU 0.5):", "", "| | base | fine-tuned |", "|---|---|---|",
                   row("f1", ".3f"), row("precision", ".3f"), row("recall", ".3f"), row("panoptic_quality", ".3f"),
                   row("foreground_iou", ".3f"), row("count_ratio", ".2f"), row("d50_rel_error", "+.1%"), ""]
+    if r.get("rounds"):
+        lines += [(f"The held-out images rotated over {len(r['rounds'])} rounds: each round trained from the base "
+                   "without its images, and its model scored them (`rounds/N`). The weights above are the mean of the "
+                   "rounds' weights, their post-processing retuned on all the images."), "",
+                  "| round | held out | steps | F1 base -> round | foreground IoU base -> round |", "|---|---|---|---|---|"]
+        lines += [f"| {i} | {', '.join(x['held_out'])} | {x['steps']} | {cell(x['before'].get('f1'), '.3f')} -> "
+                  f"{cell(x['after'].get('f1'), '.3f')} | {cell(x['before'].get('foreground_iou'), '.3f')} -> "
+                  f"{cell(x['after'].get('foreground_iou'), '.3f')} |" for i, x in enumerate(r["rounds"], start=1)]
+        lines += [""]
     lines += ["These figures come from a few images of one series: check the model on more before relying on it.", ""]
     return "\n".join(lines)

@@ -317,14 +317,24 @@ SEED_GRID = ([("borders", 0.5)] + [("distance", v) for v in (0.3, 0.4, 0.5, 0.6,
              + [("both", v) for v in (0.2, 0.3, 0.4, 0.5)])
 
 
+def tuning_trials(channels: int) -> int:
+    """How many post-processing settings :func:`tune_thresholds` tries for maps of ``channels``."""
+    grid = dict(TUNING_GRID)
+    if channels > 3:
+        grid = {("seeds", "seed_distance"): SEED_GRID, **grid}
+    return 1 + sum(len(v) for v in grid.values())
+
+
 def tune_thresholds(probs, val_data, start: dict | None = None,
-                    count_range: tuple[float, float] | None = None, groups=None) -> tuple[dict, float]:
+                    count_range: tuple[float, float] | None = None, groups=None,
+                    deadline: float | None = None) -> tuple[dict, float]:
     """Post-processing settings with the best pooled F1 on the validation images, searched one
     group of settings at a time (the thresholds jointly, then each filter given the rest),
     starting from ``start`` (default: :data:`DEFAULT_THRESHOLDS`). With ``count_range`` a
     setting must also keep the count ratio in that range, or bring it closer (:func:`tuning_key`);
     start from settings near it, or the greedy search trades F1 for count early and stays there.
     ``groups`` (the set of each image): every set weighs the same (:func:`balanced_key`).
+    ``deadline`` (``time.monotonic()``): no new setting is tried after it; the best so far stands.
     Returns the settings and their F1 (the mean of the sets' with ``groups``)."""
 
     def key_of(thresholds: dict) -> tuple[float, float]:
@@ -339,6 +349,8 @@ def tune_thresholds(probs, val_data, start: dict | None = None,
         grid = {("seeds", "seed_distance"): SEED_GRID, **grid}
     for keys, values in grid.items():
         for vals in values:
+            if deadline is not None and time.monotonic() > deadline:
+                return best, best_key[1]
             trial = {**best, **dict(zip(keys, vals))}
             key = key_of(trial)
             if key > (best_key[0], best_key[1] + 1e-9):
