@@ -594,7 +594,7 @@ def finetune(
     base: Annotated[str | None, typer.Option("--base", help="Model to start from (default: the default model).")] = None,
     minutes: Annotated[float, typer.Option("--minutes", help="Time budget for the whole run, loading and scoring included.", min=0.2)] = 10.0,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the decoder (the encoder gets 0.3 of it).")] = 5e-4,
-    rounds: Annotated[int, typer.Option("--rounds", min=0, help="Held-out quarters to rotate through, each round training from the base without its quarter; 0: as many as the budget allows with 6 minutes of training each (one round for 10 minutes, two for 20).")] = 0,
+    rounds: Annotated[int, typer.Option("--rounds", min=0, help="Held-out quarters to rotate through, each round training from the base without its quarter; 0: as many as the budget allows with 6 minutes of training each (one for 10 minutes; two from about 20, less for large frames, whose retuning takes longer).")] = 0,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Adapt a model to your material from a few annotated or corrected images, within a time budget;
