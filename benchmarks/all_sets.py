@@ -3,7 +3,8 @@
     python benchmarks/all_sets.py MODEL [MODEL ...] [--part test|validation|all] [--split RUN/split.json]
         [--folds 5] [--synth runs/synth-val2] [--limit 0] [--sets silica agglomerates]
 
-MODEL is a registered name (``emparticles models``) or a model folder. The sets are those of
+MODEL is a registered name (``emparticles models``) or a model folder; ``MODEL+flips`` is the
+same model with test-time flips (the mean of its four flipped probability maps). The sets are those of
 ``../shared/data``: EMPS split by article (``sources.csv``), JEOL silica by sample group,
 agglomerates on a textured polymer by sample (agglomerate-level masks: foreground figures only);
 ``--synth`` adds a synthetic SEM set (a training aid, shown for reference, never a yardstick).
@@ -121,7 +122,10 @@ def main() -> None:
     rows = []
     per_fold: dict[tuple[str, str], list[float]] = {}
     for model_name in args.models:
-        model = load_model(model_name, "cpu")
+        # MODEL+flips: the same model with test-time flips (the mean of the four flipped maps)
+        model = load_model(model_name.removesuffix("+flips"), "cpu")
+        if model_name.endswith("+flips"):
+            model.flips = True
         for name, kind, pairs in sets:
             pairs = pairs[: args.limit] if args.limit else pairs
             truths, preds, times = [], [], []
