@@ -364,6 +364,9 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
         base_figures = figures([by_stem[s][1] for s in hold_stems], base_preds)
         log(f"base {base_dir.name} on the held-out images: F1 {base_figures['f1']:.3f}, foreground IoU "
             f"{base_figures['foreground_iou']:.3f}, count ratio {base_figures['count_ratio']:.2f}")
+        # the reserves again, from the time a whole-road segmentation took
+        overheads = [kept_for(len(stems) - len(f), len(f)) for f in folds] or [kept_for(len(stems), 0)]
+        soup_overhead = kept_for(len(stems), 0)
     # the base's folder first: a usable model whatever happens next
     _write_folder(out_dir, base_dir, None, base_config, base_seg.thresholds, cfg, "base (not yet fine-tuned)",
                   "fine-tuning has not finished", first_train, planned[0], {}, {}, 0, 0.0, scale)
