@@ -461,7 +461,7 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
     else:
         better, reason = True, "no held-out images to judge it (fewer than 3 annotated): kept unchecked"
     diverged = next((o.diverged for o in done if o.diverged), "")
-    interrupted = any(o.interrupted for o in done) or len(done) < rounds
+    interrupted = any(o.interrupted for o in done) or (len(done) < rounds and not diverged)
     if diverged:
         reason = f"{diverged}; {reason}"
     kept = "fine-tuned" if better else "base"
