@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--extra-images", default="", help="a second set for training only (e.g. synthetic SEM)")
     parser.add_argument("--extra-masks", default="")
     parser.add_argument("--extra-fraction", type=float, default=0.3)
+    parser.add_argument("--focus-fraction", type=float, default=0.0,
+                        help="share of crops placed to hold an annotated pixel (foreground oversampling)")
     parser.add_argument("--paste-fraction", type=float, default=0.0,
                         help="share of crops made by pasting training agglomerates on empty backgrounds")
     parser.add_argument("--init-from", default="", help="model folder whose weights start the training")
@@ -79,6 +81,7 @@ def main() -> None:
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size, lr=args.lr,
                       crop=args.crop, scale_min=args.scale[0], scale_max=args.scale[1], border_width=args.border_width,
                       extra_images=args.extra_images, extra_masks=args.extra_masks, extra_fraction=args.extra_fraction, paste_fraction=args.paste_fraction,
+                      focus_fraction=args.focus_fraction,
                       init_from=args.init_from, class_weighting=args.class_weighting,
                       average_epochs=args.average_epochs, device=args.device, workers=args.workers,
                       test_fraction=args.test_fraction, distance_head=args.distance_head,

@@ -356,6 +356,29 @@ def test_scale_search_climbs_both_ways_from_a_near_tie(tie, chosen):
     assert seg.choose_scale(np.zeros((40, 60), np.float32))[0] == 0.7 and [c[0] for c in seg.calls] == [0.7, 1.0, 0.5]
 
 
+class _CountedAtScale(_ScoredAtScale):
+    """Particles from a table: {scale: list of their scores} (none: an empty list)."""
+
+    def __init__(self, table: dict, search: dict):
+        super().__init__(1.0, search)
+        self.table = table
+
+    def at_scale(self, img, scale):
+        inst, prob = super().at_scale(img, scale)
+        scores = np.array(self.table[scale], np.float32)
+        lab = np.zeros_like(inst.labels)
+        lab.flat[:2 * len(scores):2] = np.arange(1, len(scores) + 1)
+        return type(inst)(lab, scores), prob
+
+
+def test_scale_search_leaves_the_image_as_it_is_when_nothing_is_found():
+    search = {"start": [0.7, 1.0], "up": [1.4], "down": [0.5], "tie": 0.005, "max_pixels": 10_000}
+    seg = _CountedAtScale({0.5: [], 0.7: [], 1.0: [], 1.4: []}, search)
+    assert seg.choose_scale(np.zeros((40, 60), np.float32))[0] == 1.0
+    seg = _CountedAtScale({0.5: [], 0.7: [], 1.0: [], 1.4: []}, {**search, "start": [1.0, 0.7]})
+    assert seg.choose_scale(np.zeros((40, 60), np.float32))[0] == 1.0
+
+
 class _SizedAtScale(_ScoredAtScale):
     """One square particle of side 10 px at scale 1, scaled with the image (ECD 11.3 px x scale)."""
 
@@ -538,6 +561,25 @@ def test_augmenter_crops_as_padding_then_cropping_did():
         a, b = ours(image=img, mask=lab), before(image=img, mask=lab)
         assert a["image"].shape == (96, 96)
         assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+
+
+@pytest.mark.parametrize("focus, least, most", [(0.0, 0.0, 0.25), (0.5, 0.4, 0.75), (1.0, 1.0, 1.0)])
+def test_augmenter_focuses_a_share_of_crops_on_annotated_pixels(focus, least, most):
+    """On a sparse frame (two particles, 0.02% of the field) random crops seldom hold a particle;
+    focused ones always do, also on images smaller than the crop."""
+    from emparticles.train.data import augmenter
+
+    img = np.random.default_rng(0).random((960, 1280)).astype(np.float32)
+    lab = np.zeros((960, 1280), np.int32)
+    lab[100:110, 1000:1012], lab[800:815, 50:60] = 1, 2
+    aug = augmenter(160, (1.0, 1.0), focus)
+    aug.set_random_seed(3)
+    held = np.mean([(aug(image=img, mask=lab)["mask"] > 0).any() for _ in range(100)])
+    assert least <= held <= most
+    small, small_lab = img[:100, :150], lab[:100, :150].copy()
+    small_lab[10:20, 10:20] = 3
+    out = augmenter(160, (0.6, 1.0), 1.0)(image=small, mask=small_lab)
+    assert out["image"].shape == (160, 160) and (out["mask"] == 3).any()
 
 
 def test_timed_batches_add_up_the_waits():

@@ -172,6 +172,10 @@ class CNNSegmenter:
             sc = tried[scale][0].scores
             return float(sc.mean()) if sc.size else 0.0
 
+        def rank(scale: float) -> tuple[float, float]:
+            # equal scores (nothing found at any scale, most often) leave the image as it is
+            return score(scale), -abs(np.log(scale))
+
         # Enlarging stops where the particles found at the current scale would come out larger
         # than max_enlarged_ecd_px (median equivalent diameter, px): their outlines are already
         # resolved, and enlarging only costs time (measured on EMPS validation images with v5:
@@ -194,7 +198,7 @@ class CNNSegmenter:
             return scale
 
         start = [float(v) for v in search.get("start", [1.0]) if allowed(float(v))] or [1.0]
-        best = max(start, key=score)
+        best = max(start, key=rank)
         # Start scales that score within `tie` of the best also climb: which way to go must not
         # hang on a difference in the fourth decimal (measured: an EMPS image of 497 particles
         # went down to 8 or up to 515 on a 0.0003 difference between 0.7 and 1).
@@ -204,7 +208,7 @@ class CNNSegmenter:
             candidates.append(climb(max(start), [float(v) for v in search.get("up", []) if allowed(float(v))]))
         if score(min(start)) >= score(best) - tie and (best == min(start) or tie > 0):
             candidates.append(climb(min(start), [float(v) for v in search.get("down", [])]))
-        return max(candidates, key=score), tried
+        return max(candidates, key=rank), tried
 
     def searched(self, img: np.ndarray) -> tuple[float, Instances, ProbabilityMap]:
         """The chosen scale of a normalised image and its instances and probabilities over the

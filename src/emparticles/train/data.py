@@ -90,18 +90,33 @@ def augmented_sample(aug, img: np.ndarray, labels: np.ndarray, border_width: int
     return out["image"].astype(np.float32), three_class_target(out["mask"], border_width).astype(np.int64)
 
 
-def augmenter(crop: int, scale_range=(0.5, 2.0)):
-    """albumentations pipeline: scale, flips, rotations, elastic/grid/optical distortion,
-    brightness/contrast, gamma, blur and noise, then a random crop of ``crop`` pixels."""
+def augmenter(crop: int, scale_range=(0.5, 2.0), focus_fraction: float = 0.0):
+    """albumentations pipeline: scale, a crop of ``crop`` pixels, flips, rotations,
+    elastic/grid/optical distortion, brightness/contrast, gamma, blur and noise.
+
+    The crop is random; with probability ``focus_fraction`` it is instead placed so that it holds
+    an annotated pixel (a random one, if the crop has any), as nnU-Net oversamples foreground. On a
+    sparse frame (a dozen agglomerates of 10-30 px on a 1280x960 polymer surface, 0.3% of the
+    field) nine random crops in ten hold no particle, and a network learns to call the whole
+    surface substrate."""
     import albumentations as A
     import cv2
 
+    # padding inside the crop: PadIfNeeded before it copied the whole scaled image even when
+    # nothing was padded (same crops, 7.1 -> 1.4 ms for a 1024x768 frame's geometry)
+    random_crop = A.RandomCrop(crop, crop, pad_if_needed=True, border_mode=cv2.BORDER_REFLECT_101)
+    if focus_fraction > 0:
+        # CropNonEmptyMaskIfExists needs an image at least as large as the crop: padded first
+        focused = A.Sequential([A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_REFLECT_101),
+                                A.CropNonEmptyMaskIfExists(crop, crop)], p=focus_fraction)
+        random_crop.p = 1.0 - focus_fraction
+        cropping = A.OneOf([random_crop, focused], p=1.0)
+    else:
+        cropping = random_crop
     return A.Compose([
         A.RandomScale(scale_limit=(scale_range[0] - 1, scale_range[1] - 1), interpolation=cv2.INTER_LINEAR,
                       mask_interpolation=cv2.INTER_NEAREST, p=1.0),
-        # padding inside the crop: PadIfNeeded before it copied the whole scaled image even when
-        # nothing was padded (same crops, 7.1 -> 1.4 ms for a 1024x768 frame's geometry)
-        A.RandomCrop(crop, crop, pad_if_needed=True, border_mode=cv2.BORDER_REFLECT_101),
+        cropping,
         A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90(),
         A.OneOf([A.ElasticTransform(alpha=20, sigma=5), A.GridDistortion(), A.OpticalDistortion()], p=0.2),
         A.RandomBrightnessContrast(0.2, 0.3, p=0.7),

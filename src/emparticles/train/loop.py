@@ -72,6 +72,7 @@ class TrainConfig:
     extra_masks: str = ""
     extra_fraction: float = 0.3  # share of training crops drawn from the extra set
     paste_fraction: float = 0.0  # share of crops made by pasting training agglomerates on empty backgrounds
+    focus_fraction: float = 0.0  # share of crops placed to hold an annotated pixel (data.augmenter)
     scale_search: bool = True  # the model chooses its resampling per image (SCALE_SEARCH)
     average_epochs: int = 0  # >0: the model is the mean of the weights after each of the last N epochs
     local_contrast_px: float = 0.0  # >0: local contrast normalisation of this sigma (px) before the network
@@ -436,7 +437,7 @@ def _train(images_dir: Path, masks_dir: Path, out_dir: Path, cfg: TrainConfig, r
     if start_epoch:
         rng = np.random.default_rng(cfg.seed + start_epoch)
         log(f"resumed after epoch {start_epoch} (best F1 {best_f1:.3f})")
-    aug = augmenter(cfg.crop, (cfg.scale_min, cfg.scale_max))
+    aug = augmenter(cfg.crop, (cfg.scale_min, cfg.scale_max), cfg.focus_fraction)
     metrics_path = out_dir / "metrics.csv"
     # bf16 autocast: asked for on CPU, always on CUDA (weights and optimiser stay float32)
     use_bf16 = (cfg.bf16 and device.type == "cpu") or device.type == "cuda"
