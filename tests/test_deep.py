@@ -838,12 +838,30 @@ def test_scale_search_enlarges_only_small_images():
     assert [c[0] for c in large.calls] == [0.7, 1.0]
 
 
-def test_train_command_rejects_a_share_outside_0_1(tmp_path):
+@pytest.mark.parametrize("option, value", [("--paste-fraction", "1.5"), ("--focus-fraction", "-0.1")])
+def test_train_command_rejects_a_share_outside_0_1(tmp_path, option, value):
     img_dir, mask_dir = write_disk_set(tmp_path, count=2, disks=1, radius=8, margin=10)
     r = CliRunner().invoke(app, ["train", "--images", str(img_dir), "--masks", str(mask_dir), "-o", str(tmp_path / "run"),
-                                 "--paste-fraction", "1.5"])
+                                 option, value])
     assert r.exit_code != 0 and "between 0 and 1" in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_train_command_passes_the_focus_share_to_training(tmp_path, monkeypatch):
+    import emparticles.train.loop as loop
+
+    seen = {}
+
+    def fake_train(images, masks, out, cfg, **kw):
+        seen["focus"] = cfg.focus_fraction
+        return out / "best"
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    img_dir, mask_dir = write_disk_set(tmp_path, count=2, disks=1, radius=8, margin=10)
+    r = CliRunner().invoke(app, ["train", "--images", str(img_dir), "--masks", str(mask_dir), "-o", str(tmp_path / "run"),
+                                 "--focus-fraction", "0.33"])
+    assert r.exit_code == 0, r.output
+    assert seen["focus"] == pytest.approx(0.33)
 
 
 def test_train_command_rejects_negative_workers(tmp_path):

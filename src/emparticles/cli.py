@@ -516,6 +516,7 @@ def train(
     extra_masks: Annotated[Path | None, typer.Option("--extra-masks", help="Its masks.")] = None,
     extra_fraction: Annotated[float, typer.Option("--extra-fraction", help="Share of training crops taken from the extra set.")] = 0.3,
     paste_fraction: Annotated[float, typer.Option("--paste-fraction", help="Share of training crops made by pasting agglomerates cut from the training images (never the validation ones) on empty SEM backgrounds.")] = 0.0,
+    focus_fraction: Annotated[float, typer.Option("--focus-fraction", help="Share of training crops placed so that they hold an annotated particle (the others are random). For sparse frames, where most random crops show bare substrate only: try 0.33.")] = 0.0,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
     average_epochs: Annotated[int, typer.Option("--average-epochs", help="The model is the mean of the weights after each of the last N epochs (stochastic weight averaging) instead of the epoch with the best validation F1, which is kept in OUTPUT/best-epoch.")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="Processes that build the augmented batches; on a GPU about one per CPU core, or the GPU waits for them.")] = 0,
@@ -532,8 +533,11 @@ def train(
         _fail(InputError(None, f"--workers {workers} is negative", "give 0 (batches built in the training process) or more"))
     if arch not in ARCHITECTURES and arch not in MASKRCNN_ARCHITECTURES:
         _fail(InputError(None, f"unknown architecture '{arch}'", f"use one of {', '.join([*ARCHITECTURES, *MASKRCNN_ARCHITECTURES])}"))
-    if not 0.0 <= paste_fraction <= 1.0 or not 0.0 <= extra_fraction <= 1.0:
-        _fail(InputError(None, "--paste-fraction and --extra-fraction are shares of the training crops", "give values between 0 and 1"))
+    if not 0.0 <= paste_fraction <= 1.0 or not 0.0 <= extra_fraction <= 1.0 or not 0.0 <= focus_fraction <= 1.0:
+        _fail(InputError(None, "--paste-fraction, --extra-fraction and --focus-fraction are shares of the training crops",
+                         "give values between 0 and 1"))
+    if arch in MASKRCNN_ARCHITECTURES and focus_fraction:
+        _fail(InputError(None, "--focus-fraction is for the semantic networks", "leave it out with a Mask R-CNN --arch"))
     if (extra_images is None) != (extra_masks is None):
         _fail(InputError(extra_images or extra_masks, "--extra-images and --extra-masks go together", "give both folders"))
     if arch in MASKRCNN_ARCHITECTURES and distance_head:
@@ -556,8 +560,8 @@ def train(
     cfg = TrainConfig(arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
                       val_fraction=val_fraction, device=device, init_from=str(init_from or ""),
                       extra_images=str(extra_images or ""), extra_masks=str(extra_masks or ""), extra_fraction=extra_fraction,
-                      paste_fraction=paste_fraction, average_epochs=average_epochs, workers=workers,
-                      distance_head=distance_head, local_contrast_px=float(local_contrast or 0.0))
+                      paste_fraction=paste_fraction, focus_fraction=focus_fraction, average_epochs=average_epochs,
+                      workers=workers, distance_head=distance_head, local_contrast_px=float(local_contrast or 0.0))
     if not 0 <= average_epochs <= epochs:
         _fail(InputError(None, f"--average-epochs {average_epochs} is not between 0 and --epochs ({epochs})", "average at most the epochs that run"))
     if init_from is not None:
