@@ -3,7 +3,7 @@
     python benchmarks/last_epoch.py RUN [--thresholds FOLDER] [--out RUN/last]
 
 Writes the weights of ``RUN/checkpoint.pt`` (read with ``weights_only=True``) with
-``RUN/best/config.json``, and the post-processing of ``--thresholds`` (a model folder or a
+``RUN/best/config.json`` (``RUN/best-epoch`` while a run that averages epochs is going), and the post-processing of ``--thresholds`` (a model folder or a
 registered name; default ``RUN/best``), so that two runs can be scored with the same
 post-processing and only their networks differ.
 """
@@ -34,7 +34,9 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in checkpoint["net"].items()}, str(out / "weights.safetensors"))
-    shutil.copy(args.run / "best" / "config.json", out / "config.json")
+    # a run that averages its last epochs writes RUN/best at its end only; RUN/best-epoch before
+    best = args.run / "best" if (args.run / "best" / "config.json").exists() else args.run / "best-epoch"
+    shutil.copy(best / "config.json", out / "config.json")
     shutil.copy(source / "thresholds.json", out / "thresholds.json")
     print(f"epoch {int(checkpoint['epoch']) + 1} of {args.run} -> {out} (post-processing of {source})")
 
