@@ -104,11 +104,12 @@ def test_budget_is_honoured_and_the_folder_is_a_model(tmp_path):
 
     images, masks = write_set(tmp_path)
     data = ft.read_annotated(images, masks)
-    cfg = ft.FinetuneConfig(minutes=0.3, crop=96, batch_size=2)
+    # 0.5 minutes: on a loaded machine the base's scoring and the reserves took all of 0.3
+    cfg = ft.FinetuneConfig(minutes=0.5, crop=96, batch_size=2)
     t = time.monotonic()
     result = ft.finetune(data, tmp_path / "model", cfg, images_dir=images, log=lambda m: None)
     took = time.monotonic() - t
-    assert took < 0.3 * 60 + 15, took  # the budget plus a margin for a loaded machine
+    assert took < 0.5 * 60 + 15, took  # the budget plus a margin for a loaded machine
     assert result.steps > 0 and result.holdout_images and result.kept in ("fine-tuned", "base")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["finetune"]["held_out_images"] == result.holdout_images
