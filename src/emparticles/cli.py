@@ -516,7 +516,7 @@ def train(
     extra_masks: Annotated[Path | None, typer.Option("--extra-masks", help="Its masks.")] = None,
     extra_fraction: Annotated[float, typer.Option("--extra-fraction", help="Share of training crops taken from the extra set.")] = 0.3,
     paste_fraction: Annotated[float, typer.Option("--paste-fraction", help="Share of training crops made by pasting agglomerates cut from the training images (never the validation ones) on empty SEM backgrounds.")] = 0.0,
-    focus_fraction: Annotated[float, typer.Option("--focus-fraction", help="Share of training crops placed so that they hold an annotated particle (the others are random). For sparse frames, where most random crops show bare substrate only: try 0.33.")] = 0.0,
+    focus_fraction: Annotated[float, typer.Option("--focus-fraction", help="Share of training crops placed so that they hold an annotated particle (the others are random); meant for sparse frames, where most random crops show bare substrate only.")] = 0.0,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of a model folder (fine-tuning), e.g. a shipped model.")] = None,
     average_epochs: Annotated[int, typer.Option("--average-epochs", help="The model is the mean of the weights after each of the last N epochs (stochastic weight averaging) instead of the epoch with the best validation F1, which is kept in OUTPUT/best-epoch.")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="Processes that build the augmented batches; on a GPU about one per CPU core, or the GPU waits for them.")] = 0,
