@@ -3,9 +3,10 @@
     python benchmarks/last_epoch.py RUN [--thresholds FOLDER] [--out RUN/last]
 
 Writes the weights of ``RUN/checkpoint.pt`` (read with ``weights_only=True``) with
-``RUN/best/config.json`` (``RUN/best-epoch`` while a run that averages epochs is going), and the post-processing of ``--thresholds`` (a model folder or a
-registered name; default ``RUN/best``), so that two runs can be scored with the same
-post-processing and only their networks differ.
+``RUN/best/config.json`` (``RUN/best-epoch`` while a run that averages epochs is going), and
+the post-processing of ``--thresholds`` (a model folder or a registered name; default
+``RUN/best``), so that two runs can be scored with the same post-processing and only their
+networks differ.
 """
 
 from __future__ import annotations
