@@ -379,6 +379,26 @@ def test_scale_search_leaves_the_image_as_it_is_when_nothing_is_found():
     assert seg.choose_scale(np.zeros((40, 60), np.float32))[0] == 1.0
 
 
+@pytest.mark.parametrize("penalty, table, chosen", [
+    # JEOL silica frames with v6 (mean scores as measured). B04-1: F1 0.932 at 0.5, 0.955 at 0.7,
+    # 0.920 at 1; without the penalty the search climbed down to 0.5
+    (0.0, {0.5: [0.9615], 0.7: [0.9597], 1.0: [0.9483], 1.4: [0.9489]}, 0.5),
+    (0.02, {0.5: [0.9615], 0.7: [0.9597], 1.0: [0.9483], 1.4: [0.9489]}, 0.7),
+    # B09-1: F1 0.909 at 0.5, 0.927 at 1
+    (0.0, {0.5: [0.9749], 0.7: [0.9721], 1.0: [0.9692], 1.4: [0.9682]}, 0.5),
+    (0.02, {0.5: [0.9749], 0.7: [0.9721], 1.0: [0.9692], 1.4: [0.9682]}, 1.0),
+    # an EMPS figure of one large particle that scale 1 breaks into four weak fragments still shrinks
+    (0.02, {0.5: [0.995], 0.7: [0.995], 1.0: [0.93, 0.9, 0.87, 0.86], 1.4: [0.85] * 7}, 0.7),
+    # enlarging is not penalised: a slightly better score at 1.4 still wins
+    (0.02, {0.5: [0.90], 0.7: [0.94], 1.0: [0.950], 1.4: [0.952]}, 1.4),
+])
+def test_scale_search_penalises_resampling(penalty, table, chosen):
+    search = {"start": [0.7, 1.0], "up": [1.4], "down": [0.5], "tie": 0.005, "max_pixels": 10_000,
+              "shrink_penalty": penalty}
+    seg = _CountedAtScale(table, search)
+    assert seg.choose_scale(np.zeros((40, 60), np.float32))[0] == chosen
+
+
 class _SizedAtScale(_ScoredAtScale):
     """One square particle of side 10 px at scale 1, scaled with the image (ECD 11.3 px x scale)."""
 

@@ -140,7 +140,7 @@ class CNNSegmenter:
         """Pick the resampling of a normalised image at which the network is most confident.
 
         Each tried scale is scored by the mean score of its particles (their mean foreground
-        probability): a network that sees particles too small merges them, one that sees them too
+        probability), less ``shrink_penalty`` x -ln(scale) below scale 1: a network that sees particles too small merges them, one that sees them too
         large breaks them into fragments along texture, and both give weak, uncertain particles.
         The search (``config["scale_search"]``) tries the ``start`` scales, then climbs ``up`` (if
         the largest start scale won) or ``down`` while the score improves; with
@@ -166,11 +166,20 @@ class CNNSegmenter:
             img = normalise_between(img, *limits)
         tried: dict[float, tuple[Instances, ProbabilityMap]] = {}
 
+        # Shrinking must earn its keep: it throws pixels away, so a shrunk scale's score loses
+        # shrink_penalty per unit of -ln(scale) and wins over the image as it is only by a clear
+        # margin (measured with v6: JEOL silica spheres of 70-140 px scored 0.962 at 0.5 against
+        # 0.948 at 1 and were shrunk to half, F1 0.932 against 0.955 at 0.7). Enlarging is not
+        # penalised: it loses nothing, and small EMPS particles measured at scale 1 instead of
+        # 1.4-2 came out larger (a symmetric penalty took the EMPS test D50 error from +6.4% to
+        # +12.6%).
+        penalty = float(search.get("shrink_penalty", 0.0))
+
         def score(scale: float) -> float:
             if scale not in tried:
                 tried[scale] = self.at_scale(img, scale)
             sc = tried[scale][0].scores
-            return float(sc.mean()) if sc.size else 0.0
+            return (float(sc.mean()) if sc.size else 0.0) + penalty * min(0.0, float(np.log(scale)))
 
         def rank(scale: float) -> tuple[float, float]:
             # equal scores (nothing found at any scale, most often) leave the image as it is
