@@ -16,7 +16,9 @@ every image (for a model that never saw the set).
 For each set it prints pooled F1 at IoU 0.5, precision, recall, panoptic quality, foreground IoU,
 count ratio, D50 error and KS of the ECD, and the share of the predicted foreground on bare
 substrate; then the same F1 (or foreground IoU) over ``--folds`` folds of whole sources, as
-mean +- standard deviation: a difference between models smaller than that spread is noise.
+mean +- standard deviation: a difference between models smaller than that spread is noise. Given
+two or more models, each is paired with the first fold by fold, in F1 (or foreground IoU) and,
+on instance sets, in |D50 error|.
 Every image goes the road of ``emparticles segment`` (info bar found and left out).
 """
 
@@ -79,16 +81,25 @@ def figures(kind: str, truths: list[np.ndarray], preds: list[np.ndarray]) -> dic
     return out
 
 
-def fold_values(kind: str, stems: list[str], truths, preds, groups: dict[str, str], k: int) -> list[float]:
-    """F1 (instances) or foreground IoU (agglomerates) of each of ``k`` folds of whole sources
-    (the same folds for every model scored on the same images)."""
+def fold_figures(kind: str, stems: list[str], truths, preds, groups: dict[str, str], k: int) -> list[dict]:
+    """:func:`figures` of each of ``k`` folds of whole sources (the same folds for every model
+    scored on the same images)."""
     index = {s: i for i, s in enumerate(stems)}
-    values = []
+    out = []
     for fold in group_folds({s: groups[s] for s in stems}, k):
         sub = [index[s] for s in fold]
-        fig = figures(kind, [truths[i] for i in sub], [preds[i] for i in sub])
-        values.append(fig["f1"] if kind == "instances" else fig["foreground_iou"])
-    return values
+        out.append(figures(kind, [truths[i] for i in sub], [preds[i] for i in sub]))
+    return out
+
+
+def fold_values(kind: str, folds: list[dict]) -> list[float]:
+    """F1 (instances) or foreground IoU (agglomerates) of each fold of :func:`fold_figures`."""
+    return [fig["f1"] if kind == "instances" else fig["foreground_iou"] for fig in folds]
+
+
+def fold_d50(folds: list[dict]) -> list[float]:
+    """|D50 error| of each fold of :func:`fold_figures` (instance sets; NaN where a fold has none)."""
+    return [abs(fig.get("d50_rel_error", float("nan"))) for fig in folds]
 
 
 def fold_spread(values: list[float]) -> tuple[float, float, int]:
@@ -121,6 +132,7 @@ def main() -> None:
         sets.append(("synthetic SEM (aid only)", "instances", find_pairs(args.synth / "images", args.synth / "masks")))
     rows = []
     per_fold: dict[tuple[str, str], list[float]] = {}
+    per_fold_d50: dict[tuple[str, str], list[float]] = {}
     for model_name in args.models:
         # MODEL+flips: the same model with test-time flips (the mean of the four flipped maps)
         model = load_model(model_name.removesuffix("+flips"), "cpu")
@@ -139,7 +151,10 @@ def main() -> None:
             stems = [p[0].stem for p in pairs]
             groups, _ = source_groups(pairs[0][0].parent, stems)
             fig = figures(kind, truths, preds)
-            per_fold[(model_name, name)] = fold_values(kind, stems, truths, preds, groups, args.folds)
+            folds = fold_figures(kind, stems, truths, preds, groups, args.folds)
+            per_fold[(model_name, name)] = fold_values(kind, folds)
+            if kind == "instances":
+                per_fold_d50[(model_name, name)] = fold_d50(folds)
             mean, sd, k = fold_spread(per_fold[(model_name, name)])
             rows.append((shown(model_name), name, len(pairs), len(set(groups.values())), kind, fig, mean, sd, k,
                          statistics.median(times)))
@@ -158,25 +173,42 @@ def main() -> None:
               f"| {mean:.3f} +- {sd:.3f} ({k}) | {sec:.2f} |")
     if len(args.models) > 1:
         print()
-        print(paired_table(args.models, [name for name, _, _ in sets], per_fold))
+        print(paired_table(args.models, [name for name, _, _ in sets], per_fold, per_fold_d50))
 
 
-def paired_table(models: list[str], set_names: list[str], per_fold: dict[tuple[str, str], list[float]]) -> str:
+def _paired(base: list[float], other: list[float]) -> tuple[float, float, np.ndarray]:
+    """Mean and standard deviation of the fold-by-fold difference, and the differences."""
+    diff = np.array(other, float) - np.array(base, float)
+    diff = diff[np.isfinite(diff)]
+    if not diff.size:
+        return float("nan"), float("nan"), diff
+    sd = float(np.std(diff, ddof=1)) if diff.size > 1 else float("nan")
+    return float(diff.mean()), sd, diff
+
+
+def paired_table(models: list[str], set_names: list[str], per_fold: dict[tuple[str, str], list[float]],
+                 per_fold_d50: dict[tuple[str, str], list[float]] | None = None) -> str:
     """Each model against the first, fold by fold: both were scored on the same folds, so the
     spread of their difference, not of either model's figure, says whether a change is more than
-    noise (the folds' own difficulty, which moves both models alike, cancels)."""
+    noise (the folds' own difficulty, which moves both models alike, cancels). Instance sets also
+    get the difference in |D50 error| (negative: sizes nearer the annotation)."""
+    per_fold_d50 = per_fold_d50 or {}
     lines = [(f"paired against {shown(models[0])}: F1 (fg IoU for agglomerates) difference per fold, "
-              "mean +- standard deviation, folds better"),
-             "", "| model | set | difference | folds better |", "|---|---|---|---|"]
+              "mean +- standard deviation, folds better; |D50 error| difference per fold (points), folds better"),
+             "", "| model | set | difference | folds better | abs D50 error difference | folds better |",
+             "|---|---|---|---|---|---|"]
     for model in models[1:]:
         for name in set_names:
             base, other = per_fold.get((models[0], name)), per_fold.get((model, name))
             if not base or not other:
                 continue
-            diff = np.array(other) - np.array(base)
-            sd = float(np.std(diff, ddof=1)) if diff.size > 1 else float("nan")
-            lines.append(f"| {shown(model)} | {name} | {diff.mean():+.3f} +- {sd:.3f} | "
-                         f"{int((diff > 0).sum())} of {diff.size} |")
+            mean, sd, diff = _paired(base, other)
+            d50 = "| | |"
+            if (models[0], name) in per_fold_d50 and (model, name) in per_fold_d50:
+                dm, dsd, ddiff = _paired(per_fold_d50[(models[0], name)], per_fold_d50[(model, name)])
+                d50 = f"| {100 * dm:+.1f} +- {100 * dsd:.1f} | {int((ddiff < 0).sum())} of {ddiff.size} |"
+            lines.append(f"| {shown(model)} | {name} | {mean:+.3f} +- {sd:.3f} | "
+                         f"{int((diff > 0).sum())} of {diff.size} {d50}")
     return "\n".join(lines)
 
 
