@@ -435,10 +435,38 @@ def test_median_ecd_of_a_label_image():
 def test_scale_search_on_a_crop_of_a_large_image():
     seg = _ScoredAtScale(2.0, {"start": [1.0], "up": [2.0], "max_pixels": 2_000})
     inst, _ = seg.segment(np.random.default_rng(0).random((100, 300)))
-    assert [c[0] for c in seg.calls] == [1.0, 2.0, 2.0]  # search on the crop, then the whole image
-    h, w = seg.calls[0][1]
-    assert h * w <= 2_000 and abs(w / h - 3) < 0.2 and seg.calls[-1][1] == (100, 300)
+    # the whole image at scale 1 first, the search on the crop, then the whole image at its choice
+    assert [c[0] for c in seg.calls] == [1.0, 2.0, 2.0]
+    h, w = seg.calls[1][1]
+    assert h * w <= 2_000 and abs(w / h - 3) < 0.2
+    assert seg.calls[0][1] == seg.calls[-1][1] == (100, 300)
     assert inst.labels.shape == (100, 300)
+
+
+class _WindowScored(_ScoredAtScale):
+    """Probability maps that carry their scale's score, so that scale 1 can be scored on a
+    window of the whole image's map."""
+
+    def at_scale(self, img, scale):
+        inst, prob = super().at_scale(img, scale)
+        prob.probabilities[0] = inst.scores[0]
+        return inst, prob
+
+    def instances(self, prob):
+        from emparticles.instances import Instances
+
+        lab = np.zeros(prob.probabilities.shape[1:], np.int32)
+        lab[2:6, 2:6] = 1
+        return Instances(lab, np.array([prob.probabilities[0].max()], np.float32))
+
+
+def test_scale_search_of_a_large_image_keeping_scale_1_passes_the_whole_image_once():
+    seg = _WindowScored(1.0, {"start": [0.7, 1.0], "up": [1.4], "down": [0.5], "max_pixels": 2_000})
+    inst, prob = seg.segment(np.random.default_rng(0).random((100, 300)))
+    # scale 1 scored on the crop of the whole image's map: no pass of its own on the crop
+    assert [c[0] for c in seg.calls] == [1.0, 0.7, 1.4]
+    assert [c[1] for c in seg.calls].count((100, 300)) == 1
+    assert inst.labels.shape == (100, 300) and prob.probabilities.shape == (3, 100, 300)
 
 
 def test_instances_back_to_the_input_size():

@@ -135,7 +135,8 @@ class CNNSegmenter:
         prob = ProbabilityMap(probs, network_channels(len(probs)), self.model_id)
         return self.instances(prob), prob
 
-    def choose_scale(self, img: np.ndarray, limits: tuple[float, float] | None = None
+    def choose_scale(self, img: np.ndarray, limits: tuple[float, float] | None = None,
+                     whole_at_1: ProbabilityMap | None = None
                      ) -> tuple[float, dict[float, tuple[Instances, ProbabilityMap]]]:
         """Pick the resampling of a normalised image at which the network is most confident.
 
@@ -149,6 +150,8 @@ class CNNSegmenter:
         oracle per image: 0.893). Images over ``max_pixels`` choose on a centred crop of that size.
         Returns the chosen scale and the results of the tried scales (on the crop if one was used).
         ``limits``: ``img`` holds raw grey values, normalised between these after cropping.
+        ``whole_at_1``: the probabilities of the whole (normalised) image at scale 1, already
+        computed; scale 1 is then scored on their crop instead of a pass of its own.
         """
         search = self.config.get("scale_search") or {}
         max_pixels = int(search.get("max_pixels", 400_000))
@@ -157,14 +160,18 @@ class CNNSegmenter:
         # stay under max_upscaled_pixels (an EMPS figure of 0.35 MP up to 2x; a 1280x960 SEM frame
         # not at all, which keeps its analysis near one pass); --particle-size may go further.
         allowed = self._allowed_scale(h * w, int(search.get("max_upscaled_pixels", 2_000_000)))
+        tried: dict[float, tuple[Instances, ProbabilityMap]] = {}
         if h * w > max_pixels:
             ch = min(h, int(round((max_pixels * h / w) ** 0.5)))
             cw = min(w, max_pixels // max(ch, 1))
             y0, x0 = (h - ch) // 2, (w - cw) // 2
             img = img[y0:y0 + ch, x0:x0 + cw]
+            if whole_at_1 is not None:
+                window = ProbabilityMap(whole_at_1.probabilities[:, y0:y0 + ch, x0:x0 + cw], whole_at_1.channels,
+                                        whole_at_1.model_id)
+                tried[1.0] = self.instances(window), window
         if limits is not None:
             img = normalise_between(img, *limits)
-        tried: dict[float, tuple[Instances, ProbabilityMap]] = {}
 
         # Shrinking must earn its keep: it throws pixels away, so a shrunk scale's score loses
         # shrink_penalty per unit of -ln(scale) and wins over the image as it is only by a clear
@@ -221,7 +228,19 @@ class CNNSegmenter:
 
     def searched(self, img: np.ndarray) -> tuple[float, Instances, ProbabilityMap]:
         """The chosen scale of a normalised image and its instances and probabilities over the
-        whole image, at the resampled size (reused from the search unless it ran on a crop)."""
+        whole image, at the resampled size (reused from the search unless it ran on a crop).
+
+        An image large enough to be searched on a crop is first segmented whole at scale 1, and
+        the search scores scale 1 on the crop of that result: with the shrink penalty 31 of 35
+        1280x960 silica and agglomerate frames keep scale 1, so the crop's own pass at scale 1
+        is saved on most frames and an extra whole pass is spent on the others."""
+        search = self.config.get("scale_search") or {}
+        if img.size > int(search.get("max_pixels", 400_000)) and 1.0 in search.get("start", [1.0]):
+            whole = self.at_scale(img, 1.0)
+            scale, _ = self.choose_scale(img, whole_at_1=whole[1])
+            if scale == 1.0:
+                return 1.0, *whole
+            return scale, *self.at_scale(img, scale)
         scale, tried = self.choose_scale(img)
         if tried[scale][0].labels.shape == _scaled_shape(img.shape, scale):
             return scale, *tried[scale]
