@@ -69,6 +69,11 @@ def load_network(folder: Path, device: str | torch.device = "cpu") -> tuple[torc
     return net.to(pick_device(device) if isinstance(device, str) else device), config, thresholds
 
 
+#: Images over this many pixels are searched on a centred crop of that size (``scale_search``'s
+#: ``max_pixels`` overrides it)
+SEARCH_CROP_PIXELS = 400_000
+
+
 class CNNSegmenter:
     """A trained 3-class network with tiled inference and border-aware instance separation."""
 
@@ -141,8 +146,9 @@ class CNNSegmenter:
         """Pick the resampling of a normalised image at which the network is most confident.
 
         Each tried scale is scored by the mean score of its particles (their mean foreground
-        probability), less ``shrink_penalty`` x -ln(scale) below scale 1: a network that sees particles too small merges them, one that sees them too
-        large breaks them into fragments along texture, and both give weak, uncertain particles.
+        probability), less ``shrink_penalty`` x -ln(scale) below scale 1: a network that sees
+        particles too small merges them, one that sees them too large breaks them into fragments
+        along texture, and both give weak, uncertain particles.
         The search (``config["scale_search"]``) tries the ``start`` scales, then climbs ``up`` (if
         the largest start scale won) or ``down`` while the score improves; with
         ``max_enlarged_ecd_px`` it does not enlarge particles beyond that median diameter. On EMPS validation
@@ -154,7 +160,7 @@ class CNNSegmenter:
         computed; scale 1 is then scored on their crop instead of a pass of its own.
         """
         search = self.config.get("scale_search") or {}
-        max_pixels = int(search.get("max_pixels", 400_000))
+        max_pixels = int(search.get("max_pixels", SEARCH_CROP_PIXELS))
         h, w = img.shape
         # Enlarging multiplies the work by the scale squared: the search enlarges only images that
         # stay under max_upscaled_pixels (an EMPS figure of 0.35 MP up to 2x; a 1280x960 SEM frame
@@ -175,8 +181,9 @@ class CNNSegmenter:
 
         # Shrinking must earn its keep: it throws pixels away, so a shrunk scale's score loses
         # shrink_penalty per unit of -ln(scale) and wins over the image as it is only by a clear
-        # margin (measured with v6: JEOL silica spheres of 70-140 px scored 0.962 at 0.5 against
-        # 0.948 at 1 and were shrunk to half, F1 0.932 against 0.955 at 0.7). Enlarging is not
+        # margin (measured with v6 on JEOL silica frame B04-1: spheres of 70-140 px scored 0.962 at
+        # 0.5 against 0.948 at 1 and were shrunk to half; F1 0.932 at 0.5, 0.955 at 0.7, 0.920 at
+        # 1). Enlarging is not
         # penalised: it loses nothing, and small EMPS particles measured at scale 1 instead of
         # 1.4-2 came out larger (a symmetric penalty took the EMPS test D50 error from +6.4% to
         # +12.6%).
@@ -235,7 +242,7 @@ class CNNSegmenter:
         1280x960 silica and agglomerate frames keep scale 1, so the crop's own pass at scale 1
         is saved on most frames and an extra whole pass is spent on the others."""
         search = self.config.get("scale_search") or {}
-        if img.size > int(search.get("max_pixels", 400_000)) and 1.0 in search.get("start", [1.0]):
+        if img.size > int(search.get("max_pixels", SEARCH_CROP_PIXELS)) and 1.0 in search.get("start", [1.0]):
             whole = self.at_scale(img, 1.0)
             scale, _ = self.choose_scale(img, whole_at_1=whole[1])
             if scale == 1.0:
