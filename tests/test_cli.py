@@ -292,3 +292,26 @@ def test_analyze_particles_bright_leaves_out_dark_objects(images, tmp_path):
     assert json.loads((tmp_path / "tem" / "run.json").read_text())["settings"]["particles"] == "dark"
     r = run("analyze", d / "grid.png", "-o", tmp_path / "bad", "--particles", "shiny")
     assert r.exit_code != 0 and "--particles 'shiny'" in r.output and "any, bright, dark" in r.output
+
+
+def test_text_over_the_field_is_left_out_unless_kept(tmp_path):
+    from .test_figure_text import figure_with_text
+
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(figure_with_text()).save(d / "panel.png")
+    r = run("analyze", d / "panel.png", "-o", tmp_path / "a", "--model", "classical", "--no-report")
+    assert r.exit_code == 0, r.output
+    imgs = pd.read_csv(tmp_path / "a" / "images.csv").set_index("image")
+    assert imgs.loc["panel", "particles_detected"] == 6  # the six discs; the glyphs of "(a)" and "200 nm" left out
+    assert "8 objects on text drawn over the field" in r.output
+    r = run("analyze", d / "panel.png", "-o", tmp_path / "k", "--model", "classical", "--no-report", "--keep-figure-text")
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(tmp_path / "k" / "images.csv").set_index("image").loc["panel", "particles_detected"] == 14
+    assert json.loads((tmp_path / "k" / "run.json").read_text())["settings"]["keep_figure_text"] is True
+    r = run("segment", d / "panel.png", "-o", tmp_path / "s", "--model", "classical")
+    assert r.exit_code == 0, r.output
+    assert np.array(Image.open(tmp_path / "s" / "panel.png")).max() == 6
+    assert "8 objects on text" in json.loads((tmp_path / "s" / "panel.json").read_text())["notes"][0]
+    r = run("segment", d / "panel.png", "-o", tmp_path / "s2", "--model", "classical", "--keep-figure-text")
+    assert np.array(Image.open(tmp_path / "s2" / "panel.png")).max() == 14

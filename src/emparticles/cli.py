@@ -99,6 +99,7 @@ def analyze(
     scale_bar: Annotated[str, typer.Option("--scale-bar", help="auto: read the burned-in scale bar, to calibrate images without a pixel size in their metadata and to cross-check those with one; off: never.")] = "auto",
     no_infobar: Annotated[bool, _flag("--no-infobar", help="The images have no info bar: analyse every row.")] = False,
     particles: Annotated[str, typer.Option("--particles", help="any (default); bright: particles are brighter than their surroundings (SEM), so dark pits, pores and holes found as particles are left out; dark: particles are darker (TEM bright field).")] = "any",
+    keep_figure_text: Annotated[bool, _flag("--keep-figure-text", help="Keep what the network finds on text drawn over the field (panel letters such as (a), scale-bar labels); left out by default.")] = False,
     overwrite: Annotated[bool, _flag("--overwrite", help="Redo images already finished in OUTPUT.")] = False,
     workers: Annotated[int | None, typer.Option("--workers", help="Analyse on a local dask.distributed cluster of N worker processes (the cores shared among them).", min=1)] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Analyse on the dask.distributed cluster at this address (tcp://HOST:8786); OUTPUT must be on storage every worker mounts at the same path.")] = None,
@@ -132,7 +133,7 @@ def analyze(
         settings = AnalysisSettings(model=model or DEFAULT_MODEL, pixel_size_nm=ps, crop_bottom=crop_bottom,
                                     detect_infobar=not no_infobar, edge_particles=mode,
                                     min_area=min_area, device=device, particle_size=particle_size,
-                                    scale_bar=scale_bar, particles=particles)
+                                    scale_bar=scale_bar, particles=particles, keep_figure_text=keep_figure_text)
         if scale_bar not in ("auto", "off"):
             raise InputError(None, f"--scale-bar {scale_bar!r} is not a mode", "use auto or off")
         from .instances import PARTICLE_CONTRASTS
@@ -314,6 +315,7 @@ def segment(
     device: DeviceOpt = "auto",
     crop_bottom: Annotated[int | None, typer.Option("--crop-bottom", help="Treat the bottom N rows as the info bar.")] = None,
     no_infobar: Annotated[bool, _flag("--no-infobar", help="Do not look for an info bar.")] = False,
+    keep_figure_text: Annotated[bool, _flag("--keep-figure-text", help="Keep what the network finds on text drawn over the field (panel letters such as (a), scale-bar labels); left out by default.")] = False,
 ) -> None:
     """Write 16-bit instance labels (<stem>.png, full input size, 0 = background) and scores (<stem>.json)."""
     from .io.images import read_micrograph
@@ -344,11 +346,12 @@ def segment(
         for path, name in zip(files, unique_stems(files)):
             try:
                 mg = locate_infobar(read_micrograph(path), crop_bottom, not no_infobar)
-                instances, full = segment_micrograph(mg, segmenter)
+                notes: list[str] = []
+                instances, full = segment_micrograph(mg, segmenter, notes=notes, figure_text=not keep_figure_text)
                 write_label_png(full, output / f"{name}.png")
                 write_json({"image": str(path), "model": model_used(segmenter), "infobar_rows": mg.infobar_rows,
                             "pixel_size_nm": mg.pixel_size_nm, "pixel_size_source": mg.pixel_size_source,
-                            "scores": {str(i + 1): float(s) for i, s in enumerate(instances.scores)}},
+                            "scores": {str(i + 1): float(s) for i, s in enumerate(instances.scores)}, "notes": notes},
                            output / f"{name}.json")
                 if instances.count == 0:
                     failures += 1

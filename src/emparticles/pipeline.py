@@ -56,6 +56,8 @@ class AnalysisSettings:
     particles : ``any`` (default), ``bright`` (SEM: particles brighter than their surroundings;
         dark pits and pores are left out) or ``dark`` (TEM bright field); see
         :func:`~emparticles.instances.wrong_contrast`.
+    keep_figure_text : keep what the network found on text drawn over the field (panel letters,
+        scale-bar labels); by default it is left out (:mod:`emparticles.figure_text`).
     """
 
     model: str = "classical"
@@ -68,6 +70,7 @@ class AnalysisSettings:
     particle_size: str | None = None
     scale_bar: str = "auto"
     particles: str = "any"
+    keep_figure_text: bool = False
 
     def fingerprint(self) -> str:
         """Short hash of the settings; a finished image is reused only if this matches."""
@@ -140,9 +143,13 @@ def particle_size_px(hint: str | None, pixel_size_nm: float | None, path=None) -
 
 
 def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | None = None,
-                       notes: list[str] | None = None) -> tuple[Instances, np.ndarray]:
+                       notes: list[str] | None = None, figure_text: bool = True) -> tuple[Instances, np.ndarray]:
     """Segment the analysed field (info bar excluded); a field over
     :data:`~emparticles.blocks.BLOCKS_ABOVE_PX` block by block (:mod:`emparticles.blocks`).
+    With ``figure_text``, particles on text drawn over the field (a panel letter, a scale bar's
+    label) are left out (:mod:`emparticles.figure_text`); not in a field segmented in blocks: such
+    a frame comes from a microscope, not from a figure, and its text would be unreadable at the
+    size the detector sees it.
 
     Returns the instances of the field and the (H, W) label image at the full input size, with 0
     in the info bar (the instances' labels are a view of its rows). ``notes`` receives warnings.
@@ -164,8 +171,27 @@ def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | No
                          "frame was segmented in may have their outline cut at a block's edge (check the overlay)")
         return done.instances, full
     instances, _ = model.segment(field_pixels, size_px)
+    if figure_text:
+        instances = drop_figure_text(instances, field_pixels, notes)
     full[: field_pixels.shape[0]] = instances.labels
     return Instances(full[: field_pixels.shape[0]], instances.scores), full
+
+
+def drop_figure_text(instances: Instances, field_pixels: np.ndarray, notes: list[str] | None = None) -> Instances:
+    """``instances`` without the particles on text drawn over the field
+    (:func:`~emparticles.figure_text.particles_on_text`); ``notes`` receives a line saying what
+    was left out."""
+    from .figure_text import particles_on_text
+    from .instances import drop_instances
+
+    flags, lines = particles_on_text(field_pixels, instances.labels)
+    if not flags.any():
+        return instances
+    if notes is not None:
+        read = ", ".join(f'"{line.text}"' for line in lines[:3]) + (", ..." if len(lines) > 3 else "")
+        notes.append(f"{int(flags.sum())} objects on text drawn over the field ({read}) left out "
+                     "(--keep-figure-text keeps them)")
+    return drop_instances(instances, flags)
 
 
 def drop_scale_bar(instances: Instances, full: np.ndarray, mg: Micrograph) -> tuple[Instances, np.ndarray]:
@@ -231,7 +257,8 @@ LOW_CONFIDENCE = 0.75
 def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSettings) -> ImageResult:
     """Segment and measure one prepared micrograph (info bar already located)."""
     warnings: list[str] = list(mg.notes)
-    instances, full = segment_micrograph(mg, model, settings.particle_size, warnings)
+    instances, full = segment_micrograph(mg, model, settings.particle_size, warnings,
+                                         figure_text=not settings.keep_figure_text)
     instances, full = drop_scale_bar(instances, full, mg)
     instances, full, n_contrast = drop_wrong_contrast(instances, full, mg, settings.particles)
     if n_contrast:
