@@ -4,7 +4,9 @@
         [--folds 5] [--synth runs/synth-val2] [--limit 0] [--sets silica agglomerates]
 
 MODEL is a registered name (``emparticles models``) or a model folder; ``MODEL+flips`` is the
-same model with test-time flips (the mean of its four flipped probability maps). The sets are those of
+same model with test-time flips (the mean of its four flipped probability maps), and
+``MODEL+keep-text`` the same model with what it finds on text drawn over the field kept
+(``--keep-figure-text``). The sets are those of
 ``../shared/data``: EMPS split by article (``sources.csv``), JEOL silica by sample group,
 agglomerates on a textured polymer by sample (agglomerate-level masks: foreground figures only);
 ``--synth`` adds a synthetic SEM set (a training aid, shown for reference, never a yardstick).
@@ -134,17 +136,20 @@ def main() -> None:
     per_fold: dict[tuple[str, str], list[float]] = {}
     per_fold_d50: dict[tuple[str, str], list[float]] = {}
     for model_name in args.models:
-        # MODEL+flips: the same model with test-time flips (the mean of the four flipped maps)
-        model = load_model(model_name.removesuffix("+flips"), "cpu")
-        if model_name.endswith("+flips"):
+        # MODEL+flips: the same model with test-time flips (the mean of the four flipped maps);
+        # MODEL+keep-text: particles on text drawn over the field kept
+        base_name, *options = model_name.split("+")
+        model = load_model(base_name, "cpu")
+        if "flips" in options:
             model.flips = True
+        figure_text = "keep-text" not in options
         for name, kind, pairs in sets:
             pairs = pairs[: args.limit] if args.limit else pairs
             truths, preds, times = [], [], []
             for image_path, mask_path in pairs:
                 mg = locate_infobar(read_micrograph(image_path))
                 t = time.perf_counter()
-                _, full = segment_micrograph(mg, model)
+                _, full = segment_micrograph(mg, model, figure_text=figure_text)
                 times.append(time.perf_counter() - t)
                 truths.append(read_labels(mask_path)[0])
                 preds.append(full)

@@ -7,7 +7,8 @@ The image is a synthetic SEM micrograph (``emparticles synth``, seed 3) with an 
 one image through read, info bar, segmentation, measurement and every per-image output
 (labels, overlay, ROI set, tables), then the run's combined tables, with and without the HTML
 report; prints the median of ``--runs`` runs and the ratio to the classical model timed in the
-same process.
+same process. The model is timed with the check for text over the field (the default) and
+without it (``--keep-figure-text``), the classical reference without it, as before it existed.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from emparticles.pipeline import AnalysisSettings, AnalyzeRun, analyse_path
 from emparticles.synth import SynthSettings, synth_sem
 
 
-def one_run(path: Path, model, out: Path, report: bool) -> float:
+def one_run(path: Path, model, out: Path, report: bool, keep_text: bool = False) -> float:
     t = time.perf_counter()
-    run = AnalyzeRun(out, AnalysisSettings(), overwrite=True)
+    run = AnalyzeRun(out, AnalysisSettings(keep_figure_text=keep_text), overwrite=True)
     result = analyse_path(path, model, run.settings)
     run.save_image(path.stem, result)
     run.combine()
@@ -54,16 +55,20 @@ def main() -> None:
         s = synth_sem(np.random.default_rng(3), SynthSettings(width=1280, height=960, info_bar_probability=1.0))
         path, _ = write_training_pair(s.image, s.labels, tmp / "set", "sem_1280x960", s.pixel_size_nm)
         results = {}
-        for name in (args.model, "classical"):
+        # the model with and without the check for text over the field, and the classical
+        # reference without it (timed as before the check existed)
+        for name, keep_text in ((args.model, False), (args.model, True), ("classical", True)):
             model = load_model(name, "cpu")
             gc.freeze()  # as the CLI does once the model is loaded (no full collections over torch's objects)
-            one_run(path, model, tmp / "warm", report=False)  # warm-up (numba, allocations)
+            one_run(path, model, tmp / "warm", report=False, keep_text=keep_text)  # warm-up (numba, allocations)
             for report in (False, True):
-                times = [one_run(path, model, tmp / f"out{r}", report) for r in range(args.runs)]
-                results[(model.model_id, report)] = statistics.median(times)
-        ref = {rep: t for (mid, rep), t in results.items() if mid == "classical"}
-        for (mid, rep), t in results.items():
-            print(f"{mid:28s} report={'yes' if rep else 'no ':3s}  median {t:.3f} s  (ratio to classical {t / ref[rep]:.2f})")
+                times = [one_run(path, model, tmp / f"out{r}", report, keep_text) for r in range(args.runs)]
+                results[(model.model_id, keep_text, report)] = statistics.median(times)
+        ref = {rep: t for (mid, _, rep), t in results.items() if mid == "classical"}
+        for (mid, keep_text, rep), t in results.items():
+            text = "text kept" if keep_text else "text check"
+            print(f"{mid:28s} {text:10s}  report={'yes' if rep else 'no ':3s}  median {t:.3f} s  "
+                  f"(ratio to classical {t / ref[rep]:.2f})")
 
 
 if __name__ == "__main__":

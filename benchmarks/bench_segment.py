@@ -3,8 +3,10 @@
     python benchmarks/bench_segment.py MODEL [MODEL ...] [--split runs/x/split.json] [--runs 3]
     python benchmarks/bench_segment.py MODEL ... --images DIR --masks DIR [--markdown table.md]
 
-MODEL is a registered name (``emparticles models``) or a model folder. Every image goes the road
-of ``emparticles segment`` (info bar found and left out, labels at full size). Prints every metric
+MODEL is a registered name (``emparticles models``) or a model folder; ``MODEL+keep-text`` keeps
+what it finds on text drawn over the field (``--keep-figure-text``). Every image goes the road
+of ``emparticles segment`` (info bar found and left out, labels at full size); the classical
+reference is timed without the text check, as before it existed. Prints every metric
 of ``emparticles evaluate`` and the median seconds per image (segmentation and instance
 separation), with the classical baseline timed in the same process as reference; with several
 models, also a Markdown table (F1, PQ, COCO AP, IoU, count ratio, s/image).
@@ -46,21 +48,23 @@ def annotated_set(args) -> list[tuple[Path, Path]]:
 
 def bench(model_name: str, pairs, runs: int) -> tuple[dict, float, float]:
     """(metrics, median s/image, median s/image of the classical model in the same process)."""
-    model = load_model(model_name, "cpu")
+    base_name, *options = model_name.split("+")
+    model = load_model(base_name, "cpu")
     baseline = load_model("classical", "cpu")
+    text = "keep-text" not in options
     gc.freeze()  # as the CLI does once the model is loaded (no full collections over torch's objects)
     gts, preds, scores, times, ref_times = [], [], [], [], []
     for image_path, mask_path in pairs:
         mg = locate_infobar(read_micrograph(image_path))
         truth, _ = read_labels(mask_path)
-        segment_micrograph(mg, model)  # warm-up
+        segment_micrograph(mg, model, figure_text=text)  # warm-up
         ts = []
         for _ in range(runs):
             t = time.perf_counter()
-            inst, full = segment_micrograph(mg, model)
+            inst, full = segment_micrograph(mg, model, figure_text=text)
             ts.append(time.perf_counter() - t)
         t = time.perf_counter()
-        segment_micrograph(mg, baseline)
+        segment_micrograph(mg, baseline, figure_text=False)
         ref_times.append(time.perf_counter() - t)
         times.append(statistics.median(ts))
         gts.append(truth)
