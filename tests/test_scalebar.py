@@ -144,10 +144,15 @@ def test_analyze_calibrates_from_the_bar_and_keeps_it_out(tmp_path):
     assert before is None
     # --scale-bar off: no calibration
     res = runner.invoke(app, ["analyze", str(tmp_path / "fig.png"), "-o", str(tmp_path / "b"), "--model", "classical",
-                              "--no-report", "--scale-bar", "off"])
+                              "--no-report", "--scale-bar", "off", "--keep-figure-text"])
     assert pd.read_csv(tmp_path / "b" / "images.csv").iloc[0]["pixel_size_source"] == "unknown"
     unmasked = tifffile.imread(tmp_path / "b" / "labels" / "fig.tif")
     assert (unmasked[y0:y1, x0:x1] > 0).any()  # without the bar reading, classical takes the bar for a particle
+    # ... unless the text over the field is looked for: the bar stands in one line with its label
+    res = runner.invoke(app, ["analyze", str(tmp_path / "fig.png"), "-o", str(tmp_path / "t"), "--model", "classical",
+                              "--no-report", "--scale-bar", "off"])
+    assert (tifffile.imread(tmp_path / "t" / "labels" / "fig.tif")[y0:y1, x0:x1] == 0).all()
+    assert "on text drawn over the field" in res.output
     # --pixel-size wins over the bar
     res = runner.invoke(app, ["analyze", str(tmp_path / "fig.png"), "-o", str(tmp_path / "c"), "--model", "classical",
                               "--no-report", "--pixel-size", "2nm"])
