@@ -8,7 +8,8 @@ PP-OCR models inside the rapidocr wheel, the engine that reads scale bars,
 left out when the line reads as text.
 
 The rules, measured on the EMPS figures of the grouped split and the JEOL silica and
-agglomerate frames (``benchmarks/figure_text.py``):
+agglomerate frames (``benchmarks/all_sets.py MODEL+keep-text MODEL``; *Text over the field left
+out* in ``docs/model-comparison.md``):
 
 - a box taller than a fifth of the field is no line of text: on fields of spheres the detector
   sometimes boxes the whole field, and reads a glyph in it with a score up to 0.55;
