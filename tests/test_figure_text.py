@@ -42,6 +42,20 @@ def test_glyphs_found_as_particles_are_left_out_and_the_particles_kept():
     assert '"200 nm"' in notes[0] and "--keep-figure-text" in notes[0]
 
 
+def test_a_row_of_rings_is_not_text():
+    # hollow spheres in a row: the recogniser reads such a line as "0000" (score 0.8-0.9)
+    img = np.full((300, 400), 200, np.uint8)
+    for k in range(4):
+        cv2.circle(img, (100 + 60 * k, 170), 20, 50, 4)
+    cv2.putText(img, "(a)", (8, 42), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 30, 3, cv2.LINE_AA)
+    img = (img + np.random.default_rng(0).normal(0, 4, img.shape)).clip(0, 255).astype(np.uint8)
+    notes: list[str] = []
+    inst, _ = segment_micrograph(Micrograph(img), load_model("classical", "cpu"), notes=notes)
+    centres = sorted(round(float(np.mean(np.nonzero(inst.labels == i)[1]))) for i in range(1, inst.count + 1))
+    assert inst.count == 4 and all(abs(c - x) <= 1 for c, x in zip(centres, (100, 160, 220, 280)))
+    assert len(notes) == 1 and '("(a)")' in notes[0]
+
+
 def _labels_with_two_squares() -> np.ndarray:
     labels = np.zeros((320, 240), np.int32)  # the detector's own size; a line may be 64 rows tall here
     labels[20:40, 20:40] = 1
@@ -53,6 +67,10 @@ def _labels_with_two_squares() -> np.ndarray:
     ((10, 10, 60, 50), "b", 0.95, [1]),  # a letter over particle 1
     ((10, 10, 60, 50), "b", MIN_TEXT_SCORE - 0.01, []),  # read too poorly to be text
     ((10, 10, 60, 50), "--", 0.99, []),  # no letter or digit
+    ((10, 10, 60, 50), "0000", 0.87, []),  # a row of rings
+    ((10, 10, 60, 50), "O", 0.68, []),  # a lone ring
+    ((10, 10, 60, 50), "\uff4f\uff4f\uff4f", 0.9, []),  # rings read as full-width o's
+    ((10, 10, 60, 50), "20 nm", 0.9, [1]),  # a label: its zeros count with the rest
     ((0, 0, 240, 320), "88", 0.99, []),  # the whole field boxed: no line of text is that tall
     ((0, 0, 240, 65), "b", 0.99, []),  # a fifth of the field and one row more
     ((30, 0, 60, 60), "b", 0.95, [1]),  # 12 of particle 1's 20 columns in the box grown by 2 px

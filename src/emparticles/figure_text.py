@@ -14,7 +14,9 @@ out* in ``docs/model-comparison.md``):
 - a box taller than a fifth of the field is no line of text: on fields of spheres the detector
   sometimes boxes the whole field, and reads a glyph in it with a score up to 0.55;
 - the line must read with a recognition score of :data:`MIN_TEXT_SCORE` or more and hold a
-  letter or a digit;
+  letter or a digit other than those a ring reads as (:data:`RING_LIKE`): a row of hollow spheres
+  or nanorings is read as "0000" with a score of 0.81-0.87, a lone ring as "O" (measured on
+  drawn rings of 12-30 px radius);
 - a particle is on the text when :data:`MIN_SHARE_ON_TEXT` of its pixels or more lie in the
   line's box grown by :data:`BOX_MARGIN_PX` (a glyph's ring is drawn a little outside it).
 
@@ -28,6 +30,7 @@ at 320, reading a line 0.04 s; at 320 px it keeps three quarters of the gain in 
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +43,8 @@ MIN_TEXT_SCORE = 0.6
 MIN_SHARE_ON_TEXT = 0.5
 #: Pixels by which a line's box is grown on every side
 BOX_MARGIN_PX = 2
+#: What a ring-shaped particle is read as: a line of only these (and punctuation) is not text
+RING_LIKE = frozenset("0oO\u25cb\u25ef\u3007\u00b0")
 #: Long side (px) of the field as the text detector sees it (panel letters and labels of a
 #: 512-px figure are 25-60 px tall, 15-40 px at this size)
 DETECT_SIDE_PX = 320
@@ -78,11 +83,17 @@ def particles_on_text(field: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
         if not on.any():
             continue
         text, score = recognise(img, box)
-        if score < MIN_TEXT_SCORE or not any(c.isalnum() for c in text):
+        if score < MIN_TEXT_SCORE or not reads_as_text(text):
             continue
         flags |= on
         lines.append(TextLine(box, text.strip(), score))
     return flags, lines
+
+
+def reads_as_text(text: str) -> bool:
+    """Whether a recognised line holds a letter or a digit that no ring-shaped particle is read
+    as (full-width forms folded first: a row of rings may come back as "ｏｏｏ")."""
+    return any(c.isalnum() and c not in RING_LIKE for c in unicodedata.normalize("NFKC", text))
 
 
 def _detected_lines(img: np.ndarray, text_boxes) -> list[tuple[int, int, int, int]]:
