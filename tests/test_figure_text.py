@@ -60,6 +60,7 @@ def _labels_with_two_squares() -> np.ndarray:
     labels = np.zeros((320, 240), np.int32)  # the detector's own size; a line may be 64 rows tall here
     labels[20:40, 20:40] = 1
     labels[60:80, 150:170] = 2
+    labels[140:160, 100:120] = 3  # in the middle of the field
     return labels
 
 
@@ -71,6 +72,11 @@ def _labels_with_two_squares() -> np.ndarray:
     ((10, 10, 60, 50), "O", 0.68, []),  # a lone ring
     ((10, 10, 60, 50), "\uff4f\uff4f\uff4f", 0.9, []),  # rings read as full-width o's
     ((10, 10, 60, 50), "20 nm", 0.9, [1]),  # a label: its zeros count with the rest
+    ((10, 10, 60, 50), "11", 0.97, []),  # rods
+    ((10, 10, 60, 50), "\u2162\u2162", 0.77, []),  # rods read as Roman threes
+    ((10, 10, 60, 50), "\u4e00\u4e00", 0.77, []),  # rods read as CJK ones
+    ((10, 10, 60, 50), "3\u00b5m", 0.8, [1]),  # micro sign folded to mu
+    ((95, 135, 125, 165), "b", 0.99, []),  # in the middle of the field: no figure's lettering
     ((0, 0, 240, 320), "88", 0.99, []),  # the whole field boxed: no line of text is that tall
     ((0, 0, 240, 65), "b", 0.99, []),  # a fifth of the field and one row more
     ((30, 0, 60, 60), "b", 0.95, [1]),  # 12 of particle 1's 20 columns in the box grown by 2 px

@@ -14,9 +14,14 @@ out* in ``docs/model-comparison.md``):
 - a box taller than a fifth of the field is no line of text: on fields of spheres the detector
   sometimes boxes the whole field, and reads a glyph in it with a score up to 0.55;
 - the line must read with a recognition score of :data:`MIN_TEXT_SCORE` or more and hold a
-  letter or a digit other than those a ring reads as (:data:`RING_LIKE`): a row of hollow spheres
-  or nanorings is read as "0000" with a score of 0.81-0.87, a lone ring as "O" (measured on
-  drawn rings of 12-30 px radius);
+  Latin letter, a digit or a "μ" that no particle is read as (:data:`PARTICLE_LIKE`): drawn
+  rings in a row, as hollow spheres or nanorings would be, are read as "0000" with a score of
+  0.81-0.87 and a lone ring as "O"; rods as "11" (0.97), "1" (0.996), "Ⅲ" or "一一"; triangles
+  and discs as "▲" and "●"; textures as CJK glyphs ("大", "福"), with low scores;
+- the line must stand within :data:`EDGE_BAND` of the field's short side from one of its edges,
+  where a figure's letters, labels and notes are: of the 113 EMPS validation and test figures
+  only one line that passed the rules above stood further in (an "8" read on particles in the
+  middle of a field);
 - a particle is on the text when :data:`MIN_SHARE_ON_TEXT` of its pixels or more lie in the
   line's box grown by :data:`BOX_MARGIN_PX` (a glyph's ring is drawn a little outside it).
 
@@ -43,8 +48,13 @@ MIN_TEXT_SCORE = 0.6
 MIN_SHARE_ON_TEXT = 0.5
 #: Pixels by which a line's box is grown on every side
 BOX_MARGIN_PX = 2
-#: What a ring-shaped particle is read as: a line of only these (and punctuation) is not text
-RING_LIKE = frozenset("0oO\u25cb\u25ef\u3007\u00b0")
+#: What rings and rods are read as (after NFKC: "Ⅲ" is "III"): a line with no letter or digit
+#: but these is not text
+PARTICLE_LIKE = frozenset("0oO1Il|i")
+#: Letters and digits that make a line text (with "μ" of µm)
+TEXT_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\u03bc") - PARTICLE_LIKE
+#: A line further from every edge of the field than this share of its short side is not text
+EDGE_BAND = 0.15
 #: Long side (px) of the field as the text detector sees it (panel letters and labels of a
 #: 512-px figure are 25-60 px tall, 15-40 px at this size)
 DETECT_SIDE_PX = 320
@@ -70,12 +80,13 @@ def particles_on_text(field: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     if n == 0:
         return flags, []
     img = _to_uint8(field)
+    h, w = img.shape
     area = np.bincount(labels.ravel(), minlength=n + 1)
     lines = []
     m = BOX_MARGIN_PX
     for box in _detected_lines(img, text_boxes):
         x0, y0, x1, y1 = box
-        if y1 - y0 > MAX_LINE_HEIGHT * img.shape[0]:
+        if y1 - y0 > MAX_LINE_HEIGHT * h or min(x0, y0, w - x1, h - y1) > EDGE_BAND * min(h, w):
             continue
         inside = np.bincount(labels[max(0, y0 - m):y1 + m, max(0, x0 - m):x1 + m].ravel(), minlength=n + 1)
         on = (area > 0) & (inside >= MIN_SHARE_ON_TEXT * area)
@@ -91,9 +102,9 @@ def particles_on_text(field: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
 
 
 def reads_as_text(text: str) -> bool:
-    """Whether a recognised line holds a letter or a digit that no ring-shaped particle is read
-    as (full-width forms folded first: a row of rings may come back as "ｏｏｏ")."""
-    return any(c.isalnum() and c not in RING_LIKE for c in unicodedata.normalize("NFKC", text))
+    """Whether a recognised line holds one of :data:`TEXT_CHARACTERS` (compatibility forms
+    folded first: a row of rings may come back as "ｏｏｏ", rods as "Ⅲ", and µ is μ)."""
+    return any(c in TEXT_CHARACTERS for c in unicodedata.normalize("NFKC", text))
 
 
 def _detected_lines(img: np.ndarray, text_boxes) -> list[tuple[int, int, int, int]]:
