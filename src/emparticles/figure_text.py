@@ -25,6 +25,10 @@ out* in ``docs/model-comparison.md``):
 - a particle is on the text when :data:`MIN_SHARE_ON_TEXT` of its pixels or more lie in the
   line's box grown by :data:`BOX_MARGIN_PX` (a glyph's ring is drawn a little outside it).
 
+What the rules cannot tell from text: particles shaped like letters standing in a row along
+the field's edge (drawn V- and C-shaped ones were read as "VVVVV" 0.97 and "CCCCC" 1.0). For
+such samples, ``--keep-figure-text``.
+
 The detector runs once on the field shrunk to :data:`DETECT_SIDE_PX` on its long side, and only
 the lines that hold a particle are read, at full size. On 24 EMPS figures on two cores the
 detector takes 0.22 s an image at 640 px (as for scale-bar labels), 0.075 s at 400 and 0.048 s
