@@ -520,3 +520,25 @@ def test_bar_against_the_bottom_border_keeps_its_length():
     d.text((470, 430), "200 nm", fill=255, font=ImageFont.load_default(size=26))
     d.rectangle([500, 476, 529, 479], fill=255)
     assert read_scale_bar(np.array(cut)).confidence != "high"
+
+
+def test_particles_mostly_on_the_bar_are_left_out_and_those_it_is_drawn_over_stay():
+    from emparticles.instances import Instances
+    from emparticles.pipeline import drop_scale_bar
+    from emparticles.types import Micrograph
+
+    labels = np.zeros((100, 120), np.int32)
+    labels[80:86, 60:100] = 1  # the bar, taken for a particle: all of it in the bar's box
+    labels[10:90, 5:55] = 2  # a large particle the bar's left end is drawn over: 2% of it in the box
+    labels[86:90, 70:80] = 3  # 40 px, half of them in the box grown by 2 px (rows 86-87)
+    labels[20:30, 80:90] = 4  # elsewhere
+    labels[75:85, 20:30] = 0
+    inst = Instances(labels, np.array([0.9, 0.8, 0.7, 0.6], np.float32))
+    bar = {"confidence": "high", "box": [50, 80, 100, 86], "label_box": None}
+    mg = Micrograph(np.zeros((100, 120), np.uint8), metadata={"scale_bar": bar})
+    kept, full = drop_scale_bar(inst, labels.copy(), mg)
+    assert kept.count == 2 and kept.scores.tolist() == pytest.approx([0.8, 0.6])
+    assert (full == kept.labels).all() and (kept.labels[80:86, 60:100] == 0).all()
+    assert (kept.labels[10:75, 5:55] == 1).all()  # the large particle, whole
+    low = Micrograph(mg.pixels, metadata={"scale_bar": {**bar, "confidence": "low"}})
+    assert drop_scale_bar(inst, labels.copy(), low)[0].count == 4  # a doubtful bar leaves everything
