@@ -213,18 +213,18 @@ def drop_scale_bar(instances: Instances, full: np.ndarray, mg: Micrograph) -> tu
             on[max(0, y0 - 2):min(h, y1 + 2), max(0, x0 - 2):x1 + 2] = True
     if not on.any():
         return instances, full
+    from .instances import drop_instances
+
     area = np.bincount(instances.labels.ravel(), minlength=instances.count + 1)
     inside = np.bincount(instances.labels[on], minlength=instances.count + 1)
-    keep = ~((area > 0) & (inside >= 0.5 * area))
-    keep[0] = False
-    if keep[1:].all():
+    drop = (area > 0) & (inside >= 0.5 * area)
+    drop[0] = False
+    if not drop.any():
         return instances, full
-    new_id = np.zeros(instances.count + 1, np.int32)
-    new_id[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    labels = new_id[instances.labels]
+    kept = drop_instances(instances, drop)
     out = np.zeros_like(full)
-    out[:h] = labels
-    return Instances(labels, instances.scores[keep[1:]]), out
+    out[:h] = kept.labels
+    return Instances(out[:h], kept.scores), out
 
 
 def drop_wrong_contrast(instances: Instances, full: np.ndarray, mg: Micrograph,
