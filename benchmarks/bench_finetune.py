@@ -10,8 +10,11 @@ of ``--k`` sources (a few frames annotated across a series, as a lab would pick 
 silica frames are one JEOL series), or the ``--pick`` ones, runs ``emparticles finetune`` on them
 (which itself holds a quarter out to decide whether to keep the result), then scores base and
 fine-tuned models on every other image of the set (instance sets: F1, foreground IoU, count
-ratio, D50 error; agglomerate masks: foreground IoU and the share on bare substrate), and prints
-the wall time of the fine-tuning against its budget. ``--unseen-by`` leaves out of the scoring
+ratio, D50 error; agglomerate masks: foreground IoU, the share on bare substrate, and the count of
+agglomerates of 100 px or more against the annotation's, pooled and per frame, as
+``agglomerate_counts.py`` counts them), and prints the wall time of the fine-tuning against its
+budget. On ``sem-agglomerates`` the fine-tuning is told that the masks outline agglomerates
+(``finetune --outlines agglomerates``). ``--unseen-by`` leaves out of the scoring
 the images the base model itself was trained on.
 """
 
@@ -26,13 +29,14 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from agglomerate_counts import count_large  # the benchmarks folder is the script's own
 
 from emparticles.evaluate import label_size_agreement
 from emparticles.io import read_labels, read_micrograph
 from emparticles.models import load_model
 from emparticles.pipeline import locate_infobar, segment_micrograph
 from emparticles.train.data import find_pairs
-from emparticles.train.finetune import FinetuneConfig, finetune, read_annotated
+from emparticles.train.finetune import FinetuneConfig, agglomerate_truth, finetune, read_annotated
 from emparticles.train.loop import foreground_figures, pooled_figures
 from emparticles.train.splits import source_groups
 
@@ -49,6 +53,10 @@ def score(model, pairs, kind: str, groups: dict[str, str]) -> tuple[dict, dict[s
 
     def figures(idx: list[int]) -> dict:
         fig = foreground_figures(zip([truths[i] for i in idx], [preds[i] for i in idx]))
+        if kind == "foreground":  # agglomerates of 100 px or more, annotated and found
+            counts = [(count_large(agglomerate_truth(truths[i]), 100), count_large(preds[i], 100)) for i in idx]
+            fig["agglomerates_100px"] = counts
+            fig["count_ratio_100px"] = sum(p for _, p in counts) / max(1, sum(t for t, _ in counts))
         if kind == "instances":
             fig.update(pooled_figures(zip([truths[i] for i in idx], [preds[i] for i in idx])))
             agreement = label_size_agreement([truths[i] for i in idx], [preds[i] for i in idx])
@@ -61,7 +69,8 @@ def score(model, pairs, kind: str, groups: dict[str, str]) -> tuple[dict, dict[s
 
 
 def line(fig: dict) -> str:
-    parts = [f"{k} {fig[k]:.3f}" for k in ("f1", "foreground_iou", "count_ratio", "foreground_on_background") if k in fig]
+    parts = [f"{k} {fig[k]:.3f}" for k in ("f1", "foreground_iou", "count_ratio", "foreground_on_background",
+                                           "count_ratio_100px") if k in fig]
     if "d50_rel_error" in fig:
         parts.append(f"D50 error {fig['d50_rel_error']:+.1%}")
     return ", ".join(parts)
@@ -124,7 +133,9 @@ def main() -> None:
           f"scoring {len(rest)} others")
     t = time.monotonic()
     result = finetune(read_annotated(tmp / "images", tmp / "masks"), tmp / "model",
-                      FinetuneConfig(base=args.base, minutes=args.minutes, lr=args.lr, rounds=args.rounds), images_dir=tmp / "images")
+                      FinetuneConfig(base=args.base, minutes=args.minutes, lr=args.lr, rounds=args.rounds,
+                                     outlines="agglomerates" if kind == "foreground" else "particles"),
+                      images_dir=tmp / "images")
     took = time.monotonic() - t
     base = load_model(args.base or None, "cpu")
     (before, before_by), (after, after_by) = (score(base, rest, kind, groups),
@@ -135,6 +146,7 @@ def main() -> None:
     print(f"  after:  {line(after)}")
     if kind == "instances":
         print(f"  F1 change on the other images: {after['f1'] - before['f1']:+.3f}")
+    rejected = None
     if (tmp / "model" / "rejected").exists():
         # was the held-out judgement right? the attempt it turned down, on the other images
         rejected, _ = score(load_model(str(tmp / "model" / "rejected"), "cpu"), rest, kind, groups)
@@ -149,8 +161,16 @@ def main() -> None:
     print("  per source, before -> after:")
     for source in before_by:
         b, a = before_by[source], after_by[source]
-        keys = ("f1", "count_ratio") if kind == "instances" else ("foreground_iou", "foreground_on_background")
+        keys = ("f1", "count_ratio") if kind == "instances" else ("foreground_iou", "foreground_on_background",
+                                                                  "count_ratio_100px")
         print(f"    {source}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}" for k in keys))
+    if kind == "foreground":
+        print("  agglomerates of 100 px or more per frame, annotated: found before -> after"
+              + (" (the rejected attempt)" if rejected else ""))
+        for i, ((image_path, _), (t, p0), (_, p1)) in enumerate(zip(rest, before["agglomerates_100px"],
+                                                                    after["agglomerates_100px"])):
+            print(f"    {image_path.stem:14s} {t:4d}: {p0:4d} -> {p1:4d}"
+                  + (f" ({rejected['agglomerates_100px'][i][1]})" if rejected else ""))
     if args.keep:
         shutil.copytree(tmp / "model", args.keep, dirs_exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)

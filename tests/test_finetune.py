@@ -124,7 +124,7 @@ def test_not_better_keeps_the_base(tmp_path, monkeypatch):
     data = ft.read_annotated(images, masks)
     calls = []
 
-    def scripted(truths, preds):
+    def scripted(truths, preds, outlines="particles"):
         calls.append(preds)
         f1 = 0.80 if len(calls) == 1 else 0.70  # the fine-tuned model scores worse
         return {"f1": f1, "foreground_iou": 0.9, "count_ratio": 1.0, "precision": f1, "recall": f1,
@@ -216,7 +216,7 @@ def test_a_base_with_local_contrast_fine_tunes_and_keeps_its_stage(tmp_path, mon
     data = ft.read_annotated(images, masks)
     calls = []
 
-    def scripted(truths, preds):  # the attempt scores worse: the base is written back, the attempt beside it
+    def scripted(truths, preds, outlines="particles"):  # the attempt scores worse: the base is written back, the attempt beside it
         calls.append(preds)
         f1 = 0.80 if len(calls) == 1 else 0.70
         return {"f1": f1, "foreground_iou": 0.9, "count_ratio": 1.0, "precision": f1, "recall": f1,
@@ -282,7 +282,7 @@ def test_rotation_judges_every_held_out_image_by_a_round_that_never_saw_it(tmp_p
     data = ft.read_annotated(images, masks)
     seen = []
 
-    def scripted(truths, preds):  # base first, then the rounds together, then each round
+    def scripted(truths, preds, outlines="particles"):  # base first, then the rounds together, then each round
         seen.append(len(truths))
         f1 = 0.70 if len(seen) == 1 else 0.85
         return {"f1": f1, "foreground_iou": 0.9, "count_ratio": 1.0, "precision": f1, "recall": f1,
@@ -347,3 +347,57 @@ def test_tuning_stops_at_its_deadline_with_the_best_so_far():
     late, f1_late = tune_thresholds(probs, data, deadline=_time.monotonic() - 1)
     assert f1_late == 0.0 and late["foreground_threshold"] == 0.5  # nothing tried: the start stands
     assert tuning_trials(3) == 50 and tuning_trials(4) == 60
+
+
+def test_agglomerate_outlines_are_scored_as_agglomerates():
+    """Two touching discs under one annotated label: a prediction that parts them is right at the
+    agglomerate level, and one that finds a single disc of the two is not."""
+    yy, xx = np.mgrid[:60, :90]
+    a = ((yy - 30) ** 2 + (xx - 20) ** 2) <= 100
+    b = ((yy - 30) ** 2 + (xx - 39) ** 2) <= 100  # touches a
+    c = ((yy - 30) ** 2 + (xx - 72) ** 2) <= 64  # free
+    truth = np.zeros((60, 90), np.int32)
+    truth[a | b] = 5
+    truth[c] = 9
+    parted = np.zeros_like(truth)
+    parted[a], parted[b & ~a], parted[c] = 1, 2, 3
+    at_particles = ft.figures([truth], [parted])
+    at_agglomerates = ft.figures([truth], [parted], "agglomerates")
+    assert at_particles["f1"] == pytest.approx(0.8)  # 3 predicted against 2 annotated, 2 matched
+    assert at_agglomerates["f1"] == 1.0 and at_agglomerates["count_ratio"] == 1.0
+    core = parted.copy()
+    core[(core == 2) | ((core == 1) & (((yy - 30) ** 2 + (xx - 20) ** 2) > 49))] = 0  # the core of one disc
+    assert ft.figures([truth], [core], "agglomerates")["f1"] == pytest.approx(0.5)  # IoU 0.25 with the pair
+    # pieces of one drawn agglomerate under several labels are still one agglomerate
+    split_truth = truth.copy()
+    split_truth[b & ~a] = 6
+    assert ft.figures([split_truth], [parted], "agglomerates")["f1"] == 1.0
+    # training: agglomerate outlines are foreground whose partings are not known
+    from emparticles.train.targets import FOREGROUND_ONLY, class_weights, three_class_target
+
+    target = three_class_target(ft.training_labels(truth, "agglomerates"), 2)
+    assert set(np.unique(target)) == {0, FOREGROUND_ONLY} and (target == FOREGROUND_ONLY).sum() == (truth > 0).sum()
+    assert np.isfinite(class_weights([target])).all() and class_weights([target]).max() < 2
+    np.testing.assert_array_equal(ft.training_labels(truth, "particles"), truth)
+
+
+def test_the_command_fine_tunes_on_agglomerate_outlines(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from emparticles.cli import app
+
+    images, masks = write_set(tmp_path, count=4)
+    for m in masks.iterdir():  # redraw each mask at agglomerate level: one label for all
+        lab = np.array(Image.open(m))
+        Image.fromarray(((lab > 0) * 1).astype(np.uint16)).save(m)
+    res = CliRunner().invoke(app, ["finetune", "--images", str(images), "--masks", str(masks), "-o",
+                                   str(tmp_path / "model"), "--minutes", "0.5", "--outlines", "agglomerates"])
+    assert res.exit_code == 0, res.output
+    assert "outline agglomerates" in res.output
+    record = json.loads((tmp_path / "model" / "config.json").read_text())["finetune"]
+    assert record["settings"]["outlines"] == "agglomerates" and record["steps"] > 0
+    assert "as agglomerates" in (tmp_path / "model" / "MODEL_CARD.md").read_text()
+    bad = CliRunner().invoke(app, ["finetune", "--images", str(images), "--masks", str(masks), "-o",
+                                   str(tmp_path / "m2"), "--outlines", "clumps"])
+    assert bad.exit_code != 0 and "clumps" in bad.output

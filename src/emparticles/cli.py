@@ -602,6 +602,7 @@ def finetune(
     minutes: Annotated[float, typer.Option("--minutes", help="Time budget for the whole run, loading and scoring included.", min=0.2)] = 10.0,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the decoder (the encoder gets 0.3 of it).")] = 5e-4,
     rounds: Annotated[int, typer.Option("--rounds", min=0, help="Held-out quarters to rotate through, each round training from the base without its quarter; 0: as many as the budget allows with 6 minutes of training each (one for 10 minutes; two from about 20, less for large frames, whose retuning takes longer).")] = 0,
+    outlines: Annotated[str, typer.Option("--outlines", help="What your masks outline: 'particles' (one label a particle) or 'agglomerates' (touching particles under one label): the network then learns particle against substrate, not where particles part, and the held-out images are scored as agglomerates.")] = "particles",
     device: DeviceOpt = "cpu",
 ) -> None:
     """Adapt a model to your material from a few annotated or corrected images, within a time budget;
@@ -609,11 +610,13 @@ def finetune(
     from rich.progress import TimeRemainingColumn
 
     from .inference import pick_device
-    from .train.finetune import FinetuneConfig, read_annotated
+    from .train.finetune import OUTLINES, FinetuneConfig, read_annotated
     from .train.finetune import finetune as run_finetune
 
-    cfg = FinetuneConfig(base=base or "", minutes=minutes, lr=lr, rounds=rounds, device=device)
+    cfg = FinetuneConfig(base=base or "", minutes=minutes, lr=lr, rounds=rounds, device=device, outlines=outlines)
     try:
+        if outlines not in OUTLINES:
+            raise InputError(None, f"--outlines {outlines!r} is not known", f"use one of: {', '.join(OUTLINES)}")
         pick_device(device)
         data = read_annotated(images, masks)
         out.print(f"{len(data)} annotated image(s); budget {minutes:g} min", highlight=False)

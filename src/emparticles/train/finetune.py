@@ -19,6 +19,13 @@ The road:
    dropping by more than :data:`MAX_F1_LOSS`; else keep the base's, and say so. The folder records
    the attempt either way; a rejected attempt's weights are kept beside, in ``rejected/``.
 
+Annotations may outline agglomerates instead of single particles (``outlines="agglomerates"``:
+touching particles under one label, as a lab counting agglomerates draws them). The network then
+learns particle against substrate from them, not where particles part; the post-processing stays
+the base's (retuning it needs single particles), and the held-out images are scored at the level
+annotated: the predicted particles grouped into agglomerates (8-connected, as ``analyze`` groups
+them) against the annotated agglomerates.
+
 A non-finite loss stops the training and falls back to the last finite weights. Ctrl-C stops it
 too and leaves a usable folder (the best of base and the weights so far, judged on the held-out
 images when there is time, else the base's).
@@ -49,6 +56,8 @@ MAX_F1_LOSS = 0.01
 #: Training time each round of the rotation must keep for a budget to rotate (``rounds`` 0):
 #: about what a single 10-minute run trains, so that rotating never trades training for checking
 MIN_ROUND_MINUTES = 6.0
+#: What the annotations outline: single particles, or agglomerates (touching particles under one label)
+OUTLINES = ("particles", "agglomerates")
 
 
 class TrainingDiverged(EmparticlesError):
@@ -70,6 +79,7 @@ class FinetuneConfig:
     device: str = "cpu"
     tune: bool = True
     rounds: int = 0  # held-out folds to rotate through; 0 = as many as the budget allows (MIN_ROUND_MINUTES each)
+    outlines: str = "particles"  # what the annotations outline: "particles" or "agglomerates"
 
 
 @dataclass
@@ -199,15 +209,34 @@ def predictions(seg, data) -> list[np.ndarray]:
     return [s.segment_normalised(img)[0].labels for s, (img, _) in zip(segs, data)]
 
 
-def figures(truths: list[np.ndarray], preds: list[np.ndarray]) -> dict:
+def figures(truths: list[np.ndarray], preds: list[np.ndarray], outlines: str = "particles") -> dict:
     """F1, precision, recall, PQ at IoU 0.5, foreground IoU, count ratio and D50 error, pooled
-    over the images."""
+    over the images. ``outlines="agglomerates"``: the truths outline agglomerates, and the
+    predicted particles are grouped into agglomerates (8-connected) before they are matched."""
+    from ..agglomerates import agglomerate_labels
     from ..evaluate import label_size_agreement
     from .loop import pooled_figures
 
+    if outlines == "agglomerates":
+        truths = [agglomerate_truth(t) for t in truths]
+        preds = [agglomerate_labels(p)[0] for p in preds]
     out = pooled_figures(zip(truths, preds))
     out["d50_rel_error"] = label_size_agreement(list(truths), list(preds))["d50_rel_error"]
     return out
+
+
+def agglomerate_truth(labels: np.ndarray) -> np.ndarray:
+    """Agglomerate-level annotations as labels: each 8-connected group of annotated pixels is one
+    agglomerate, whatever labels the drawing gave its parts."""
+    from scipy import ndimage as ndi
+
+    return ndi.label(np.asarray(labels) > 0, structure=np.ones((3, 3), bool))[0].astype(np.int32)
+
+
+def training_labels(labels: np.ndarray, outlines: str) -> np.ndarray:
+    """Labels as training takes them: agglomerate outlines become -1 ("particle, not known where
+    particles part": :data:`~.targets.FOREGROUND_ONLY`), particle outlines stay as they are."""
+    return -(np.asarray(labels) > 0).astype(np.int32) if outlines == "agglomerates" else labels
 
 
 def _param_groups(net: torch.nn.Module, lr: float, encoder_factor: float) -> list[dict]:
@@ -312,9 +341,16 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
     from .loop import COUNT_RANGE, pooled_counts, tune_thresholds, tuning_trials
     from .targets import class_weights, three_class_target
 
+    if cfg.outlines not in OUTLINES:
+        raise InputError(None, f"unknown outlines {cfg.outlines!r}", f"use one of {', '.join(OUTLINES)}")
     started = time.monotonic()
     budget = 60.0 * cfg.minutes
     report = progress or (lambda f, m: None)
+    # agglomerate outlines do not say where particles part: the base's post-processing stays
+    tune = cfg.tune and cfg.outlines == "particles"
+
+    def score(truths: list[np.ndarray], preds: list[np.ndarray]) -> dict:
+        return figures(truths, preds, cfg.outlines)
     out_dir = Path(out_dir)
     base_dir = resolve_base(cfg.base)
     device = pick_device(cfg.device)
@@ -335,7 +371,7 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
     # one post-processing trial of the retuning, timed on the first training image (silica frames
     # of 1,000 spheres take 0.26 s a trial, sixty trials an image: a fixed guess overran budgets)
     trial_s = 0.0
-    if cfg.tune:
+    if tune:
         img, lab = by_stem[first_train[0]]
         prob = _probs(base_seg, img, base_config)
         t_trial = time.monotonic()
@@ -343,7 +379,7 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
         trial_s = (time.monotonic() - t_trial) * tuning_trials(len(prob))
 
     def kept_for(n_train: int, n_hold: int) -> float:
-        return _kept_for(per_image_s, trial_s, n_train, n_hold, cfg.tune)
+        return _kept_for(per_image_s, trial_s, n_train, n_hold, tune)
 
     # 2. how many held-out folds to rotate through: each round trains from the base without its
     # fold, so every held-out image is judged by a model that never saw it
@@ -356,12 +392,15 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
         (f"; holding out {', '.join(planned[0])} to judge the result" if rounds == 1 else
          f"; {rounds} rounds, holding out {', then '.join(', '.join(f) for f in planned)} to judge the result")
         if folds else "; too few to hold any out (3 or more needed): the result cannot be checked"))
+    if cfg.outlines == "agglomerates":
+        log("the annotations outline agglomerates: the network learns particle against substrate from them, the "
+            "post-processing stays the base's, and the held-out images are scored as agglomerates")
     t_eval = time.monotonic()
     base_preds = predictions(base_seg, [by_stem[s] for s in hold_stems])
     base_figures = {}
     if hold_stems:
         per_image_s = (time.monotonic() - t_eval) / len(hold_stems)
-        base_figures = figures([by_stem[s][1] for s in hold_stems], base_preds)
+        base_figures = score([by_stem[s][1] for s in hold_stems], base_preds)
         log(f"base {base_dir.name} on the held-out images: F1 {base_figures['f1']:.3f}, foreground IoU "
             f"{base_figures['foreground_iou']:.3f}, count ratio {base_figures['count_ratio']:.2f}")
         # the reserves again, from the time a whole-road segmentation took
@@ -374,7 +413,7 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
     # 3. the rounds: train, retune the post-processing on the round's training images, predict its fold
     done: list[_Round] = []
     for r, fold in enumerate(planned):
-        train_data = [by_stem[s] for s in stems if s not in fold]
+        train_data = [(img, training_labels(lab, cfg.outlines)) for s, (img, lab) in by_stem.items() if s not in fold]
         weights = torch.from_numpy(class_weights([three_class_target(lab, border_width) for _, lab in train_data])).to(device)
         now = time.monotonic()
         # what is kept for after training: scoring and retuning of this round and the rounds
@@ -396,7 +435,7 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
             break  # a later round cut short: the finished rounds stand
         try:
             seg = _segmenter(out_dir, base_dir, net, base_config, one.thresholds, cfg, device)
-            if cfg.tune and not interrupted:
+            if tune and not interrupted:
                 report((time.monotonic() - started) / budget, "retuning the post-processing")
                 probs = [_probs(seg, img, base_config) for img, _ in train_data]
                 # the retuning stops in time to score the fold and leave the later rounds theirs
@@ -420,8 +459,8 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
     # 4. the verdict, pooled over the folds judged
     judged = [s for one in done for s in one.held_out]
     truths = [by_stem[s][1] for s in judged]
-    before = (base_figures if len(judged) == len(hold_stems) else figures(truths, base_preds[:len(judged)])) if judged else {}
-    after = figures(truths, [p for one in done for p in one.preds]) if judged else {}
+    before = (base_figures if len(judged) == len(hold_stems) else score(truths, base_preds[:len(judged)])) if judged else {}
+    after = score(truths, [p for one in done for p in one.preds]) if judged else {}
     steps, train_s = sum(o.steps for o in done), sum(o.train_s for o in done)
     tuned_config = {**base_config, "name": out_dir.name, "finetuned_from": base_config.get("name", base_dir.name)}
     net, thresholds = done[0].net, done[0].thresholds
@@ -430,13 +469,13 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
         # the kept attempt: the mean of the rounds' weights, which together saw every image,
         # its post-processing retuned on all of them
         per_round = [{"held_out": o.held_out, "steps": o.steps, "training_seconds": round(o.train_s, 1),
-                      "before": _plain(figures([by_stem[s][1] for s in o.held_out], base_preds[i:i + len(o.held_out)])),
-                      "after": _plain(figures([by_stem[s][1] for s in o.held_out], o.preds))}
+                      "before": _plain(score([by_stem[s][1] for s in o.held_out], base_preds[i:i + len(o.held_out)])),
+                      "after": _plain(score([by_stem[s][1] for s in o.held_out], o.preds))}
                      for o, i in zip(done, np.cumsum([0] + [len(o.held_out) for o in done[:-1]]))]
         net, _, _ = load_network(base_dir, device)
         net.load_state_dict(averaged_weights([o.net for o in done]))
         net.eval()
-        if cfg.tune:
+        if tune:
             try:
                 report((time.monotonic() - started) / budget, "retuning the post-processing of the averaged weights")
                 seg = _segmenter(out_dir, base_dir, net, base_config, thresholds, cfg, device)
@@ -585,8 +624,13 @@ def _card(name: str, r: dict) -> str:
              f"- held-out images ({len(r['held_out_images'])}): {', '.join(r['held_out_images']) or 'none'}",
              (f"- {r['steps']} steps in {r['training_seconds']:.0f} s (budget {r['settings']['minutes']} min for "
               f"the whole run), crops resampled around x{r['scale']:.2f}"), ""]
+    agglomerates = r["settings"].get("outlines") == "agglomerates"
+    if agglomerates:
+        lines[-1:-1] = [("- the annotations outline agglomerates: the network learnt particle against substrate from "
+                         "them, not where particles part; the post-processing is the base's")]
     if r["before"]:
-        lines += ["Held-out images, base against fine-tuned (IoU 0.5):", "", "| | base | fine-tuned |", "|---|---|---|",
+        level = "agglomerates (the predicted particles grouped, 8-connected)" if agglomerates else "particles"
+        lines += [f"Held-out images, base against fine-tuned, as {level}, IoU 0.5:", "", "| | base | fine-tuned |", "|---|---|---|",
                   row("f1", ".3f"), row("precision", ".3f"), row("recall", ".3f"), row("panoptic_quality", ".3f"),
                   row("foreground_iou", ".3f"), row("count_ratio", ".2f"), row("d50_rel_error", "+.1%"), ""]
     if r.get("rounds"):

@@ -72,7 +72,8 @@ def class_weights(targets: list[np.ndarray], classes: int = 3, scheme: str = "bo
         w = np.sqrt(1.0 / freq)  # tempered: full inverse frequency over-predicts borders
     elif scheme == "border":
         w = np.ones(classes)
-        w[BORDER] = np.sqrt(freq[:BORDER].mean() / freq[BORDER])
+        # targets without a border (agglomerate-level masks alone) leave its weight at 1
+        w[BORDER] = np.sqrt(freq[:BORDER].mean() / freq[BORDER]) if counts[BORDER] > 0 else 1.0
     else:
         raise ValueError(f"unknown class weighting {scheme!r}; use 'border' or 'tempered'")
     return (w / w.mean()).astype(np.float32)
