@@ -2,7 +2,7 @@
 
     python benchmarks/bench_finetune.py [--set sem-silica|sem-agglomerates|emps-train] [--source A02]
         [--k 4] [--minutes 10] [--base MODEL] [--spread | --pick A,B,C] [--lr 5e-4]
-        [--unseen-by RUN/split.json] [--rounds N]
+        [--unseen-by RUN/split.json] [--rounds N] [--outlines particles|agglomerates] [--keep DIR]
 
 Takes the first ``--k`` images of one source (a silica sample group, an agglomerate sample, an
 EMPS article; default: the source with the most images), or with ``--spread`` one frame of each
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=FinetuneConfig.lr)
     parser.add_argument("--rounds", type=int, default=FinetuneConfig.rounds,
                         help="held-out folds to rotate through (0: as many as the budget allows)")
+    parser.add_argument("--outlines", default=None, choices=["particles", "agglomerates"],
+                        help="what the masks outline, as finetune --outlines (default: agglomerates on sem-agglomerates)")
     parser.add_argument("--keep", type=Path, default=None, help="copy the fine-tuned model folder here")
     parser.add_argument("--unseen-by", type=Path, default=None, metavar="SPLIT_JSON",
                         help="score only images outside the training part of this split (the base's own training "
@@ -134,7 +136,7 @@ def main() -> None:
     t = time.monotonic()
     result = finetune(read_annotated(tmp / "images", tmp / "masks"), tmp / "model",
                       FinetuneConfig(base=args.base, minutes=args.minutes, lr=args.lr, rounds=args.rounds,
-                                     outlines="agglomerates" if kind == "foreground" else "particles"),
+                                     outlines=args.outlines or ("agglomerates" if kind == "foreground" else "particles")),
                       images_dir=tmp / "images")
     took = time.monotonic() - t
     base = load_model(args.base or None, "cpu")
