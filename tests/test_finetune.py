@@ -379,6 +379,16 @@ def test_agglomerate_outlines_are_scored_as_agglomerates():
     assert set(np.unique(target)) == {0, FOREGROUND_ONLY} and (target == FOREGROUND_ONLY).sum() == (truth > 0).sum()
     assert np.isfinite(class_weights([target])).all() and class_weights([target]).max() < 2
     np.testing.assert_array_equal(ft.training_labels(truth, "particles"), truth)
+    # the base's particles say where particles part inside an agglomerate; what it missed stays unknown,
+    # what it found outside the annotation is background
+    base = np.zeros_like(truth)
+    base[a], base[b & ~a] = 1, 2  # the pair parted, the free disc missed ...
+    base[5:10, 5:10] = 3  # ... and a speck of substrate taken for a particle
+    anchored = ft.training_labels(truth, "agglomerates", base)
+    assert (anchored[a] == 1).all() and (anchored[b & ~a] == 2).all()
+    assert (anchored[c] == -1).all() and (anchored[5:10, 5:10] == 0).all()
+    target = three_class_target(anchored, 2)
+    assert (target[30, 29:31] == 2).all()  # the seam between the pair is taught as border
 
 
 def test_the_command_fine_tunes_on_agglomerate_outlines(tmp_path):
