@@ -413,6 +413,7 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
             "held-out images are scored as agglomerates")
     t_eval = time.monotonic()
     base_preds = predictions(base_seg, [by_stem[s] for s in hold_stems])
+    eval_s = time.monotonic() - t_eval
     if cfg.outlines == "agglomerates":
         # the base's particles, to stand in for the partings the agglomerate outlines do not give
         rest = [s for s in stems if s not in hold_stems]
@@ -422,7 +423,7 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
         train_labels = {s: by_stem[s][1] for s in stems}
     base_figures = {}
     if hold_stems:
-        per_image_s = (time.monotonic() - t_eval) / len(hold_stems)
+        per_image_s = eval_s / len(hold_stems)
         base_figures = score([by_stem[s][1] for s in hold_stems], base_preds)
         log(f"base {base_dir.name} on the held-out images: F1 {base_figures['f1']:.3f}, foreground IoU "
             f"{base_figures['foreground_iou']:.3f}, count ratio {base_figures['count_ratio']:.2f}")
