@@ -602,7 +602,7 @@ def finetune(
     minutes: Annotated[float, typer.Option("--minutes", help="Time budget for the whole run, loading and scoring included.", min=0.2)] = 10.0,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the decoder (the encoder gets 0.3 of it).")] = 5e-4,
     rounds: Annotated[int, typer.Option("--rounds", min=0, help="Held-out quarters to rotate through, each round training from the base without its quarter; 0: as many as the budget allows with 6 minutes of training each (one for 10 minutes; two from about 20, less for large frames, whose retuning takes longer).")] = 0,
-    outlines: Annotated[str, typer.Option("--outlines", help="What your masks outline: 'particles' (one label a particle) or 'agglomerates' (touching particles under one label): the network then learns particle against substrate from them, where particles part from the base's own particles, and the held-out images are scored as agglomerates.")] = "particles",
+    outlines: Annotated[str, typer.Option("--outlines", help="What your masks outline: 'particles' (one label a particle) or 'agglomerates' (touching particles under one label): the network then learns particle against substrate from them and where particles part from the base's own particles, and the held-out images are scored as agglomerates.")] = "particles",
     device: DeviceOpt = "cpu",
 ) -> None:
     """Adapt a model to your material from a few annotated or corrected images, within a time budget;

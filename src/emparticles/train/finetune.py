@@ -651,7 +651,7 @@ def _card(name: str, r: dict) -> str:
     agglomerates = r["settings"].get("outlines") == "agglomerates"
     if agglomerates:
         lines[-1:-1] = [("- the annotations outline agglomerates: the network learnt particle against substrate from "
-                         "them, where particles part from the base's own particles; the post-processing is the base's")]
+                         "them, and where particles part from the base's own particles; the post-processing is the base's")]
     if r["before"]:
         level = "agglomerates (the predicted particles grouped, 8-connected)" if agglomerates else "particles"
         lines += [f"Held-out images, base against fine-tuned, as {level}, IoU 0.5:", "", "| | base | fine-tuned |", "|---|---|---|",
