@@ -149,6 +149,30 @@ def test_not_better_keeps_the_base(tmp_path, monkeypatch):
     load_model(str(tmp_path / "model"), "cpu")  # the folder itself still loads as the base
 
 
+def test_the_verdict_forgives_f1_of_one_held_out_particle_not_two():
+    def fig(tp, n_true, n_pred, iou):
+        return {"f1": 2 * tp / (n_true + n_pred), "foreground_iou": iou, "true": n_true, "predicted": n_pred}
+
+    # a sparse held-out frame of 15 agglomerates: three more predictions that match nothing cost
+    # F1 0.028, less than one match (2 / 27 = 0.074), while the foreground gains 0.09
+    base = fig(3, 15, 9, 0.311)
+    assert ft.keeps_fine_tuned(base, fig(3, 15, 12, 0.404))
+    assert not ft.keeps_fine_tuned(base, fig(2, 15, 12, 0.404))  # one match lost: F1 0.148, 0.102 down
+    assert not ft.keeps_fine_tuned(base, fig(3, 15, 12, 0.330))  # together they gain too little
+    # the same F1 drop over 1,000 particles is 28 of them: turned down
+    dense_base = fig(250, 1000, 1000, 0.90)
+    assert abs(dense_base["f1"] - 0.25) < 1e-12
+    assert not ft.keeps_fine_tuned(dense_base, fig(222, 1000, 1000, 0.99))
+    assert ft.keeps_fine_tuned(dense_base, fig(246, 1000, 1000, 0.99))  # 0.004: within MAX_F1_LOSS
+    # figures() gives the counts the allowance needs
+    truth = np.zeros((40, 40), np.int32)
+    truth[2:8, 2:8], truth[20:28, 20:28] = 1, 2
+    pred = np.zeros_like(truth)
+    pred[2:8, 2:8] = 1
+    out = ft.figures([truth], [pred])
+    assert (out["true"], out["predicted"], out["matched"]) == (2, 1, 1)
+
+
 def test_interruption_leaves_a_usable_folder(tmp_path, monkeypatch):
     from emparticles.models import load_model
     from emparticles.train import data as data_mod

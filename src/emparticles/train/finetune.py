@@ -16,7 +16,8 @@ The road:
 4. Retune the post-processing on the training images.
 5. Score the held-out images with the base and with the fine-tuned model; keep the fine-tuned
    weights only when F1 at IoU 0.5 and foreground IoU gain together (:data:`MIN_GAIN`) without F1
-   dropping by more than :data:`MAX_F1_LOSS`; else keep the base's, and say so. The folder records
+   dropping by more than one held-out particle's worth (:func:`keeps_fine_tuned`); else keep the
+   base's, and say so. The folder records
    the attempt either way; a rejected attempt's weights are kept beside, in ``rejected/``.
 
 Annotations may outline agglomerates instead of single particles (``outlines="agglomerates"``:
@@ -51,7 +52,8 @@ from ..errors import EmparticlesError, InputError
 HOLDOUT_SHARE = 0.25
 MIN_IMAGES_FOR_HOLDOUT = 3
 #: The fine-tuned model is kept when held-out F1 + foreground IoU gain more than MIN_GAIN together
-#: and F1 loses at most MAX_F1_LOSS
+#: and F1 loses at most MAX_F1_LOSS, or one held-out particle's worth where that is more
+#: (:func:`keeps_fine_tuned`)
 MIN_GAIN = 0.01
 MAX_F1_LOSS = 0.01
 #: Training time each round of the rotation must keep for a budget to rotate (``rounds`` 0):
@@ -511,11 +513,7 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
                 log("interrupted: the averaged weights keep the first round's post-processing")
     train_stems = first_train if len(done) == 1 else stems
     if judged:
-        gain = (after["f1"] - before["f1"], after["foreground_iou"] - before["foreground_iou"])
-        # better: F1 and foreground IoU together gain, and F1 does not drop by more than a
-        # particle or two of the held-out images (on one silica frame: F1 0.842 -> 0.836 is one
-        # particle, while foreground IoU rose 0.885 -> 0.920)
-        better = gain[0] + gain[1] > MIN_GAIN and gain[0] > -MAX_F1_LOSS
+        better = keeps_fine_tuned(before, after)
         reason = (f"held-out F1 {before['f1']:.3f} -> {after['f1']:.3f}, foreground IoU {before['foreground_iou']:.3f} "
                   f"-> {after['foreground_iou']:.3f}")
         if len(done) > 1:
@@ -545,6 +543,24 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
     report(1.0, "done")
     return FinetuneResult(out_dir, kept, reason, train_stems, judged, before, after, steps,
                           time.monotonic() - started, scale, rounds=len(done))
+
+
+def keeps_fine_tuned(before: dict, after: dict) -> bool:
+    """The verdict on the held-out images (:func:`figures` of base and fine-tuned): keep the
+    fine-tuned weights when F1 and foreground IoU together gain more than :data:`MIN_GAIN`, and
+    F1 does not drop by more than one held-out particle's worth.
+
+    One particle's worth is what one match more or less moves F1 by, 2 / (true + predicted), and
+    at least :data:`MAX_F1_LOSS`. On a dense silica frame one sphere is a few thousandths (F1
+    0.842 -> 0.836 was one sphere, while foreground IoU rose 0.885 -> 0.920); on a sparse frame of
+    15 agglomerates it is 0.07, and a fixed 0.01 turned down an attempt for three extra
+    predictions that matched nothing (F1 0.250 -> 0.222, foreground IoU 0.311 -> 0.404) which found
+    8 of the 12 agglomerates of the sample's unseen frame, against the base's 3."""
+    gain_f1 = after["f1"] - before["f1"]
+    gain_iou = after["foreground_iou"] - before["foreground_iou"]
+    objects = after.get("true", 0) + after.get("predicted", 0)
+    allowed = max(MAX_F1_LOSS, 2.0 / objects if objects else 0.0)
+    return gain_f1 + gain_iou > MIN_GAIN and gain_f1 >= -allowed
 
 
 def _kept_for(per_image_s: float, tuning_s: float, n_train: int, n_hold: int, tune: bool) -> float:
