@@ -113,6 +113,9 @@ def test_budget_is_honoured_and_the_folder_is_a_model(tmp_path):
     assert result.steps > 0 and result.holdout_images and result.kept in ("fine-tuned", "base")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["finetune"]["held_out_images"] == result.holdout_images
+    # the folder is not a second default, and says what it is
+    assert "default" not in config and "validation_tuned" not in config
+    assert config["description"].startswith(f"{ft.resolve_base('').name} fine-tuned with `emparticles finetune` on ")
     assert "Kept:" in (tmp_path / "model" / "MODEL_CARD.md").read_text()
     seg = load_model(str(tmp_path / "model"), "cpu")
     inst, _ = seg.segment(data[0][1])

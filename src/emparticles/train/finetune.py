@@ -553,7 +553,7 @@ def keeps_fine_tuned(before: dict, after: dict) -> bool:
     One particle's worth is what one match more or less moves F1 by, 2 / (true + predicted), and
     at least :data:`MAX_F1_LOSS`. On a dense silica frame one sphere is a few thousandths (F1
     0.842 -> 0.836 was one sphere, while foreground IoU rose 0.885 -> 0.920); on a sparse frame of
-    15 agglomerates it is 0.07, and a fixed 0.01 turned down an attempt for three extra
+    15 agglomerates it is 0.07, and a fixed 0.01 turned down an attempt for four extra
     predictions that matched nothing (F1 0.250 -> 0.222, foreground IoU 0.311 -> 0.404) which found
     8 of the 12 agglomerates of the sample's unseen frame, against the base's 3."""
     gain_f1 = after["f1"] - before["f1"]
@@ -601,6 +601,19 @@ def _probs(seg, img: np.ndarray, config: dict) -> object:
     return seg.searched(img)[2].probabilities if config.get("scale_search") else seg.at_scale(img, 1.0)[1].probabilities
 
 
+def _own_config(config: dict, record: dict) -> dict:
+    """The config a fine-tuning writes: the base's, less what belongs to the base alone (its
+    validation figures, its being the default model), with a description of its own and the
+    record of the run. A base's ``"default": true`` copied along made a fine-tuned folder placed
+    among the shipped models a second default."""
+    own = {k: v for k, v in config.items() if k not in ("validation_tuned", "default")}
+    base = config.get("finetuned_from") or config.get("name") or Path(record["base"]).name
+    n = len(record["train_images"])
+    own["description"] = (f"{base} fine-tuned with `emparticles finetune` on {n} image(s) "
+                          f"({', '.join(record['train_images'][:6])}{', ...' if n > 6 else ''}); kept: {record['kept']}")
+    return {**own, "finetune": record}
+
+
 def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: dict, cfg: FinetuneConfig, kept: str,
                   reason: str, train_stems, hold_stems, before: dict, after: dict, steps: int, train_s: float,
                   scale: float, rejected: tuple | None = None, per_round: list | None = None,
@@ -626,18 +639,15 @@ def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: 
         net, _, _ = load_network(base_dir)  # the base's own network, its stages as its config says
     tmp = out_dir.with_name(out_dir.name + ".writing")
     shutil.rmtree(tmp, ignore_errors=True)
-    config = {k: v for k, v in config.items() if k != "validation_tuned"}
-    save_model_folder(net, tmp, {**config, "finetune": record}, thresholds, card=_card(out_dir.name, record))
+    save_model_folder(net, tmp, _own_config(config, record), thresholds, card=_card(out_dir.name, record))
     if rejected is not None:
         r_net, r_config, r_thresholds = rejected
-        r_config = {k: v for k, v in r_config.items() if k != "validation_tuned"}
         r_record = {**record, "kept": "fine-tuned (rejected: not better than the base on the held-out images)"}
-        save_model_folder(r_net, tmp / "rejected", {**r_config, "name": f"{out_dir.name}/rejected", "finetune": r_record},
+        save_model_folder(r_net, tmp / "rejected", _own_config({**r_config, "name": f"{out_dir.name}/rejected"}, r_record),
                           r_thresholds, card=_card(f"{out_dir.name}/rejected", r_record))
     for i, (r_net, r_config, r_thresholds) in enumerate(round_nets or [], start=1):
-        r_config = {k: v for k, v in r_config.items() if k != "validation_tuned"}
         r_record = {**record, "kept": f"round {i} of the rotation (trained without {', '.join(per_round[i - 1]['held_out'])})"}
-        save_model_folder(r_net, tmp / "rounds" / str(i), {**r_config, "finetune": r_record}, r_thresholds,
+        save_model_folder(r_net, tmp / "rounds" / str(i), _own_config(r_config, r_record), r_thresholds,
                           card=_card(f"{out_dir.name}/rounds/{i}", r_record))
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
