@@ -249,6 +249,37 @@ def test_default_model_finds_annotated_particles_on_held_out_images(tmp_path):
     assert 0.8 <= n_pred / n_true <= 1.25
 
 
+def test_polymer_agglomerate_model_counts_agglomerates_on_frames_it_never_saw(tmp_path):
+    """The SEM polymer-surface model through 'segment' on two agglomerate frames its fine-tuning
+    never saw: agglomerates of 100 px or more (8-connected groups of the particles found) within
+    0.75-1.33 of the annotation on each, foreground IoU 0.8 or more (measured when it was packaged:
+    18 of 18 and 76 of 79, foreground IoU 0.84 and 0.87). It is a model to choose, not the default."""
+    from scipy import ndimage as ndi
+
+    from emparticles.agglomerates import agglomerate_labels
+    from emparticles.io.writers import read_labels
+    from emparticles.models.registry import DEFAULT_MODEL, SHIPPED_DIR
+
+    from .conftest import EMPS, need
+
+    aggl = need(EMPS.parent / "sem-agglomerates")
+    assert DEFAULT_MODEL != "sem-polymer-agglomerates"
+    config = json.loads((SHIPPED_DIR / "sem-polymer-agglomerates" / "config.json").read_text())
+    assert set(config["finetune"]["train_images"]).isdisjoint({"10un_1", "2un_2"})
+    frames = ["10un_1", "2un_2"]
+    r = run("segment", *[aggl / "images" / f"{n}.png" for n in frames], "-o", tmp_path / "seg",
+            "--model", "sem-polymer-agglomerates", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    for n in frames:
+        truth = read_labels(aggl / "masks" / f"{n}.png")[0] > 0
+        found = read_labels(tmp_path / "seg" / f"{n}.png")[0]
+        t_areas = np.bincount(ndi.label(truth, np.ones((3, 3)))[0].ravel())[1:]
+        p_areas = np.bincount(agglomerate_labels(found)[0].ravel())[1:]
+        ratio = (p_areas >= 100).sum() / (t_areas >= 100).sum()
+        iou = (truth & (found > 0)).sum() / (truth | (found > 0)).sum()
+        assert 0.75 <= ratio <= 1.33 and iou >= 0.8, (n, ratio, iou)
+
+
 def test_synth_then_annotations_round_trip(tmp_path):
     res = run("synth", "-n", "2", "-o", tmp_path / "set", "--width", "192", "--height", "160", "--seed", "4")
     assert res.exit_code == 0, res.output
