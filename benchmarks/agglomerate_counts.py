@@ -1,7 +1,7 @@
 """Agglomerate counts against agglomerate-level annotations (../shared/data/sem-agglomerates).
 
     python benchmarks/agglomerate_counts.py MODEL [MODEL ...] [--min-area 100] [--part all|test|validation]
-        [--split RUN/split.json] [--particles any|bright]
+        [--split RUN/split.json] [--particles any|bright] [--leave-out STEM,STEM]
 
 Each frame goes the road of ``emparticles analyze`` (info bar found and left out, segmentation,
 agglomerates as 8-connected groups of touching particles); agglomerates of ``--min-area`` pixels
@@ -10,7 +10,8 @@ annotation of that size). Prints per frame the two counts and their ratio, the p
 foreground IoU and the share of the predicted foreground on bare substrate. ``--part`` as in
 ``benchmarks/all_sets.py`` (a model trained with the set's training part must be scored on
 ``test``). ``--particles bright`` leaves out what is darker than its surroundings, as
-``analyze --particles bright`` does.
+``analyze --particles bright`` does. ``--leave-out`` scores without the named frames (those a
+fine-tuning trained on or was judged on, for instance).
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def main() -> None:
     parser.add_argument("--split", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--particles", default="any", choices=["any", "bright", "dark"])
+    parser.add_argument("--leave-out", default="", help="frames not to score, by stem, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pairs = set_pairs(SET, "masks", args.part, args.split)
+    left_out = {s for s in args.leave_out.split(",") if s}
+    pairs = [(i, m) for i, m in set_pairs(SET, "masks", args.part, args.split) if i.stem not in left_out]
     for name in args.models:
         model = load_model(name, "cpu")
         n_true = n_pred = inter = union = pred_fg = 0
@@ -71,7 +74,8 @@ def main() -> None:
             inter += int((fg_t & fg_p).sum())
             union += int((fg_t | fg_p).sum())
             pred_fg += int(fg_p.sum())
-            print(f"  {image_path.stem:14s} annotated {t:4d}  found {p:4d}  ratio {ratios[-1]:.2f}")
+            iou = (fg_t & fg_p).sum() / max(1, (fg_t | fg_p).sum())
+            print(f"  {image_path.stem:14s} annotated {t:4d}  found {p:4d}  ratio {ratios[-1]:.2f}  foreground IoU {iou:.3f}")
         r = np.array(ratios, float)
         within = np.mean((r >= 0.75) & (r <= 1.33))
         print(f"  pooled ratio {n_pred / max(n_true, 1):.2f}; frames within 0.75-1.33: {within:.0%}; "
