@@ -269,6 +269,29 @@ def test_cnn_segmenter_from_a_folder(tmp_path):
     assert inst.count == int(inst.labels.max()) == len(inst.scores)
 
 
+def test_input_scale_enlarges_before_the_network_and_a_size_hint_allows_for_it(tmp_path, monkeypatch):
+    from emparticles.models import cnn
+
+    torch.manual_seed(0)
+    folder = save_model_folder(build_network("compact-unet").eval(), tmp_path / "m",
+                               {"arch": "compact-unet", "classes": 3, "name": "x2", "input_scale": 2.0})
+    seg = load_model(str(folder), "cpu")
+    seen = []
+    real = cnn.predict_tiled
+    monkeypatch.setattr(cnn, "predict_tiled", lambda net, img, **kw: seen.append(img.shape) or real(net, img, **kw))
+    img, _ = disks_image(GRID_CENTRES, shape=(128, 176))
+    inst, prob = seg.segment(img)
+    assert seen == [(256, 352)]  # twice the size at the network ...
+    assert inst.labels.shape == (128, 176) and prob.probabilities.shape == (3, 128, 176)  # ... and back
+    # a typical diameter of 30 px must reach the network at TARGET_ECD_PX (60 px): x2 in all, so
+    # nothing more than the folder's own x2
+    assert seg.hinted_scale(128 * 176, 30.0) == pytest.approx(1.0)
+    assert seg.hinted_scale(128 * 176, 120.0) == pytest.approx(0.25)
+    seen.clear()
+    seg.segment(img, particle_size_px=30.0)
+    assert seen == [(256, 352)]
+
+
 def test_selecting_model_keeps_the_most_confident_member(tmp_path):
     from emparticles.errors import InputError
     from emparticles.models.select import SelectingSegmenter

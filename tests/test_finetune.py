@@ -438,3 +438,34 @@ def test_the_command_fine_tunes_on_agglomerate_outlines(tmp_path):
     bad = CliRunner().invoke(app, ["finetune", "--images", str(images), "--masks", str(masks), "-o",
                                    str(tmp_path / "m2"), "--outlines", "clumps"])
     assert bad.exit_code != 0 and "clumps" in bad.output
+
+
+def test_a_base_that_enlarges_its_input_is_fine_tuned_at_the_size_its_network_sees(tmp_path, monkeypatch):
+    import shutil
+
+    from emparticles.train import data as train_data
+
+    shipped = ft.resolve_base("")
+    base = tmp_path / "base"
+    shutil.copytree(shipped, base)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("scale_search", None)  # scale 1 for every image: the base's own x2 is all there is
+    (base / "config.json").write_text(json.dumps({**config, "name": "x2-base", "input_scale": 2.0}))
+    images, masks = write_set(tmp_path)
+    data = ft.read_annotated(images, masks)
+    ranges = []
+
+    class Stop(Exception):
+        pass
+
+    def captured(crop, scale_range, *args, **kwargs):
+        ranges.append(scale_range)
+        raise Stop
+
+    monkeypatch.setattr(train_data, "augmenter", captured)
+    with pytest.raises(Stop):
+        ft.finetune(data, tmp_path / "model", ft.FinetuneConfig(base=str(base), minutes=0.5, crop=96, batch_size=2),
+                    images_dir=images, log=lambda m: None)
+    assert ranges == [pytest.approx((1.6, 2.5))]  # crops resampled around x2, as the network sees the images
+    written = json.loads((tmp_path / "model" / "config.json").read_text())  # the base's folder, written first
+    assert written["input_scale"] == 2.0 and written["finetune"]["scale"] == pytest.approx(2.0)

@@ -121,7 +121,7 @@ class CNNSegmenter:
 
     def _probabilities(self, img: np.ndarray, scale: float) -> np.ndarray:
         """(C, h, w) float32 probabilities of a normalised image resampled by ``scale``."""
-        scale = scale * float(self.config.get("input_scale", 1.0))
+        scale = scale * self.input_scale
         if scale != 1.0:
             img = _resize(img, scale)
         probs = predict_tiled(self.net, img, tile=int(self.config.get("tile", 1024)),
@@ -268,11 +268,19 @@ class CNNSegmenter:
     def hinted_scale(self, pixels: int, particle_size_px: float) -> float:
         """The resampling that brings a typical diameter of ``particle_size_px`` to
         :attr:`TARGET_ECD_PX`, in an image of ``pixels`` pixels (enlarging within
-        :attr:`MAX_UPSCALED_PIXELS`)."""
+        :attr:`MAX_UPSCALED_PIXELS`). The network sees that size whatever the config's
+        ``input_scale``: the scale returned is relative to it, as every scale given to
+        :meth:`at_scale` is."""
         scale = float(np.clip(self.TARGET_ECD_PX / particle_size_px, 0.25, 4.0))
         if not self._allowed_scale(pixels)(scale):
             scale = max(1.0, (self.MAX_UPSCALED_PIXELS / pixels) ** 0.5)
-        return scale
+        return scale / self.input_scale
+
+    @property
+    def input_scale(self) -> float:
+        """The resampling the config asks for before the network (``"input_scale"``, default 1):
+        every scale of :meth:`at_scale` and of the scale search is relative to it."""
+        return float(self.config.get("input_scale", 1.0))
 
     def scale_for(self, img: np.ndarray, particle_size_px: float | None = None,
                   limits: tuple[float, float] | None = None) -> float:

@@ -383,7 +383,9 @@ def finetune(data: list[tuple[str, np.ndarray, np.ndarray]], out_dir: Path, cfg:
     # 1. the base's scale for these images (its search needs no annotation)
     t_scale = time.monotonic()
     scales = [base_seg.choose_scale(by_stem[s][0])[0] if base_config.get("scale_search") else 1.0 for s in first_train]
-    scale = float(np.median(scales))
+    # crops are resampled as the base's network sees these images: the search's scale times
+    # the base's own input_scale (1 for every shipped model)
+    scale = float(np.median(scales)) * base_seg.input_scale
     per_image_s = (time.monotonic() - t_scale) / max(1, len(first_train))
     # one post-processing trial of the retuning, timed on the first training image (silica frames
     # of 1,000 spheres take 0.26 s a trial, sixty trials an image: a fixed guess overran budgets)
