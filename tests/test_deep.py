@@ -796,6 +796,20 @@ def test_fill_particle_holes_fills_only_holes_of_one_particle():
     np.testing.assert_array_equal(filled[10:], labels[10:])
 
 
+def test_a_particle_inside_another_keeps_the_ring_of_background_between_them():
+    labels = np.zeros((24, 24), np.uint16)
+    labels[2:22, 2:22] = 1
+    labels[5:19, 5:19] = 0  # a large hole of particle 1 ...
+    labels[8:16, 8:16] = 2  # ... with particle 2 in it
+    labels[11:13, 11:13] = 0  # a hole of particle 2
+    view = np.pad(labels, 1)[1:-1, 1:-1]  # a view, not a fresh array
+    filled = fill_particle_holes(view)
+    assert filled.dtype == np.uint16
+    assert (filled[11:13, 11:13] == 2).all()  # touches particle 2 only: filled
+    assert (filled[5:8, 5:19] == 0).all()  # touches particles 1 and 2: stays background
+    assert (labels[11:13, 11:13] == 0).all()  # the input is not changed
+
+
 class _WideOutlines:
     """A segmenter (no network) that finds every square particle with a one-pixel ring too many,
     where the foreground probability is 0.65."""
