@@ -3,7 +3,8 @@
     python benchmarks/package_model.py RUN/best NAME [--metrics metrics.json] [--description TEXT] [--default]
 
 Writes src/emparticles/models/weights/NAME/{config.json, weights.safetensors, thresholds.json,
-MODEL_CARD.md}. Refuses weights above 30 MB.
+MODEL_CARD.md, network.onnx}: the last is the fp32 graph that ONNX Runtime runs on CPU, its
+weights read from weights.safetensors (an int8 graph of the folder is copied instead). Refuses weights above 30 MB.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from emparticles.models.onnx import add_graph_to_folder
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "emparticles" / "models" / "weights"
 
@@ -117,9 +120,14 @@ def main() -> None:
     config["default"] = bool(args.default)
     for f in ("weights.safetensors", "thresholds.json"):
         shutil.copy2(args.folder / f, dest / f)
-    if config.get("onnx"):  # an int8 graph from 'emparticles quantise' travels with its weights
+    int8 = (config.get("onnx") or {}).get("precision") == "int8"
+    if int8:  # an int8 graph from 'emparticles quantise' travels with its weights
         shutil.copy2(args.folder / config["onnx"]["file"], dest / config["onnx"]["file"])
+    else:
+        config.pop("onnx", None)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if not int8 and add_graph_to_folder(dest) is None:  # the fp32 graph ONNX Runtime runs on CPU
+        print("no ONNX graph written (needs pip install -e '.[onnx]'): the model will run in PyTorch")
     metrics = json.loads(args.metrics.read_text()) if args.metrics else None
     thresholds = json.loads((dest / "thresholds.json").read_text())
     (dest / "MODEL_CARD.md").write_text(card(args.name, config, metrics, thresholds))

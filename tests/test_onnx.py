@@ -15,6 +15,7 @@ from emparticles.models.networks import build_network, prepare_for_inference
 from emparticles.models.onnx import (
     ONNX_FILE,
     OnnxNetwork,
+    add_graph_to_folder,
     calibration_crops,
     export_onnx,
     quantise_model_folder,
@@ -43,6 +44,39 @@ def test_fp32_export_computes_the_same_function(tmp_path):
     got = onnx_net(x)
     assert got.shape == (2, 3, 96, 160)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_graph_reads_its_weights_from_the_safetensors_file(tmp_path):
+    folder, net = _folder(tmp_path)
+    net.head.bias.data.add_(0.3)  # batch norms and biases as trained, not the exporter's defaults
+    save_model_folder(net, folder, json.loads((folder / "config.json").read_text()))
+    torch_model = CNNSegmenter(folder, "cpu")
+    assert not isinstance(torch_model.net, OnnxNetwork)
+    entry = add_graph_to_folder(folder)
+    assert entry["precision"] == "fp32" and entry["weights"] == "weights.safetensors"
+    assert json.loads((folder / "config.json").read_text())["onnx"] == entry
+    weights = (folder / "weights.safetensors").stat().st_size
+    assert (folder / ONNX_FILE).stat().st_size < 0.05 * weights  # the graph holds no copy of the weights
+    onnx_model = CNNSegmenter(folder, "cpu")
+    assert isinstance(onnx_model.net, OnnxNetwork)
+    img, _ = disks_image(GRID_CENTRES, shape=(128, 176))
+    expected, got = torch_model.predict(img).probabilities, onnx_model.predict(img).probabilities
+    assert np.abs(got - expected).max() < 1e-4
+    # new weights in the same file: the graph's offsets no longer describe them, PyTorch runs
+    with torch.no_grad():
+        net.head.bias.add_(1.0)
+    raw = json.loads((folder / "config.json").read_text())
+    save_model_folder(net, folder, raw)
+    (folder / "config.json").write_text(json.dumps(raw))  # the old entry kept by hand
+    assert not isinstance(CNNSegmenter(folder, "cpu").net, OnnxNetwork)
+
+
+def test_shipped_networks_run_their_graphs_and_agree_with_pytorch():
+    model = load_model(None, "cpu")
+    assert isinstance(model.net, OnnxNetwork)
+    img, _ = disks_image(GRID_CENTRES, shape=(128, 176))
+    reference = CNNSegmenter(model.folder, "cpu", onnx=False)
+    assert np.abs(model.predict(img).probabilities - reference.predict(img).probabilities).max() < 1e-4
 
 
 def test_calibration_crops_are_network_sized_and_scaled():
@@ -81,7 +115,9 @@ def test_graph_of_older_weights_is_ignored(tmp_path):
     assert isinstance(CNNSegmenter(folder, "cpu").net, OnnxNetwork)
     with torch.no_grad():
         net.head.bias.add_(1.0)
-    save_model_folder(net, folder, raw)  # retrained weights, same config
+    save_model_folder(net, folder, raw)  # retrained weights: the graph's entry is left out
+    assert "onnx" not in json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(raw))  # weights replaced by hand, the old entry kept
     assert not isinstance(CNNSegmenter(folder, "cpu").net, OnnxNetwork)
 
 

@@ -25,11 +25,14 @@ __all__ = ["DEFAULT_THRESHOLDS", "CNNSegmenter", "load_network", "save_model_fol
 
 def save_model_folder(net: torch.nn.Module, folder: Path, config: dict, thresholds: dict | None = None,
                       card: str = "") -> Path:
-    """Write a model folder (weights as safetensors, never pickles)."""
+    """Write a model folder (weights as safetensors, never pickles). A config's ``onnx`` entry
+    is left out: its graph describes the weights it came with, not these
+    (:func:`~emparticles.models.onnx.add_graph_to_folder` writes one for them)."""
     from safetensors.torch import save_file
 
     from ..io.writers import _write
 
+    config = {k: v for k, v in config.items() if k != "onnx"}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}

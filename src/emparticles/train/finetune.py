@@ -631,6 +631,7 @@ def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: 
     import shutil
 
     from ..models.cnn import load_network, save_model_folder
+    from ..models.onnx import add_graph_to_folder
 
     record = {"base": str(base_dir), "kept": kept, "reason": reason, "train_images": list(train_stems),
               "held_out_images": list(hold_stems), "before": _plain(before), "after": _plain(after), "steps": steps,
@@ -642,6 +643,7 @@ def _write_folder(out_dir: Path, base_dir: Path, net, config: dict, thresholds: 
     tmp = out_dir.with_name(out_dir.name + ".writing")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_folder(net, tmp, _own_config(config, record), thresholds, card=_card(out_dir.name, record))
+    add_graph_to_folder(tmp)  # CPU inference through ONNX Runtime, as the shipped models run
     if rejected is not None:
         r_net, r_config, r_thresholds = rejected
         r_record = {**record, "kept": "fine-tuned (rejected: not better than the base on the held-out images)"}

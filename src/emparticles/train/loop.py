@@ -705,6 +705,7 @@ def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print, group
     :data:`COUNT_RANGE`; the validation figures are those of the whole segmentation road (search
     included). ``groups``: the set of each validation image, each set then weighing the same."""
     from ..models.cnn import CNNSegmenter, load_network
+    from ..models.onnx import add_graph_to_folder
 
     best = out_dir / "best"
     net, config, _ = load_network(best, device)
@@ -724,6 +725,7 @@ def finalise(out_dir: Path, cfg: TrainConfig, val_data, device, log=print, group
     config["validation_tuned"] = tuned
     (best / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (best / "MODEL_CARD.md").write_text(training_card(config))
+    add_graph_to_folder(best)  # CPU inference through ONNX Runtime, as the shipped models run
     log(f"thresholds {thresholds}: validation F1 {tuned['f1']:.3f} with the tuned post-processing and the scale "
         f"search (F1 {val['f1']:.3f} at scale 1 with the defaults)")
     if tuned["f1"] < val["f1"]:
