@@ -542,3 +542,40 @@ def test_particles_mostly_on_the_bar_are_left_out_and_those_it_is_drawn_over_sta
     assert (kept.labels[10:75, 5:55] == 1).all()  # the large particle, whole
     low = Micrograph(mg.pixels, metadata={"scale_bar": {**bar, "confidence": "low"}})
     assert drop_scale_bar(inst, labels.copy(), low)[0].count == 4  # a doubtful bar leaves everything
+
+
+class _Recording:
+    """A segmenter that finds nothing (or fails) and remembers the size hint it was given."""
+
+    model_id = "recording"
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.hints = fail, []
+
+    def segment(self, pixels, particle_size_px=None):
+        from emparticles.errors import InputError
+        from emparticles.instances import Instances
+
+        self.hints.append(particle_size_px)
+        if self.fail:
+            raise InputError(None, "cannot segment this field", "nothing to fix")
+        return Instances(np.zeros(pixels.shape, np.int32), np.zeros(0, np.float32)), None
+
+
+def test_the_bar_read_beside_the_segmentation_calibrates_hints_results_and_failures(tmp_path):
+    from emparticles.errors import InputError
+    from emparticles.pipeline import AnalysisSettings, analyse_path
+
+    im = field(seed=7)
+    draw_bar(im, 480, 430, 120, "500 nm", 255)
+    im.save(tmp_path / "fig.png")
+    result = analyse_path(tmp_path / "fig.png", _Recording(), AnalysisSettings())  # read in a second thread
+    assert result.micrograph.pixel_size_source == "scale-bar"
+    assert result.summary["pixel_size_nm"] == pytest.approx(500 / 120)
+    hinted = _Recording()  # a hint in nm needs the bar read first
+    analyse_path(tmp_path / "fig.png", hinted, AnalysisSettings(particle_size="100nm"))
+    assert hinted.hints == [pytest.approx(100 / (500 / 120))]
+    with pytest.raises(InputError) as err:  # a failed image still records the bar's calibration
+        analyse_path(tmp_path / "fig.png", _Recording(fail=True), AnalysisSettings())
+    assert err.value.known["pixel_size_source"] == "scale-bar"
+    assert err.value.known["pixel_size_nm"] == pytest.approx(500 / 120)
