@@ -141,6 +141,38 @@ def test_relabel_raster_equals_relabel_consecutive():
     assert relabel_raster(np.zeros((0, 3), np.int32)).shape == (0, 3)
 
 
+def test_relabelling_that_drops_labels_equals_dropping_first():
+    from emparticles._watershed import relabel_raster_lut
+
+    rng = np.random.default_rng(3)
+    labels = rng.choice([0, 0, 3, 7, 12, 40], size=(30, 40)).astype(np.int32)
+    keep = np.ones(41, bool)
+    keep[[7, 40]] = False
+    out, lut = relabel_raster_lut(labels, keep=keep)
+    expected = relabel_consecutive(np.where(np.isin(labels, [7, 40]), 0, labels))
+    assert np.array_equal(out, expected)
+    assert lut[7] == lut[40] == 0 and sorted(lut[[3, 12]]) == [1, 2]
+    short, _ = relabel_raster_lut(labels, keep=keep[:10])  # labels beyond the flags are kept
+    assert np.array_equal(short, relabel_consecutive(np.where(labels == 7, 0, labels)))
+
+
+def test_label_sums_and_mean_probability_match_bincount():
+    from emparticles._watershed import label_sums
+    from emparticles.instances import mean_probability
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 9, (37, 53)).astype(np.uint16)
+    labels[labels == 5] = 0  # a label absent from the image
+    values = rng.random((37, 53)).astype(np.float32)
+    sums, counts = label_sums(labels, values)
+    assert np.array_equal(sums, np.bincount(labels.ravel(), weights=values.ravel().astype(np.float64)))
+    assert np.array_equal(counts, np.bincount(labels.ravel()))
+    means = mean_probability(labels, values)
+    assert means.dtype == np.float32 and means.shape == (8,) and means[4] == 0
+    assert means[0] == pytest.approx(values[labels == 1].mean(), rel=1e-6)
+    assert mean_probability(np.zeros((4, 4), np.int32), values[:4, :4]).shape == (0,)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
 def test_percentiles_and_normalise_match_numpy(dtype):
     from emparticles.preprocess import normalise, percentiles

@@ -1,4 +1,4 @@
-"""Compiled seeded watershed and raster relabelling for the instance separation.
+"""Compiled seeded watershed, raster relabelling and per-label sums for the instance separation.
 
 Written with numba rather than calling scikit-image's ``watershed`` because its priority queue is a
 binary heap over float values (O(n log n)): on a 0.37 MP probability map it takes ~75 ms, most of
@@ -107,18 +107,64 @@ def _relabel_raster(flat, max_label):
     return out, lut
 
 
+@nb.njit(cache=True, nogil=True)
+def _relabel_raster_keeping(flat, keep):
+    lut = np.zeros(keep.shape[0], np.int32)
+    out = np.zeros(flat.shape[0], np.int32)
+    n = 0
+    for i in range(flat.shape[0]):
+        v = flat[i]
+        if v == 0 or not keep[v]:
+            continue
+        if lut[v] == 0:
+            n += 1
+            lut[v] = n
+        out[i] = lut[v]
+    return out, lut
+
+
+@nb.njit(cache=True, nogil=True)
+def _label_sums(flat, values, n):
+    sums = np.zeros(n + 1, np.float64)
+    counts = np.zeros(n + 1, np.int64)
+    for i in range(flat.shape[0]):
+        v = flat[i]
+        sums[v] += values[i]
+        counts[v] += 1
+    return sums, counts
+
+
+def label_sums(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per label 0..max of (H, W) non-negative integer ``labels``: the float64 sum of ``values``
+    (H, W) over its pixels and its pixel count, in one pass (two ``np.bincount`` calls and a
+    float64 copy of ``values`` took 16 ms at 1.1 MP, this 3 ms; the same sums, added in the same
+    order)."""
+    flat = np.ascontiguousarray(np.asarray(labels).ravel())
+    if flat.size == 0:
+        return np.zeros(1, np.float64), np.zeros(1, np.int64)
+    return _label_sums(flat, np.ascontiguousarray(np.asarray(values).ravel()), int(flat.max()))
+
+
 def relabel_raster(labels: np.ndarray) -> np.ndarray:
     """(H, W) non-negative integer labels renumbered 1..N in raster order of each particle's first
     pixel, as int32 (one pass, O(pixels + max label); ``relabel_consecutive`` sorts)."""
     return relabel_raster_lut(labels)[0]
 
 
-def relabel_raster_lut(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def relabel_raster_lut(labels: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`relabel_raster` and its table: ``lut[old]`` is the new label of ``old`` (0 for
-    labels absent from the image), (max label + 1,) int32."""
+    labels absent from the image), (max label + 1,) int32. ``keep``: (N + 1,) bool, the labels
+    to keep (the others become background in the same pass; labels over N are kept)."""
     labels = np.asarray(labels)
     if labels.size == 0:
         return np.zeros(labels.shape, np.int32), np.zeros(1, np.int32)
     flat = np.ascontiguousarray(labels.ravel()).astype(np.int64, copy=False)
-    out, lut = _relabel_raster(flat, int(flat.max()))
+    top = int(flat.max())
+    if keep is None:
+        out, lut = _relabel_raster(flat, top)
+    else:
+        flags = np.ones(max(top, 0) + 1, bool)
+        n = min(len(keep), flags.size)
+        flags[:n] = np.asarray(keep, bool)[:n]
+        out, lut = _relabel_raster_keeping(flat, flags)
     return out.reshape(labels.shape), lut

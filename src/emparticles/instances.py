@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import h_maxima, remove_small_objects
 from skimage.segmentation import watershed
 
-from ._watershed import relabel_raster, relabel_raster_lut, seeded_watershed
+from ._watershed import label_sums, relabel_raster_lut, seeded_watershed
 from .types import ProbabilityMap, relabel_consecutive
 
 
@@ -37,8 +37,7 @@ def mean_probability(labels: np.ndarray, probability: np.ndarray) -> np.ndarray:
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         return np.zeros(0, np.float32)
-    sums = np.bincount(labels.ravel(), weights=probability.ravel().astype(np.float64), minlength=n + 1)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    sums, counts = label_sums(labels, probability)
     return (sums[1:] / np.maximum(counts[1:], 1)).astype(np.float32)
 
 
@@ -183,9 +182,9 @@ def instances_from_borders(
 def drop_instances(inst: Instances, drop: np.ndarray) -> Instances:
     """``inst`` without the labels flagged in ``drop`` ((N + 1,) bool, index 0 ignored),
     renumbered 1..M in raster order, each keeping its score."""
-    drop = drop.copy()
-    drop[0] = False
-    labels, lut = relabel_raster_lut(np.where(drop[inst.labels], 0, inst.labels))
+    keep = ~np.asarray(drop, bool)
+    keep[0] = True
+    labels, lut = relabel_raster_lut(inst.labels, keep=keep)
     kept = np.flatnonzero(lut[1:]) + 1
     scores = np.zeros(int(labels.max(initial=0)), np.float32)
     scores[lut[kept] - 1] = inst.scores[kept - 1]
@@ -312,9 +311,10 @@ def trim_outlines(inst: Instances, foreground: np.ndarray, threshold: float) -> 
         keep[order[first] + 1] = True
         labels = np.where(keep[pieces], labels, 0)
         labels = fill_particle_holes(labels)
-    new = relabel_raster(labels)
-    old_of_new = np.zeros(int(new.max()) + 1, np.int64)
-    old_of_new[new.ravel()] = labels.ravel()
+    new, lut = relabel_raster_lut(labels)
+    present = np.flatnonzero(lut)
+    old_of_new = np.zeros(int(lut.max(initial=0)) + 1, np.int64)
+    old_of_new[lut[present]] = present
     return Instances(new.astype(np.int32, copy=False), inst.scores[old_of_new[1:] - 1].astype(np.float32))
 
 
