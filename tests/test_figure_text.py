@@ -42,6 +42,24 @@ def test_glyphs_found_as_particles_are_left_out_and_the_particles_kept():
     assert '"200 nm"' in notes[0] and "--keep-figure-text" in notes[0]
 
 
+def test_text_found_beside_the_segmentation_leaves_the_same_particles(tmp_path):
+    from PIL import Image
+
+    from emparticles.pipeline import AnalysisSettings, analyse_path
+
+    Image.fromarray(figure_with_text()).save(tmp_path / "panel.png")
+    model = load_model("classical", "cpu")
+    # the text lines are detected in a second thread while the field is segmented ...
+    result = analyse_path(tmp_path / "panel.png", model, AnalysisSettings(pixel_size_nm=2.0))
+    assert result.instances.count == 6
+    assert any(w.startswith("8 objects on text") for w in result.warnings)
+    # ... as when the bar is read first (--scale-bar off: everything in one thread)
+    serial = analyse_path(tmp_path / "panel.png", model, AnalysisSettings(pixel_size_nm=2.0, scale_bar="off"))
+    np.testing.assert_array_equal(serial.full_labels, result.full_labels)
+    kept = analyse_path(tmp_path / "panel.png", model, AnalysisSettings(pixel_size_nm=2.0, keep_figure_text=True))
+    assert kept.instances.count == 14
+
+
 def test_a_row_of_rings_is_not_text():
     # hollow spheres in a row: the recogniser reads such a line as "0000" (score 0.8-0.9)
     img = np.full((300, 400), 200, np.uint8)

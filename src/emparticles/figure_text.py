@@ -74,9 +74,20 @@ class TextLine:
     score: float
 
 
-def particles_on_text(field: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[TextLine]]:
+def text_lines_over(field: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Boxes (x0, y0, x1, y1) of the lines the text detector finds over ``field`` (the (H, W)
+    grey image): the part of :func:`particles_on_text` that needs no particles, so that it can
+    run while the field is segmented."""
+    from .io.scalebar import _to_uint8, text_boxes
+
+    return _detected_lines(_to_uint8(field), text_boxes)
+
+
+def particles_on_text(field: np.ndarray, labels: np.ndarray,
+                      detected: list[tuple[int, int, int, int]] | None = None) -> tuple[np.ndarray, list[TextLine]]:
     """Which particles of ``labels`` (H, W; 1..N) lie on text drawn over ``field`` (the (H, W)
-    grey image): (N + 1,) bool flags (index 0 False) and the lines of text that hold them."""
+    grey image): (N + 1,) bool flags (index 0 False) and the lines of text that hold them.
+    ``detected``: the field's :func:`text_lines_over`, when they were found already."""
     from .io.scalebar import _to_uint8, recognise, text_boxes
 
     n = int(labels.max(initial=0))
@@ -88,7 +99,7 @@ def particles_on_text(field: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     area = np.bincount(labels.ravel(), minlength=n + 1)
     lines = []
     m = BOX_MARGIN_PX
-    for box in _detected_lines(img, text_boxes):
+    for box in (detected if detected is not None else _detected_lines(img, text_boxes)):
         x0, y0, x1, y1 = box
         if y1 - y0 > MAX_LINE_HEIGHT * h or min(x0, y0, w - x1, h - y1) > EDGE_BAND * min(h, w):
             continue

@@ -13,6 +13,7 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,7 +144,8 @@ def particle_size_px(hint: str | None, pixel_size_nm: float | None, path=None) -
 
 
 def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | None = None,
-                       notes: list[str] | None = None, figure_text: bool = True) -> tuple[Instances, np.ndarray]:
+                       notes: list[str] | None = None, figure_text: bool = True,
+                       text_lines: Callable[[], list] | None = None) -> tuple[Instances, np.ndarray]:
     """Segment the analysed field (info bar excluded); a field over
     :data:`~emparticles.blocks.BLOCKS_ABOVE_PX` block by block (:mod:`emparticles.blocks`).
     With ``figure_text``, particles on text drawn over the field (a panel letter, a scale bar's
@@ -153,6 +155,8 @@ def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | No
 
     Returns the instances of the field and the (H, W) label image at the full input size, with 0
     in the info bar (the instances' labels are a view of its rows). ``notes`` receives warnings.
+    ``text_lines``: gives the field's :func:`~emparticles.figure_text.text_lines_over`, found
+    elsewhere (in another thread) while the network ran.
     """
     field_pixels = mg.analysed_pixels
     if float(field_pixels.min()) == float(field_pixels.max()):
@@ -172,19 +176,20 @@ def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | No
         return done.instances, full
     instances, _ = model.segment(field_pixels, size_px)
     if figure_text:
-        instances = drop_figure_text(instances, field_pixels, notes)
+        instances = drop_figure_text(instances, field_pixels, notes, text_lines() if text_lines else None)
     full[: field_pixels.shape[0]] = instances.labels
     return Instances(full[: field_pixels.shape[0]], instances.scores), full
 
 
-def drop_figure_text(instances: Instances, field_pixels: np.ndarray, notes: list[str] | None = None) -> Instances:
+def drop_figure_text(instances: Instances, field_pixels: np.ndarray, notes: list[str] | None = None,
+                     detected: list | None = None) -> Instances:
     """``instances`` without the particles on text drawn over the field
-    (:func:`~emparticles.figure_text.particles_on_text`); ``notes`` receives a line saying what
-    was left out."""
+    (:func:`~emparticles.figure_text.particles_on_text`, with the lines ``detected`` if they
+    were found already); ``notes`` receives a line saying what was left out."""
     from .figure_text import particles_on_text
     from .instances import drop_instances
 
-    flags, lines = particles_on_text(field_pixels, instances.labels)
+    flags, lines = particles_on_text(field_pixels, instances.labels, detected)
     if not flags.any():
         return instances
     if notes is not None:
@@ -702,12 +707,18 @@ def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> Im
     # no pixel size without a --particle-size in nm: the recogniser's work (0.1 s on a 1280x960
     # SEM frame) fills the time the instance separation leaves a core idle (analyze of the
     # benchmark's frame: 1.50 -> 1.45 s, median of 20 runs alternating with the serial order).
+    # The text detector's look over the field for figure text follows it in that thread.
     with ThreadPoolExecutor(max_workers=1) as pool:
         reading = pool.submit(calibrate_from_scale_bar, mg, settings.scale_bar)
+        lines = None
+        if not settings.keep_figure_text and mg.analysed_pixels.size <= BLOCKS_ABOVE_PX:
+            from .figure_text import text_lines_over
+
+            lines = pool.submit(text_lines_over, mg.analysed_pixels).result
         notes: list[str] = []
         try:
             instances, full = segment_micrograph(mg, model, settings.particle_size, notes,
-                                                 figure_text=not settings.keep_figure_text)
+                                                 figure_text=not settings.keep_figure_text, text_lines=lines)
         except EmparticlesError as exc:
             exc.known = known_facts(_read_or_as_it_was(reading, mg))
             raise
