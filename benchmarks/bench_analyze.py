@@ -7,8 +7,9 @@ The image is a synthetic SEM micrograph (``emparticles synth``, seed 3) with an 
 one image through read, info bar, segmentation, measurement and every per-image output
 (labels, overlay, ROI set, tables), then the run's combined tables, with and without the HTML
 report; prints the median of ``--runs`` runs and the ratio to the classical model timed in the
-same process. The model is timed with the check for text over the field (the default) and
-without it (``--keep-figure-text``), the classical reference without it, as before it existed.
+same process, the configurations taking turns run by run. The model is timed with the check for
+text over the field (the default) and without it (``--keep-figure-text``), the classical
+reference without it, as before it existed.
 """
 
 from __future__ import annotations
@@ -54,16 +55,23 @@ def main() -> None:
         # generator draws other images for seed 0 (a dense field of 1,704 particles)
         s = synth_sem(np.random.default_rng(3), SynthSettings(width=1280, height=960, info_bar_probability=1.0))
         path, _ = write_training_pair(s.image, s.labels, tmp / "set", "sem_1280x960", s.pixel_size_nm)
-        results = {}
         # the model with and without the check for text over the field, and the classical
         # reference without it (timed as before the check existed)
+        configs = []
         for name, keep_text in ((args.model, False), (args.model, True), ("classical", True)):
             model = load_model(name, "cpu")
-            gc.freeze()  # as the CLI does once the model is loaded (no full collections over torch's objects)
             one_run(path, model, tmp / "warm", report=False, keep_text=keep_text)  # warm-up (numba, allocations)
-            for report in (False, True):
-                times = [one_run(path, model, tmp / f"out{r}", report, keep_text) for r in range(args.runs)]
-                results[(model.model_id, keep_text, report)] = statistics.median(times)
+            configs += [(model, keep_text, report) for report in (False, True)]
+        gc.freeze()  # as the CLI does once the model is loaded (no full collections over torch's objects)
+        # Round after round, each configuration once: a change in the machine's load over the
+        # minutes a benchmark takes then falls on all of them alike, not on the one timed then
+        # (timed one after the other, the same code measured 1.40-1.51 s within an hour).
+        times: dict[tuple, list[float]] = {(m.model_id, k, rep): [] for m, k, rep in configs}
+        for r in range(args.runs):
+            for model, keep_text, report in configs:
+                times[(model.model_id, keep_text, report)].append(
+                    one_run(path, model, tmp / f"out{r}", report, keep_text))
+        results = {key: statistics.median(ts) for key, ts in times.items()}
         ref = {rep: t for (mid, _, rep), t in results.items() if mid == "classical"}
         for (mid, keep_text, rep), t in results.items():
             text = "text kept" if keep_text else "text check"
