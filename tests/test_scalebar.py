@@ -579,3 +579,29 @@ def test_the_bar_read_beside_the_segmentation_calibrates_hints_results_and_failu
         analyse_path(tmp_path / "fig.png", _Recording(fail=True), AnalysisSettings())
     assert err.value.known["pixel_size_source"] == "scale-bar"
     assert err.value.known["pixel_size_nm"] == pytest.approx(500 / 120)
+
+
+def test_a_process_of_one_thread_reads_the_bar_in_that_thread(tmp_path, monkeypatch):
+    import threading
+
+    import torch
+
+    from emparticles import pipeline
+
+    im = field(seed=7)
+    draw_bar(im, 480, 430, 120, "500 nm", 255)
+    im.save(tmp_path / "fig.png")
+    readers = []
+    read = pipeline.calibrate_from_scale_bar
+    monkeypatch.setattr(pipeline, "calibrate_from_scale_bar",
+                        lambda mg, mode: readers.append(threading.get_ident()) or read(mg, mode))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pipeline.analyse_path(tmp_path / "fig.png", _Recording(), pipeline.AnalysisSettings())
+        torch.set_num_threads(2)
+        two = pipeline.analyse_path(tmp_path / "fig.png", _Recording(), pipeline.AnalysisSettings())
+    finally:
+        torch.set_num_threads(threads)
+    assert readers[0] == threading.get_ident() and readers[1] != threading.get_ident()
+    assert one.summary["pixel_size_nm"] == two.summary["pixel_size_nm"] == pytest.approx(500 / 120)

@@ -696,7 +696,8 @@ def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> Im
     """Read, locate the info bar, read the scale bar, segment and measure one file."""
     mg = io_images.read_micrograph(path, settings.pixel_size_nm)
     mg = locate_infobar(mg, settings.crop_bottom, settings.detect_infobar)
-    if settings.scale_bar == "off" or _hint_needs_pixel_size(settings.particle_size):
+    if (settings.scale_bar == "off" or _hint_needs_pixel_size(settings.particle_size)
+            or _threads_allowed() < 2):
         mg = calibrate_from_scale_bar(mg, settings.scale_bar)
         try:
             return analyse_micrograph(mg, model, settings)
@@ -707,7 +708,8 @@ def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> Im
     # no pixel size without a --particle-size in nm: the recogniser's work (0.1 s on a 1280x960
     # SEM frame) fills the time the instance separation leaves a core idle (analyze of the
     # benchmark's frame: 1.50 -> 1.45 s, median of 20 runs alternating with the serial order).
-    # The text detector's look over the field for figure text follows it in that thread.
+    # The text detector's look over the field for figure text follows it in that thread. A
+    # process allowed one thread (a cluster worker of one thread) reads the bar first instead.
     with ThreadPoolExecutor(max_workers=1) as pool:
         reading = pool.submit(calibrate_from_scale_bar, mg, settings.scale_bar)
         lines = None
@@ -728,6 +730,14 @@ def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> Im
     except EmparticlesError as exc:
         exc.known = known_facts(mg)
         raise
+
+
+def _threads_allowed() -> int:
+    """The threads this process's compute may use (``torch.get_num_threads``: one on a cluster
+    worker of one thread, where a second thread would only take another worker's core)."""
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _hint_needs_pixel_size(particle_size: str | None) -> bool:
