@@ -92,23 +92,7 @@ def seeded_watershed(image: np.ndarray, markers: np.ndarray, mask: np.ndarray, l
 
 
 @nb.njit(cache=True, nogil=True)
-def _relabel_raster(flat, max_label):
-    lut = np.zeros(max_label + 1, np.int32)
-    out = np.zeros(flat.shape[0], np.int32)
-    n = 0
-    for i in range(flat.shape[0]):
-        v = flat[i]
-        if v == 0:
-            continue
-        if lut[v] == 0:
-            n += 1
-            lut[v] = n
-        out[i] = lut[v]
-    return out, lut
-
-
-@nb.njit(cache=True, nogil=True)
-def _relabel_raster_keeping(flat, keep):
+def _relabel_raster(flat, keep):
     lut = np.zeros(keep.shape[0], np.int32)
     out = np.zeros(flat.shape[0], np.int32)
     n = 0
@@ -159,12 +143,9 @@ def relabel_raster_lut(labels: np.ndarray, keep: np.ndarray | None = None) -> tu
     if labels.size == 0:
         return np.zeros(labels.shape, np.int32), np.zeros(1, np.int32)
     flat = np.ascontiguousarray(labels.ravel()).astype(np.int64, copy=False)
-    top = int(flat.max())
-    if keep is None:
-        out, lut = _relabel_raster(flat, top)
-    else:
-        flags = np.ones(max(top, 0) + 1, bool)
+    flags = np.ones(max(int(flat.max()), 0) + 1, bool)
+    if keep is not None:
         n = min(len(keep), flags.size)
         flags[:n] = np.asarray(keep, bool)[:n]
-        out, lut = _relabel_raster_keeping(flat, flags)
+    out, lut = _relabel_raster(flat, flags)
     return out.reshape(labels.shape), lut
