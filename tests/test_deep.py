@@ -106,6 +106,19 @@ class PixelWise(torch.nn.Module):
         return self.conv(x)
 
 
+def test_output_probabilities_softmax_of_classes_and_sigmoid_of_distance():
+    from emparticles.inference import output_probabilities
+
+    logits = torch.randn(2, 4, 9, 11)
+    p = output_probabilities(logits)
+    torch.testing.assert_close(p[:, :3], torch.softmax(logits[:, :3], dim=1))
+    torch.testing.assert_close(p[:, 3], torch.sigmoid(logits[:, 3]))
+    torch.testing.assert_close(p[:, :3].sum(1), torch.ones(2, 9, 11))
+    torch.testing.assert_close(output_probabilities(logits[:, :3]), torch.softmax(logits[:, :3], dim=1))
+    # a channels-last network output gives the same
+    torch.testing.assert_close(output_probabilities(logits.contiguous(memory_format=torch.channels_last)), p)
+
+
 @pytest.mark.parametrize("shape", [(37, 53), (130, 170), (300, 90)])
 def test_tiling_is_seamless(shape):
     torch.manual_seed(0)
