@@ -35,6 +35,33 @@ def test_roi_zip_round_trip_is_pixel_exact(tmp_path):
         read_imagej_rois(tmp_path / "bad.zip", lab.shape)
 
 
+def test_roi_zip_holds_what_roifile_writes(tmp_path):
+    """The zip put together in memory has roifile's entries, byte for byte, in its order."""
+    import zipfile
+
+    import roifile
+
+    from emparticles.measure import particle_outlines
+
+    lab = np.zeros((50, 70), np.int32)
+    lab[5:20, 5:25] = 2
+    lab[25:45, 30:60] = 9
+    lab[30:35, 40:45] = 0
+    write_imagej_rois(lab, tmp_path / "ours.zip")
+    rois = []
+    for label, pts in particle_outlines(lab).items():
+        roi = roifile.ImagejRoi.frompoints(pts.astype(np.float64), name=f"{label:05d}")
+        roi.roitype = roifile.ROI_TYPE.TRACED
+        rois.append(roi)
+    roifile.roiwrite(tmp_path / "roifile.zip", rois, mode="w")
+    with zipfile.ZipFile(tmp_path / "ours.zip") as ours, zipfile.ZipFile(tmp_path / "roifile.zip") as theirs:
+        assert ours.namelist() == theirs.namelist() == ["00002.roi", "00009.roi"]
+        assert all(ours.read(n) == theirs.read(n) for n in ours.namelist())
+    write_imagej_rois(np.zeros((4, 4), np.int32), tmp_path / "none.zip")
+    with zipfile.ZipFile(tmp_path / "none.zip") as empty:
+        assert empty.namelist() == []
+
+
 def test_roi_sets_drawn_in_fiji_rectangles_ovals_and_unnamed(tmp_path):
     import roifile
 

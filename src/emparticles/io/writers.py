@@ -54,8 +54,9 @@ def write_csv(df: pd.DataFrame, path: Path) -> Path:
     return _write(path, lambda p: df.to_csv(p, index=False))
 
 
-def write_json(data, path: Path) -> Path:
-    text = json.dumps(data, indent=2, default=_json_default)
+def write_json(data, path: Path, indent: int | None = 2) -> Path:
+    """``data`` as JSON, indented by ``indent`` (None: compact)."""
+    text = json.dumps(data, indent=indent, default=_json_default)
     return _write(path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
 
 
