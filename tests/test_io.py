@@ -140,6 +140,24 @@ def test_label_files_round_trip(tmp_path):
         assert tif.imagej_metadata["unit"] == "nm"
 
 
+def test_overlay_ids_stamped_as_pillow_draws_them():
+    from PIL import ImageDraw
+
+    from emparticles.io.writers import _stamp_digits
+
+    ids = np.array([1, 23, 456, 7890, 10])
+    x0, y0 = np.array([5, 40, 100, 150, -4]), np.array([3, 20, 35, -3, 50])  # the last two cut by the edges
+    index = np.zeros((60, 180), np.uint8)
+    assert _stamp_digits(index, ids, x0, y0, 9)
+    drawn = Image.new("P", (180, 60), 0)
+    draw = ImageDraw.Draw(drawn)
+    for i, x, y in zip(ids, x0, y0):
+        draw.text((int(x), int(y)), str(i), fill=9)
+    expected = np.asarray(drawn)
+    assert (expected == 9).sum() > 100
+    np.testing.assert_array_equal(index, expected)
+
+
 def test_overlay_colours_outlines_ids_and_info_bar(tmp_path):
     from emparticles.io.writers import inner_boundaries, write_overlay
     from emparticles.preprocess import normalise

