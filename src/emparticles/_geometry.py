@@ -329,3 +329,24 @@ def all_outlines(labels, n_labels):
         pos += n
     offsets[n_labels + 1] = pos
     return xs[:pos], ys[:pos], offsets
+
+
+@nb.njit(cache=True, nogil=True)
+def paint_outlines(labels, y0, y1, colour_of, band, counts, sum_y, sum_x):
+    """For rows ``y0:y1`` of (H, W) ``labels``: set ``band[y - y0, x]`` to ``colour_of[label]``
+    where a particle pixel has a 4-neighbour of another label (its inner boundary, as
+    ``skimage.segmentation.find_boundaries(mode="inner")``), and add each particle pixel to its
+    label's ``counts`` and its row and column to ``sum_y`` and ``sum_x``. One pass without the
+    GIL (the overlay is drawn in a thread beside the tables and ROIs)."""
+    h, w = labels.shape
+    for y in range(y0, y1):
+        for x in range(w):
+            lab = labels[y, x]
+            if lab <= 0:
+                continue
+            counts[lab] += 1
+            sum_y[lab] += y
+            sum_x[lab] += x
+            if ((x > 0 and labels[y, x - 1] != lab) or (x < w - 1 and labels[y, x + 1] != lab)
+                    or (y > 0 and labels[y - 1, x] != lab) or (y < h - 1 and labels[y + 1, x] != lab)):
+                band[y - y0, x] = colour_of[lab]

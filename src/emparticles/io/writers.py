@@ -165,22 +165,23 @@ def write_overlay(
     """
     from PIL import Image, ImageDraw
 
+    from .._geometry import paint_outlines
     from ..preprocess import normalisation_limits, normalise_between
 
-    labels = np.asarray(labels)
+    labels = np.ascontiguousarray(labels)
     h, w = labels.shape
     n = int(labels.max()) if labels.size else 0
-    ok = None
+    colour_of = np.full(n + 1, CYAN, np.uint8)  # each particle's outline colour
     if measured is not None:
         ok = np.zeros(n + 1, bool)
         ok[[m for m in measured if 0 < m <= n]] = True
+        colour_of[~ok] = ORANGE
     limits = normalisation_limits(pixels)
     index = np.empty((h, w), np.uint8)
     counts = np.zeros(n + 1)
     sum_y = np.zeros(n + 1)
     sum_x = np.zeros(n + 1)
-    # a band of rows at a time (each with one row of context for the outlines): on a
-    # 12,000 x 12,000 frame whole-frame temporaries took 1.7 GB
+    # a band of rows at a time: on a 12,000 x 12,000 frame whole-frame temporaries took 1.7 GB
     for y0 in range(0, h, _BAND_ROWS):
         y1 = min(h, y0 + _BAND_ROWS)
         grey = normalise_between(pixels[y0:y1], *limits)
@@ -188,21 +189,10 @@ def write_overlay(
         bar = max(0, (h - infobar_rows) - y0) if infobar_rows else y1 - y0
         if bar < y1 - y0:
             band[bar:] = _GREY_LEVELS + np.rint(grey[bar:] * (_BAR_LEVELS - 1)).astype(np.uint8)
-        c0, c1 = max(0, y0 - 1), min(h, y1 + 1)
-        lab = labels[y0:y1]
-        edges = inner_boundaries(labels[c0:c1])[y0 - c0:y0 - c0 + (y1 - y0)]
-        if ok is None:
-            band[edges] = CYAN
-        else:
-            good = ok[lab]
-            band[edges & good] = CYAN
-            band[edges & ~good] = ORANGE
+        # outlines and the particles' centroid sums in one compiled pass (the outline masks and
+        # three weighted bincounts took 25 ms of a 1280x960 overlay's 80)
+        paint_outlines(labels, y0, y1, colour_of, band, counts, sum_y, sum_x)
         index[y0:y1] = band
-        if draw_ids and 0 < n <= MAX_IDS_DRAWN:
-            flat = lab.ravel()
-            counts += np.bincount(flat, minlength=n + 1)
-            sum_y += np.bincount(flat, weights=np.repeat(np.arange(y0, y1, dtype=np.float64), w), minlength=n + 1)
-            sum_x += np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), y1 - y0), minlength=n + 1)
     stamped = False
     if draw_ids and 0 < n <= MAX_IDS_DRAWN:
         ids = np.flatnonzero(counts[1:]) + 1
