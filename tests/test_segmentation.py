@@ -91,6 +91,26 @@ def test_fill_holes_and_inner_boundaries_match_the_library_functions():
     assert inner_boundaries(lab)[3, 3] and inner_boundaries(lab)[3, 4]  # both sides of the seam
 
 
+def test_region_labels_equal_scipys():
+    from scipy import ndimage as ndi
+
+    from emparticles.instances import label_regions
+
+    rng = np.random.default_rng(3)
+    masks = [np.zeros((0, 5), bool), np.zeros((4, 4), bool), np.ones((3, 7), bool), np.eye(6, dtype=bool),
+             rng.random((1, 40)) < 0.5, rng.random((40, 1)) < 0.5]
+    masks += [ndi.binary_opening(rng.random((rng.integers(2, 120), rng.integers(2, 120))) < p)
+              for p in (0.3, 0.5, 0.7, 0.9) for _ in range(5)]
+    masks.append((rng.random((50, 60)) * 255).astype(np.uint8) > 128)
+    for mask in masks:
+        expected, n = ndi.label(mask)
+        labels, m = label_regions(mask)
+        assert m == n and labels.dtype == np.int32
+        np.testing.assert_array_equal(labels, expected)
+    labels, m = label_regions(np.array([[0, 3, 0], [0, 7, 0], [2, 0, 0]], np.uint8))  # not bool: nonzero is inside
+    assert m == 2 and labels.tolist() == [[0, 1, 0], [0, 1, 0], [2, 0, 0]]
+
+
 def test_seeded_watershed_matches_scikit_image():
     """Values on the quantisation grid (with ties): the bucket queue floods in exactly the order
     of scikit-image's heap, so the labels are the same."""
