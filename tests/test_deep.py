@@ -332,22 +332,28 @@ def test_selecting_model_keeps_the_most_confident_member(tmp_path):
 
 class _ScoredAtScale(CNNSegmenter):
     """A segmenter whose particles score best at one scale (no network): one square particle
-    whose score falls with the distance (in octaves) of the scale from ``peak``."""
+    whose score falls with the distance (in octaves) of the scale from ``peak``. Its probability
+    maps carry their scale's score, so that scale 1 can be scored on a window of the whole
+    image's map."""
 
     def __init__(self, peak: float, search: dict):
         self.config, self.peak, self.calls = {"scale_search": search}, peak, []
         self.thresholds = {}
 
-    def at_scale(self, img, scale):
-        from emparticles.instances import Instances
+    def probabilities_at(self, img, scale):
         from emparticles.models.cnn import _scaled_shape
         from emparticles.types import THREE_CLASS, ProbabilityMap
 
         self.calls.append((scale, img.shape))
-        lab = np.zeros(_scaled_shape(img.shape, scale), np.int32)
-        lab[2:6, 2:6] = 1
         score = 1.0 - 0.1 * abs(np.log2(scale / self.peak))
-        return Instances(lab, np.array([score], np.float32)), ProbabilityMap(np.zeros((3, *lab.shape), np.float32), THREE_CLASS, "x")
+        return ProbabilityMap(np.full((3, *_scaled_shape(img.shape, scale)), score, np.float32), THREE_CLASS, "x")
+
+    def instances(self, prob):
+        from emparticles.instances import Instances
+
+        lab = np.zeros(prob.probabilities.shape[1:], np.int32)
+        lab[2:6, 2:6] = 1
+        return Instances(lab, np.array([prob.probabilities[0].max()], np.float32))
 
 
 @pytest.mark.parametrize("peak, chosen, tried", [
@@ -479,30 +485,33 @@ def test_scale_search_on_a_crop_of_a_large_image():
     assert inst.labels.shape == (100, 300)
 
 
-class _WindowScored(_ScoredAtScale):
-    """Probability maps that carry their scale's score, so that scale 1 can be scored on a
-    window of the whole image's map."""
-
-    def at_scale(self, img, scale):
-        inst, prob = super().at_scale(img, scale)
-        prob.probabilities[0] = inst.scores[0]
-        return inst, prob
-
-    def instances(self, prob):
-        from emparticles.instances import Instances
-
-        lab = np.zeros(prob.probabilities.shape[1:], np.int32)
-        lab[2:6, 2:6] = 1
-        return Instances(lab, np.array([prob.probabilities[0].max()], np.float32))
-
-
 def test_scale_search_of_a_large_image_keeping_scale_1_passes_the_whole_image_once():
-    seg = _WindowScored(1.0, {"start": [0.7, 1.0], "up": [1.4], "down": [0.5], "max_pixels": 2_000})
+    seg = _ScoredAtScale(1.0, {"start": [0.7, 1.0], "up": [1.4], "down": [0.5], "max_pixels": 2_000})
     inst, prob = seg.segment(np.random.default_rng(0).random((100, 300)))
     # scale 1 scored on the crop of the whole image's map: no pass of its own on the crop
     assert [c[0] for c in seg.calls] == [1.0, 0.7, 1.4]
     assert [c[1] for c in seg.calls].count((100, 300)) == 1
     assert inst.labels.shape == (100, 300) and prob.probabilities.shape == (3, 100, 300)
+
+
+@pytest.mark.parametrize("peak", [1.0, 2.0])
+def test_a_large_image_segments_alike_on_one_thread_and_beside_the_search(peak):
+    """Two threads: the whole image's instances are separated beside the search on its crop."""
+    img = np.random.default_rng(0).random((100, 300))
+    search = {"start": [0.7, 1.0], "up": [1.4, 2.0], "down": [0.5], "max_pixels": 2_000}
+    done = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            seg = _ScoredAtScale(peak, search)
+            inst, prob = seg.segment(img)
+            done[n] = (seg.calls, inst.labels, inst.scores, prob.probabilities)
+    finally:
+        torch.set_num_threads(threads)
+    assert done[1][0] == done[2][0] and done[1][0][0] == (1.0, (100, 300))
+    for a, b in zip(done[1][1:], done[2][1:]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_instances_back_to_the_input_size():
