@@ -216,7 +216,10 @@ def _digit_glyphs() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int] | No
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    advances = {font.getlength(d) for d in "0123456789"}
+    try:
+        advances = {font.getlength(d) for d in "0123456789"}
+    except AttributeError:  # a Pillow without getlength: ids are drawn one by one
+        return None
     if len(advances) != 1 or not float(next(iter(advances))).is_integer():
         return None
     glyphs = {}
