@@ -106,6 +106,36 @@ class PixelWise(torch.nn.Module):
         return self.conv(x)
 
 
+class PixelWiseNumpy:
+    """:class:`PixelWise`'s function as a network of numpy arrays (as an ONNX Runtime graph)."""
+
+    multiple = 8
+    takes_numpy = True
+
+    def __init__(self, torch_net: PixelWise):
+        self.w = torch_net.conv.weight.detach().numpy()[:, 0, 0, 0]
+        self.b = torch_net.conv.bias.detach().numpy()
+
+    def probabilities(self, x):
+        from emparticles.inference import probabilities_of_logits
+
+        return probabilities_of_logits(self.w[None, :, None, None] * x + self.b[None, :, None, None])
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (130, 170)])
+def test_tiling_of_a_numpy_network_equals_the_torch_road(shape):
+    torch.manual_seed(0)
+    net = PixelWise().eval()
+    numpy_net = PixelWiseNumpy(net)
+    img = np.random.default_rng(0).random(shape).astype(np.float32)
+    for kwargs in ({"tile": 512, "overlap": 16}, {"tile": 64, "overlap": 16, "batch_size": 3},
+                   {"tile": 64, "overlap": 16, "flips": True}, {"tile": 64, "overlap": 16, "pad": 0}):
+        expected = predict_tiled(net, img, **kwargs)
+        got = predict_tiled(numpy_net, img, **kwargs)
+        assert got.shape == (3, *shape) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_output_probabilities_softmax_of_classes_and_sigmoid_of_distance():
     from emparticles.inference import output_probabilities
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from emparticles.cli import app
 from emparticles.errors import InputError
+from emparticles.inference import output_probabilities
 from emparticles.models import load_model
 from emparticles.models.cnn import CNNSegmenter, save_model_folder
 from emparticles.models.networks import build_network, prepare_for_inference
@@ -37,13 +38,15 @@ def test_fp32_export_computes_the_same_function(tmp_path):
     folder, net = _folder(tmp_path)
     entry = export_onnx(net, folder)
     assert entry["precision"] == "fp32" and (folder / ONNX_FILE).is_file()
-    onnx_net = OnnxNetwork(folder / ONNX_FILE, multiple=32)
+    onnx_net = OnnxNetwork(folder / ONNX_FILE, multiple=32)  # a graph of logits
     x = torch.randn(2, 1, 96, 160)  # batch, height and width differ from the export's example
     with torch.inference_mode():
         expected = prepare_for_inference(net)(x.contiguous(memory_format=torch.channels_last))
-    got = onnx_net(x)
+    got = onnx_net.run(x.numpy())
     assert got.shape == (2, 3, 96, 160)
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
+    # their probabilities, in numpy, as the torch network's are computed
+    np.testing.assert_allclose(onnx_net.probabilities(x.numpy()), output_probabilities(expected).numpy(), atol=1e-5)
 
 
 def test_graph_reads_its_weights_from_the_safetensors_file(tmp_path):
@@ -73,7 +76,7 @@ def test_graph_reads_its_weights_from_the_safetensors_file(tmp_path):
 
 def test_shipped_networks_run_their_graphs_and_agree_with_pytorch():
     model = load_model(None, "cpu")
-    assert isinstance(model.net, OnnxNetwork)
+    assert isinstance(model.net, OnnxNetwork) and model.net.gives_probabilities
     img, _ = disks_image(GRID_CENTRES, shape=(128, 176))
     reference = CNNSegmenter(model.folder, "cpu", onnx=False)
     assert np.abs(model.predict(img).probabilities - reference.predict(img).probabilities).max() < 1e-4
@@ -146,3 +149,25 @@ def test_quantise_command(tmp_path):
     assert json.loads((folder / "config.json").read_text())["onnx"]["precision"] == "int8"
     r = CliRunner().invoke(app, ["quantise", str(tmp_path), str(tmp_path / "a.png")])
     assert r.exit_code != 0 and "not a model folder" in r.output
+
+
+def test_the_default_model_analyses_an_image_without_torch(tmp_path):
+    """On a CPU the shipped graph runs without torch, whose import took 4 s of a one-image run."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    img, _ = disks_image(GRID_CENTRES, shape=(128, 176))
+    Image.fromarray((img * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from emparticles.models import load_model\n"
+        "from emparticles.pipeline import AnalysisSettings, analyse_path\n"
+        "model = load_model(None, 'cpu')\n"
+        f"result = analyse_path(Path({str(tmp_path / 'a.png')!r}), model, AnalysisSettings(pixel_size_nm=2.0))\n"
+        "print(result.summary['particles_measured'], type(model.net).__name__, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1:] == ["OnnxNetwork", "False"] and int(out[0]) > 0

@@ -148,9 +148,9 @@ def analyze(
             check_model(settings.model)
             segmenter = None
         else:
-            from .inference import pick_device
+            from .inference import device_name
 
-            pick_device(device)  # a bad --device fails here, whatever the model
+            device_name(device)  # a bad --device fails here, whatever the model
             segmenter = load_model(settings.model, device)
         _settle_heap()
         run = AnalyzeRun(output, settings, overwrite=overwrite)

@@ -734,11 +734,11 @@ def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> Im
 
 
 def _threads_allowed() -> int:
-    """The threads this process's compute may use (``torch.get_num_threads``: one on a cluster
-    worker of one thread, where a second thread would only take another worker's core)."""
-    import torch
+    """The threads this process's compute may use (one on a cluster worker of one thread, where
+    a second thread would only take another worker's core)."""
+    from .inference import compute_threads
 
-    return int(torch.get_num_threads())
+    return compute_threads()
 
 
 def _hint_needs_pixel_size(particle_size: str | None) -> bool:

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import InputError
-from ..inference import pick_device, predict_tiled
+from ..inference import compute_threads, device_name, predict_tiled
 from ..instances import DEFAULT_THRESHOLDS, Instances, instances_with, trim_outlines
 from ..preprocess import normalise, normalise_between
 from ..types import THREE_CLASS, ProbabilityMap, network_channels
-from .networks import build_network, prepare_for_inference
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DEFAULT_THRESHOLDS", "CNNSegmenter", "load_network", "save_model_folder"]
 
@@ -52,25 +54,39 @@ def network_outputs(config: dict) -> int:
     return len(config.get("channels") or THREE_CLASS)
 
 
-def load_network(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:
-    """Build the folder's architecture and load its weights: (net in eval mode, config, thresholds)."""
-    from safetensors.torch import load_file
-
+def read_model_folder(folder: Path) -> tuple[dict, dict]:
+    """A model folder's (config, thresholds), after checking that it is one."""
     folder = Path(folder)
     for name in ("config.json", "weights.safetensors"):
         if not (folder / name).is_file():
             raise InputError(folder, f"is not a model folder (no {name})", "pass a folder written by 'emparticles train'")
     try:
         config = json.loads((folder / "config.json").read_text())
-        net = build_network(config["arch"], network_outputs(config), float(config.get("local_contrast_px", 0.0)))
-        net.load_state_dict(load_file(str(folder / "weights.safetensors")))
-    except (KeyError, ValueError, RuntimeError) as exc:
+    except ValueError as exc:
         raise InputError(folder, f"model folder cannot be loaded ({exc})", "re-export it with this version of emparticles") from None
     thresholds = dict(DEFAULT_THRESHOLDS)
     if (folder / "thresholds.json").is_file():
         thresholds.update(json.loads((folder / "thresholds.json").read_text()))
+    return config, thresholds
+
+
+def load_network(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:
+    """Build the folder's architecture and load its weights: (net in eval mode, config, thresholds)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..inference import pick_device
+    from .networks import build_network
+
+    folder = Path(folder)
+    config, thresholds = read_model_folder(folder)
+    try:
+        net = build_network(config["arch"], network_outputs(config), float(config.get("local_contrast_px", 0.0)))
+        net.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise InputError(folder, f"model folder cannot be loaded ({exc})", "re-export it with this version of emparticles") from None
     net.eval().to(memory_format=torch.channels_last)
-    return net.to(pick_device(device) if isinstance(device, str) else device), config, thresholds
+    return net.to(pick_device(device)), config, thresholds
 
 
 #: Images over this many pixels are searched on a centred crop of that size (``scale_search``'s
@@ -85,13 +101,20 @@ class CNNSegmenter:
         """``onnx``: on CPU, run the folder's ``network.onnx`` with ONNX Runtime when it has one
         exported from its current weights (:mod:`emparticles.models.onnx`); else PyTorch."""
         self.folder = Path(folder)
-        self.device = pick_device(device)
-        net, self.config, self.thresholds = load_network(self.folder, self.device)
-        self.net = prepare_for_inference(net)
-        if onnx and self.device.type == "cpu":
+        self.device = device_name(device)
+        self.config, self.thresholds = read_model_folder(self.folder)
+        self.net = None
+        if onnx and self.device == "cpu":  # the graph, without building the torch network
             from .onnx import onnx_network
 
-            self.net = onnx_network(self.folder, self.config, int(getattr(net, "multiple", 32))) or self.net
+            self.net = onnx_network(self.folder, self.config)
+        if self.net is None:
+            from .networks import prepare_for_inference
+
+            net, self.config, self.thresholds = load_network(self.folder, self.device)
+            self.net = prepare_for_inference(net)
+            if onnx and self.device == "cpu":  # a graph whose entry does not record the stride
+                self.net = onnx_network(self.folder, self.config, int(getattr(net, "multiple", 32))) or self.net
         # a model by its name; a folder of `train` by its path (the name it writes is only the
         # architecture, "strided-unet-slim-3class", the same for every run)
         name = self.config.get("name", "")
@@ -252,7 +275,7 @@ class CNNSegmenter:
         search = self.config.get("scale_search") or {}
         if img.size > int(search.get("max_pixels", SEARCH_CROP_PIXELS)) and 1.0 in search.get("start", [1.0]):
             whole = self.probabilities_at(img, 1.0)
-            if torch.get_num_threads() < 2:  # a process of one thread (a cluster worker's): in turn
+            if compute_threads() < 2:  # a process of one thread (a cluster worker's): in turn
                 whole_instances = self.instances(whole)
                 scale, _ = self.choose_scale(img, whole_at_1=whole)
             else:
