@@ -192,12 +192,13 @@ def _blend_numpy(net, padded: np.ndarray, coords: list, size: tuple[int, int], w
         chunk = coords[i : i + batch_size]
         x = np.stack([padded[y : y + th, x0 : x0 + tw] for y, x0 in chunk])[:, None]
         x = (x - np.float32(0.5)) / np.float32(0.25)
-        probs = 0
+        probs = None
         for fy, fx in variants:
             axes = tuple(a for a, f in ((2, fy), (3, fx)) if f)
             xi = np.ascontiguousarray(np.flip(x, axes)) if axes else x
             p = net.probabilities(xi)
-            probs = probs + (np.flip(p, axes) if axes else p)
+            p = np.flip(p, axes) if axes else p
+            probs = p if probs is None else probs + p
         if len(variants) > 1:
             probs = probs / np.float32(len(variants))
         if len(coords) == 1:  # one tile over the whole padded image: no blending
