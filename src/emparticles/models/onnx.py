@@ -96,10 +96,10 @@ def write_graph(folder: Path, opset: int = 17) -> dict:
     import torch
     from onnx import numpy_helper
 
-    from .cnn import load_network
+    from .cnn import load_network, network_outputs
 
     folder = Path(folder)
-    net, _, _ = load_network(folder, "cpu")
+    net, config, _ = load_network(folder, "cpu")
     net = net.eval().to(memory_format=torch.contiguous_format)
     dims = {0: "batch", 2: "height", 3: "width"}
     buffer = io.BytesIO()
@@ -109,7 +109,7 @@ def write_graph(folder: Path, opset: int = 17) -> dict:
                           dynamic_axes={"image": dims, "logits": dims}, opset_version=opset, dynamo=False,
                           do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL)
     graph = onnx.load_from_string(buffer.getvalue())
-    _add_probabilities(graph, classes=3)
+    _add_probabilities(graph, network_outputs(config), classes=3)
     raw = (folder / "weights.safetensors").read_bytes()
     header_length = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + header_length])
@@ -137,7 +137,7 @@ def write_graph(folder: Path, opset: int = 17) -> dict:
             "multiple": int(getattr(net, "multiple", 32))}
 
 
-def _add_probabilities(graph, classes: int) -> None:
+def _add_probabilities(graph, channels: int, classes: int) -> None:
     """Make a graph's output the probabilities instead of the logits: the softmax over the first
     ``classes`` channels, then the sigmoid of each further one (a distance map), as
     :func:`~emparticles.inference.output_probabilities` computes them. In the graph ONNX Runtime
@@ -147,7 +147,6 @@ def _add_probabilities(graph, classes: int) -> None:
 
     g = graph.graph
     logits = g.output[0].name
-    channels = g.output[0].type.tensor_type.shape.dim[1].dim_value
     const = [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in
              (("p_zero", [0]), ("p_classes", [classes]), ("p_end", [np.iinfo(np.int64).max]), ("p_axis", [1]))]
     g.initializer.extend(const)
