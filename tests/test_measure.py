@@ -168,3 +168,24 @@ def test_grey_values_of_any_type_measure_as_float64_ones(dtype):
     ref = measure_labels(lab, grey.astype(np.float64))
     np.testing.assert_array_equal(got["mean_grey"], ref["mean_grey"])
     assert got["mean_grey"][0] == pytest.approx(grey[3:12, 4:20].astype(float).mean())
+
+
+@pytest.mark.parametrize("pixel_size_nm", [None, 2.5])
+@pytest.mark.parametrize("ultimate_points", [False, True])
+def test_units_added_later_give_the_table_measured_with_them(pixel_size_nm, ultimate_points):
+    from emparticles.measure import with_physical_units
+
+    lab = np.zeros((60, 80), np.int32)
+    lab[5:20, 5:30] = 1
+    lab[30:55, 40:52] = 7  # ids need not be consecutive
+    lab[20:24, 70:80] = 3  # at the edge
+    grey = np.random.default_rng(0).integers(0, 255, lab.shape).astype(np.uint8)
+    for labels in (lab, np.zeros_like(lab)):
+        later = with_physical_units(measure_labels(labels, grey, None, "a", ultimate_points), pixel_size_nm)
+        pd.testing.assert_frame_equal(later, measure_labels(labels, grey, pixel_size_nm, "a", ultimate_points),
+                                      check_exact=True)
+    assert later.empty
+    if pixel_size_nm:
+        table = with_physical_units(measure_labels(lab, grey, None, "a", ultimate_points), pixel_size_nm)
+        assert table["ecd_nm"].tolist() == pytest.approx((table["ecd_px"] * 2.5).tolist())
+        assert table["area_nm2"].tolist() == [375 * 6.25, 40 * 6.25, 300 * 6.25]
