@@ -495,6 +495,54 @@ def test_scale_search_does_not_enlarge_particles_beyond_the_cap(cap, chosen, tri
     assert best == chosen and [c[0] for c in seg.calls] == tried
 
 
+class _LoggedPasses(_ScoredAtScale):
+    """:class:`_ScoredAtScale` that logs its network passes and instance separations in order."""
+
+    def __init__(self, peak: float, search: dict, log: list):
+        super().__init__(peak, search)
+        self.log = log
+
+    def probabilities_at(self, img, scale):
+        self.log.append(("network", img.shape))
+        return super().probabilities_at(img, scale)
+
+    def instances(self, prob):
+        self.log.append(("instances", prob.probabilities.shape[1:]))
+        return super().instances(prob)
+
+
+@pytest.mark.parametrize("peak, max_pixels, size_hint, after", [
+    # searched on a crop, scale 1 kept: the whole image's separation comes after it
+    (1.0, 1_000, None, [("instances", (40, 60))]),
+    # ... the crop chose 0.5: one more whole pass at 0.5, then its separation
+    (0.5, 1_000, None, [("instances", (20, 30))]),
+    # searched on the whole image: the chosen scale's separation is reused, nothing is left
+    (1.0, 10_000, None, []),
+    # a size hint of 20 px: one pass at 3x (60 px particles), then its separation
+    (1.0, 1_000, 20.0, [("instances", (120, 180))]),
+])
+def test_network_done_is_called_once_after_the_last_pass(peak, max_pixels, size_hint, after):
+    log: list = []
+    seg = _LoggedPasses(peak, {"start": [0.7, 1.0], "down": [0.5], "max_pixels": max_pixels}, log)
+    inst, _ = seg.segment(np.random.default_rng(0).random((40, 60)), size_hint,
+                          network_done=lambda: log.append(("done", None)))
+    assert inst.labels.shape == (40, 60)
+    kinds = [k for k, _ in log]
+    assert kinds.count("done") == 1 and "network" in kinds
+    assert log[kinds.index("done") + 1:] == after
+
+
+def test_network_done_is_called_when_the_network_fails():
+    class Failing(_ScoredAtScale):
+        def probabilities_at(self, img, scale):
+            raise RuntimeError("out of memory")
+
+    called = []
+    with pytest.raises(RuntimeError):
+        Failing(1.0, {"start": [1.0], "max_pixels": 1_000}).segment(np.zeros((40, 60)), network_done=lambda: called.append(1))
+    assert called == [1]
+
+
 def test_median_ecd_of_a_label_image():
     from emparticles.models.cnn import median_ecd_px
 

@@ -142,3 +142,54 @@ def test_lines_found_on_the_shrunk_field_are_placed_on_the_field():
     small = np.zeros((100, 200), np.uint8)  # never enlarged
     assert _detected_lines(small, lambda img: seen.append(img.shape) or [(1, 2, 3, 4)]) == [(1, 2, 3, 4)]
     assert seen[-1] == (100, 200)
+
+
+class _SignallingClassical:
+    """The classical model behind a ``segment`` that takes ``network_done`` (as the trained
+    networks' does), logging when it is called and when the second thread's work begins."""
+
+    def __init__(self, log: list, fail: bool = False):
+        self.inner, self.log, self.fail = load_model("classical", "cpu"), log, fail
+        self.model_id = "classical"
+
+    def segment(self, pixels, particle_size_px=None, network_done=None):
+        if self.fail:
+            from emparticles.errors import InputError
+
+            raise InputError(None, "the network failed", "nothing")
+        self.log.append("network")
+        network_done()
+        self.log.append("done")
+        return self.inner.segment(pixels, particle_size_px)
+
+
+def test_the_second_thread_waits_for_the_network(tmp_path, monkeypatch):
+    import threading
+
+    from PIL import Image
+
+    from emparticles import figure_text, pipeline
+    from emparticles.errors import EmparticlesError
+
+    Image.fromarray(figure_with_text()).save(tmp_path / "panel.png")
+    log: list[str] = []
+    text_lines, calibrate = figure_text.text_lines_over, pipeline.calibrate_from_scale_bar
+
+    def logged(name, work):
+        def run(*args):
+            log.append(f"{name} in {'main' if threading.current_thread() is threading.main_thread() else 'second'}")
+            return work(*args)
+        return run
+
+    monkeypatch.setattr(figure_text, "text_lines_over", logged("text", text_lines))
+    monkeypatch.setattr(pipeline, "calibrate_from_scale_bar", logged("bar", calibrate))
+    monkeypatch.setattr(pipeline, "_threads_allowed", lambda: 2)
+    result = pipeline.analyse_path(tmp_path / "panel.png", _SignallingClassical(log), pipeline.AnalysisSettings())
+    assert log[:2] == ["network", "done"]  # nothing in the second thread before the network is done
+    assert sorted(log[2:]) == ["bar in second", "text in second"] and log.index("text in second") < log.index("bar in second")
+    assert result.instances.count == 6  # the figure's text found there still leaves the glyphs out
+    # a segmentation that fails before it signals leaves no thread waiting: the error comes back
+    log.clear()
+    with pytest.raises(EmparticlesError, match="the network failed") as failed:
+        pipeline.analyse_path(tmp_path / "panel.png", _SignallingClassical(log, fail=True), pipeline.AnalysisSettings())
+    assert failed.value.known["width_px"] == 520

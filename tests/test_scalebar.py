@@ -544,6 +544,33 @@ def test_particles_mostly_on_the_bar_are_left_out_and_those_it_is_drawn_over_sta
     assert drop_scale_bar(inst, labels.copy(), low)[0].count == 4  # a doubtful bar leaves everything
 
 
+def test_particles_measured_before_the_bar_was_read_are_measured_again_when_some_are_left_out():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from emparticles.instances import Instances
+    from emparticles.measure import measure_labels
+    from emparticles.pipeline import AnalysisSettings, analyse_micrograph
+    from emparticles.types import Micrograph
+
+    labels = np.zeros((100, 120), np.int32)
+    labels[80:86, 60:100] = 1  # the bar, taken for a particle
+    labels[10:40, 5:35] = 2
+    labels[20:30, 80:90] = 3
+    inst = Instances(labels, np.array([0.9, 0.8, 0.7], np.float32))
+    pixels = np.random.default_rng(0).integers(0, 255, labels.shape).astype(np.uint8)
+    measured = measure_labels(labels, pixels, None, image_name="fig", ultimate_points=True)
+    model = SimpleNamespace(model_id="m")
+    for bar, kept in (({"confidence": "high", "box": [50, 80, 100, 86], "label_box": None}, [1, 2]),
+                      (None, [1, 2, 3])):
+        mg = Micrograph(pixels, pixel_size_nm=2.0, path=Path("fig.png"), metadata={"scale_bar": bar} if bar else {})
+        later = analyse_micrograph(mg, model, AnalysisSettings(), segmented=(inst, labels.copy(), []), measured_px=measured)
+        assert later.all_particles["label"].tolist() == kept
+        fresh = analyse_micrograph(mg, model, AnalysisSettings(), segmented=(inst, labels.copy(), []))
+        pd.testing.assert_frame_equal(later.all_particles, fresh.all_particles, check_exact=True)
+        pd.testing.assert_frame_equal(later.agglomerates, fresh.agglomerates, check_exact=True)
+
+
 class _Recording:
     """A segmenter that finds nothing (or fails) and remembers the size hint it was given."""
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import inspect
 import json
 import os
 import platform
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from .io import images as io_images
 from .io.exports import write_coco, write_imagej_rois, write_parquet
 from .io.infobar import detect_infobar
 from .io.writers import write_csv, write_json, write_label_tiff, write_overlay
-from .measure import empty_particle_table, measure_labels
+from .measure import empty_particle_table, measure_labels, with_physical_units
 from .models.registry import Segmenter
 from .stats.edges import edge_weights
 from .types import Micrograph
@@ -145,7 +147,8 @@ def particle_size_px(hint: str | None, pixel_size_nm: float | None, path=None) -
 
 def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | None = None,
                        notes: list[str] | None = None, figure_text: bool = True,
-                       text_lines: Callable[[], list] | None = None) -> tuple[Instances, np.ndarray]:
+                       text_lines: Callable[[], list] | None = None,
+                       network_done: Callable[[], None] | None = None) -> tuple[Instances, np.ndarray]:
     """Segment the analysed field (info bar excluded); a field over
     :data:`~emparticles.blocks.BLOCKS_ABOVE_PX` block by block (:mod:`emparticles.blocks`).
     With ``figure_text``, particles on text drawn over the field (a panel letter, a scale bar's
@@ -156,7 +159,10 @@ def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | No
     Returns the instances of the field and the (H, W) label image at the full input size, with 0
     in the info bar (the instances' labels are a view of its rows). ``notes`` receives warnings.
     ``text_lines``: gives the field's :func:`~emparticles.figure_text.text_lines_over`, found
-    elsewhere (in another thread) while the network ran.
+    elsewhere (in another thread) while the field was segmented. ``network_done``: called once
+    the network's passes are over, by a model whose ``segment`` takes it (the trained networks);
+    before segmenting for other models and for a field segmented in blocks, where the network's
+    passes and the rest interleave. Not called when the field is found uniform.
     """
     field_pixels = mg.analysed_pixels
     if float(field_pixels.min()) == float(field_pixels.max()):
@@ -168,13 +174,18 @@ def segment_micrograph(mg: Micrograph, model: Segmenter, particle_size: str | No
         )
     size_px = particle_size_px(particle_size, mg.pixel_size_nm, mg.path)
     full = np.zeros(mg.shape, np.int32)
+    signals = network_done is not None and "network_done" in inspect.signature(model.segment).parameters
+    if network_done is not None and (not signals or field_pixels.size > BLOCKS_ABOVE_PX):
+        network_done()  # the network's passes and the rest interleave (block by block, or in the model)
+        signals = False
     if field_pixels.size > BLOCKS_ABOVE_PX:
         done = segment_in_blocks(model, field_pixels, size_px, out=full[: field_pixels.shape[0]])
         if done.cut_particles and notes is not None:
             notes.append(f"{done.cut_particles} particles wider than the {HALO_PX}-px context of the blocks this large "
                          "frame was segmented in may have their outline cut at a block's edge (check the overlay)")
         return done.instances, full
-    instances, _ = model.segment(field_pixels, size_px)
+    instances, _ = (model.segment(field_pixels, size_px, network_done=network_done) if signals
+                    else model.segment(field_pixels, size_px))
     if figure_text:
         instances = drop_figure_text(instances, field_pixels, notes, text_lines() if text_lines else None)
     full[: field_pixels.shape[0]] = instances.labels
@@ -267,10 +278,13 @@ LOW_CONFIDENCE = 0.75
 
 
 def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSettings,
-                       segmented: tuple[Instances, np.ndarray, list[str]] | None = None) -> ImageResult:
+                       segmented: tuple[Instances, np.ndarray, list[str]] | None = None,
+                       measured_px: pd.DataFrame | None = None) -> ImageResult:
     """Segment and measure one prepared micrograph (info bar already located, scale bar read).
     ``segmented``: what :func:`segment_micrograph` gave for it (instances, full-size labels and
-    its notes), when it ran already."""
+    its notes), when it ran already. ``measured_px``: those instances measured in pixels
+    (:func:`~emparticles.measure.measure_labels` without a pixel size, ultimate points
+    included), used if no particle on the scale bar or of the wrong contrast is left out."""
     warnings: list[str] = list(mg.notes)
     if segmented is None:
         instances, full = segment_micrograph(mg, model, settings.particle_size, warnings,
@@ -278,13 +292,17 @@ def analyse_micrograph(mg: Micrograph, model: Segmenter, settings: AnalysisSetti
     else:
         instances, full, notes = segmented
         warnings += notes
+    as_segmented = instances
     instances, full = drop_scale_bar(instances, full, mg)
     instances, full, n_contrast = drop_wrong_contrast(instances, full, mg, settings.particles)
     if n_contrast:
         warnings.append(f"{n_contrast} objects {'darker' if settings.particles == 'bright' else 'brighter'} than their "
                         f"surroundings left out (--particles {settings.particles})")
-    table = measure_labels(instances.labels, mg.analysed_pixels, mg.pixel_size_nm, image_name=mg.stem,
-                           ultimate_points=True)
+    if measured_px is not None and instances is as_segmented:
+        table = with_physical_units(measured_px, mg.pixel_size_nm)
+    else:
+        table = measure_labels(instances.labels, mg.analysed_pixels, mg.pixel_size_nm, image_name=mg.stem,
+                               ultimate_points=True)
     if len(table):
         table.insert(2, "score", np.round(instances.scores[table["label"].to_numpy() - 1].astype(float), SCORE_DECIMALS))
     detected = len(table)
@@ -705,29 +723,44 @@ def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> Im
         except EmparticlesError as exc:
             exc.known = known_facts(mg)  # a failed image still records what was read of it
             raise
-    # The scale bar is read in a second thread while this one segments the field, which needs
-    # no pixel size without a --particle-size in nm: the recogniser's work (0.1 s on a 1280x960
-    # SEM frame) fills the time the instance separation leaves a core idle (analyze of the
-    # benchmark's frame: 1.50 -> 1.45 s, median of 20 runs alternating with the serial order).
-    # The text detector's look over the field for figure text follows it in that thread. A
-    # process allowed one thread (a cluster worker of one thread) reads the bar first instead.
+    # The scale bar is read in a second thread while this one separates and trims the field's
+    # particles, which needs no pixel size without a --particle-size in nm. That thread waits for
+    # the network's passes to end: beside them it took a core from ONNX Runtime's two threads,
+    # whose every layer then waited for the slower one (analyze of the benchmark's 1280x960
+    # frame: 0.84 -> 0.75 s to the measured table, median of 12 runs alternating with the old
+    # order). The text detector's look over the field for figure text goes first in that thread:
+    # the segmentation needs it before the scale bar. A process allowed one thread (a cluster
+    # worker of one thread) reads the bar first instead.
+    network_done = threading.Event()
+
+    def after_network(work: Callable, *args):
+        network_done.wait()
+        return work(*args)
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        reading = pool.submit(calibrate_from_scale_bar, mg, settings.scale_bar)
         lines = None
         if not settings.keep_figure_text and mg.analysed_pixels.size <= BLOCKS_ABOVE_PX:
             from .figure_text import text_lines_over
 
-            lines = pool.submit(text_lines_over, mg.analysed_pixels).result
+            lines = pool.submit(after_network, text_lines_over, mg.analysed_pixels).result
+        reading = pool.submit(after_network, calibrate_from_scale_bar, mg, settings.scale_bar)
         notes: list[str] = []
         try:
-            instances, full = segment_micrograph(mg, model, settings.particle_size, notes,
-                                                 figure_text=not settings.keep_figure_text, text_lines=lines)
+            try:
+                instances, full = segment_micrograph(mg, model, settings.particle_size, notes,
+                                                     figure_text=not settings.keep_figure_text, text_lines=lines,
+                                                     network_done=network_done.set)
+            finally:
+                network_done.set()  # after a failure too: the thread's work must not wait for ever
         except EmparticlesError as exc:
             exc.known = known_facts(_read_or_as_it_was(reading, mg))
             raise
+        # the particles are measured in pixels while the bar is still being read (the wait for it
+        # was 30-50 ms on the benchmark's frame); units are added once the pixel size is known
+        measured = measure_labels(instances.labels, mg.analysed_pixels, None, image_name=mg.stem, ultimate_points=True)
         mg = reading.result()
     try:
-        return analyse_micrograph(mg, model, settings, segmented=(instances, full, notes))
+        return analyse_micrograph(mg, model, settings, segmented=(instances, full, notes), measured_px=measured)
     except EmparticlesError as exc:
         exc.known = known_facts(mg)
         raise

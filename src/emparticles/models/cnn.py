@@ -8,6 +8,7 @@ A model folder holds ``config.json`` (architecture, classes, preprocessing, tili
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -264,37 +265,47 @@ class CNNSegmenter:
             candidates.append(climb(min(start), [float(v) for v in search.get("down", [])]))
         return max(candidates, key=rank), tried
 
-    def searched(self, img: np.ndarray) -> tuple[float, Instances, ProbabilityMap]:
+    def searched(self, img: np.ndarray, network_done: Callable[[], None] | None = None
+                 ) -> tuple[float, Instances, ProbabilityMap]:
         """The chosen scale of a normalised image and its instances and probabilities over the
         whole image, at the resampled size (reused from the search unless it ran on a crop).
 
         An image large enough to be searched on a crop is first segmented whole at scale 1, and
         the search scores scale 1 on the crop of that result: with the shrink penalty 31 of 35
         1280x960 silica and agglomerate frames keep scale 1, so the crop's own pass at scale 1
-        is saved on most frames and an extra whole pass is spent on the others."""
+        is saved on most frames and an extra whole pass is spent on the others.
+
+        ``network_done``: called once the network's last pass is over, before the whole image's
+        instance separation (one thread): see :meth:`segment`."""
         search = self.config.get("scale_search") or {}
         if img.size > int(search.get("max_pixels", SEARCH_CROP_PIXELS)) and 1.0 in search.get("start", [1.0]):
             whole = self.probabilities_at(img, 1.0)
-            if compute_threads() < 2:  # a process of one thread (a cluster worker's): in turn
-                whole_instances = self.instances(whole)
-                scale, _ = self.choose_scale(img, whole_at_1=whole)
-            else:
-                # The whole field's instance separation (one thread) runs beside the search, whose
-                # crops' separations and network pass would otherwise leave a core idle while it
-                # ran (1280x880 field: 0.77 -> 0.66 s for the search and segmentation, same labels).
+            if network_done is None and compute_threads() >= 2:
+                # Nothing waits for the network to finish: the whole field's instance separation
+                # (one thread) runs beside the search, whose crops' separations and network pass
+                # would otherwise leave a core idle while it ran (1280x880 field: 0.77 -> 0.66 s
+                # for the search and segmentation, same labels).
                 with ThreadPoolExecutor(max_workers=1) as pool:
                     separating = pool.submit(self.instances, whole)
                     scale, _ = self.choose_scale(img, whole_at_1=whole)
                     whole_instances = separating.result()
-            if scale == 1.0:
-                return 1.0, whole_instances, whole
-            return scale, *self.at_scale(img, scale)
+                if scale == 1.0:
+                    return 1.0, whole_instances, whole
+                return scale, *self.at_scale(img, scale)
+            scale, _ = self.choose_scale(img, whole_at_1=whole)
+            prob = whole if scale == 1.0 else self.probabilities_at(img, scale)
+            _call(network_done)
+            return scale, self.instances(prob), prob
         scale, tried = self.choose_scale(img)
         if tried[scale][0].labels.shape == _scaled_shape(img.shape, scale):
+            _call(network_done)
             return scale, *tried[scale]
-        return scale, *self.at_scale(img, scale)
+        prob = self.probabilities_at(img, scale)
+        _call(network_done)
+        return scale, self.instances(prob), prob
 
-    def segment(self, pixels: np.ndarray, particle_size_px: float | None = None) -> tuple[Instances, ProbabilityMap]:
+    def segment(self, pixels: np.ndarray, particle_size_px: float | None = None,
+                network_done: Callable[[], None] | None = None) -> tuple[Instances, ProbabilityMap]:
         """Segment at the scale where particles look like the training data.
 
         With ``particle_size_px`` (a typical diameter given by the user) the image is resampled
@@ -303,8 +314,13 @@ class CNNSegmenter:
         as it is. Labels come back at the input's size (nearest-neighbour), numbered 1..N; with an
         ``outline_threshold`` in the thresholds, outlines are then cut on the full-size
         probabilities (:func:`~emparticles.instances.trim_outlines`).
+
+        ``network_done``: called once the network's passes are over and what is left (instance
+        separation, outlines) runs on one thread: a caller with single-threaded work of its own
+        (the scale bar's OCR) starts it then, on the core that frees, rather than beside the
+        network, whose threads it would slow. Called in any case, a failure included.
         """
-        return self.segment_normalised(normalise(pixels), particle_size_px)
+        return self.segment_normalised(normalise(pixels), particle_size_px, network_done=network_done)
 
     def hinted_scale(self, pixels: int, particle_size_px: float) -> float:
         """The resampling that brings a typical diameter of ``particle_size_px`` to
@@ -335,17 +351,23 @@ class CNNSegmenter:
         return 1.0
 
     def segment_normalised(self, img: np.ndarray, particle_size_px: float | None = None,
-                           scale: float | None = None) -> tuple[Instances, ProbabilityMap]:
+                           scale: float | None = None, network_done: Callable[[], None] | None = None
+                           ) -> tuple[Instances, ProbabilityMap]:
         """:meth:`segment` of an image already normalised to [0, 1] (as training loads them);
         ``scale``, when given, is used instead of the hint or the search."""
-        if scale is not None:
-            inst, prob = self.at_scale(img, float(scale))
-        elif particle_size_px:
-            inst, prob = self.at_scale(img, self.hinted_scale(img.size, particle_size_px))
-        elif self.config.get("scale_search"):
-            _, inst, prob = self.searched(img)
-        else:
-            inst, prob = self.at_scale(img, 1.0)
+        done = _once(network_done)
+        try:
+            if self.config.get("scale_search") and scale is None and not particle_size_px:
+                # without a caller waiting, the search may keep a core busy beside the network
+                _, inst, prob = self.searched(img, done if network_done is not None else None)
+            else:
+                if scale is None:
+                    scale = self.hinted_scale(img.size, particle_size_px) if particle_size_px else 1.0
+                prob = self.probabilities_at(img, float(scale))
+                done()
+                inst = self.instances(prob)
+        finally:
+            done()  # after a failure too: a caller waiting for it must not wait for ever
         if inst.labels.shape != img.shape:
             inst = _instances_to_shape(inst, img.shape)
             full = np.empty((len(prob.channels), *img.shape), np.float32)  # one channel at a time: no
@@ -356,6 +378,24 @@ class CNNSegmenter:
         if outline is not None:
             inst = trim_outlines(inst, prob.foreground, float(outline))
         return inst, prob
+
+
+def _call(done: Callable[[], None] | None) -> None:
+    if done is not None:
+        done()
+
+
+def _once(done: Callable[[], None] | None) -> Callable[[], None]:
+    """``done`` made to run at most once (nothing if None)."""
+    called = False
+
+    def once() -> None:
+        nonlocal called
+        if not called:
+            called = True
+            _call(done)
+
+    return once
 
 
 def median_ecd_px(labels: np.ndarray) -> float:
