@@ -516,12 +516,12 @@ class _LoggedPasses(_ScoredAtScale):
     (1.0, 1_000, None, [("instances", (40, 60))]),
     # ... the crop chose 0.5: one more whole pass at 0.5, then its separation
     (0.5, 1_000, None, [("instances", (20, 30))]),
-    # searched on the whole image: the chosen scale's separation is reused, nothing is left
-    (1.0, 10_000, None, []),
+    # searched on the whole image: called first (passes and separations take turns)
+    (1.0, 10_000, None, None),
     # a size hint of 20 px: one pass at 3x (60 px particles), then its separation
     (1.0, 1_000, 20.0, [("instances", (120, 180))]),
 ])
-def test_network_done_is_called_once_after_the_last_pass(peak, max_pixels, size_hint, after):
+def test_network_done_is_called_once_where_the_rest_runs_on_one_thread(peak, max_pixels, size_hint, after):
     log: list = []
     seg = _LoggedPasses(peak, {"start": [0.7, 1.0], "down": [0.5], "max_pixels": max_pixels}, log)
     inst, _ = seg.segment(np.random.default_rng(0).random((40, 60)), size_hint,
@@ -529,7 +529,10 @@ def test_network_done_is_called_once_after_the_last_pass(peak, max_pixels, size_
     assert inst.labels.shape == (40, 60)
     kinds = [k for k, _ in log]
     assert kinds.count("done") == 1 and "network" in kinds
-    assert log[kinds.index("done") + 1:] == after
+    if after is None:
+        assert kinds[0] == "done"
+    else:
+        assert log[kinds.index("done") + 1:] == after
 
 
 def test_network_done_is_called_when_the_network_fails():
