@@ -727,10 +727,11 @@ def analyse_path(path: Path, model: Segmenter, settings: AnalysisSettings) -> Im
     # particles, which needs no pixel size without a --particle-size in nm. That thread waits for
     # the network's passes to end: beside them it took a core from ONNX Runtime's two threads,
     # whose every layer then waited for the slower one (analyze of the benchmark's 1280x960
-    # frame: 0.84 -> 0.75 s to the measured table, median of 12 runs alternating with the old
-    # order). The text detector's look over the field for figure text goes first in that thread:
-    # the segmentation needs it before the scale bar. A process allowed one thread (a cluster
-    # worker of one thread) reads the bar first instead.
+    # frame, with the particles measured in pixels meanwhile: 0.796 -> 0.733 s to the measured
+    # table, median of 10 processes alternating with the old order; a small image searched whole
+    # lets it start at once: see CNNSegmenter.segment). The text detector's look over the field
+    # for figure text goes first in that thread: the segmentation needs it before the scale bar.
+    # A process allowed one thread (a cluster worker of one thread) reads the bar first instead.
     network_done = threading.Event()
 
     def after_network(work: Callable, *args):
