@@ -35,6 +35,33 @@ def test_roi_zip_round_trip_is_pixel_exact(tmp_path):
         read_imagej_rois(tmp_path / "bad.zip", lab.shape)
 
 
+@pytest.mark.parametrize("case", ["blobs", "one pixel", "far out", "many vertices"])
+def test_traced_roi_bytes_are_roifiles(case):
+    import roifile
+
+    from emparticles.io.exports import traced_roi_bytes
+    from emparticles.measure import particle_outlines
+
+    if case == "blobs":  # particles of a synthetic frame: touching, at the border, with holes
+        from emparticles.synth import SynthSettings, synth_sem
+
+        outlines = list(particle_outlines(synth_sem(np.random.default_rng(5), SynthSettings(width=300, height=200)).labels).items())
+    elif case == "one pixel":
+        lab = np.zeros((5, 5), np.int32)
+        lab[0, 0] = 3
+        outlines = list(particle_outlines(lab).items())
+    elif case == "far out":  # past int16 (a montage of 40,000 px): roifile wraps the box, as here
+        outlines = [(1, np.array([[40_000, 33_000], [40_010, 33_000], [40_010, 33_004], [40_000, 33_004]]))]
+    else:  # more vertices than the header's 16-bit count holds
+        t = np.arange(70_000)
+        outlines = [(2, np.column_stack([t // 2 + (t % 2), t // 2]))]
+    assert outlines
+    for label, pts in outlines:
+        roi = roifile.ImagejRoi.frompoints(pts.astype(np.float64), name=f"{label:05d}")
+        roi.roitype = roifile.ROI_TYPE.TRACED
+        assert traced_roi_bytes(pts, f"{label:05d}") == roi.tobytes(), label
+
+
 def test_roi_zip_holds_what_roifile_writes(tmp_path):
     """The zip put together in memory has roifile's entries, byte for byte, in its order."""
     import zipfile

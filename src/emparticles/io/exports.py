@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -91,15 +92,8 @@ def write_coco(labels_by_image, path: Path, scores_by_image=None) -> Path:
 def write_imagej_rois(labels: np.ndarray, path: Path, only: set[int] | None = None) -> Path:
     """ImageJ ROI set (.zip) of traced particle outlines, named by particle label, which Fiji's
     ROI Manager opens for checking and correcting."""
-    import roifile
-
-    rois = []
-    for label, pts in particle_outlines(labels).items():
-        if only is not None and label not in only:
-            continue
-        roi = roifile.ImagejRoi.frompoints(pts.astype(np.float64), name=f"{label:05d}")
-        roi.roitype = roifile.ROI_TYPE.TRACED
-        rois.append(roi)
+    rois = [(f"{label:05d}", traced_roi_bytes(pts, f"{label:05d}")) for label, pts in particle_outlines(labels).items()
+            if only is None or label in only]
 
     def writer(p: Path) -> None:
         # The zip is put together in memory and written at once (roifile's ``roiwrite`` writes
@@ -110,11 +104,48 @@ def write_imagej_rois(labels: np.ndarray, path: Path, only: set[int] | None = No
 
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as zf:
-            for roi in rois:
-                zf.writestr(f"{roi.name}.roi", roi.tobytes())
+            for name, data in rois:
+                zf.writestr(f"{name}.roi", data)
         p.write_bytes(buffer.getvalue())
 
     return _write(path, writer)
+
+
+def traced_roi_bytes(points: np.ndarray, name: str) -> bytes:
+    """One traced outline (``points``: (n, 2) whole-number x, y at pixel corners) as an ImageJ
+    ``.roi`` file, byte for byte what roifile writes for ``ImagejRoi.frompoints(points as float,
+    name=name)`` with ``roitype = TRACED`` (version 229; whole-pixel coordinates relative to the
+    bounding box, then the same as sub-pixel float32; the name after the second header).
+
+    Written here because roifile builds and checks a general ROI object for each particle: 20
+    against 9 ms for the 388 outlines of the benchmark's 1280x960 frame alone; the image's files,
+    written while the overlay is drawn beside them, 118 -> 98 ms (30 runs each, alternating; the
+    same zip). Tests hold it to roifile's bytes and read the zip back with roifile. Coordinates
+    past 32,767 px wrap in the box as roifile's do; the sub-pixel copy keeps them."""
+    pts = np.asarray(points, np.int64)
+    n = len(pts)
+    if n == 0:
+        raise ValueError(f"ROI {name}: no points")
+    left, top = (int(v) for v in pts.min(axis=0))
+    right, bottom = (int(v) + 1 for v in pts.max(axis=0))
+    coordinates = ((pts - (left, top)).astype(">i2").tobytes(order="F")
+                   + pts.astype(">f4").tobytes(order="F"))
+    header = (b"Iout" + _ROI_HEAD.pack(229, 8, *np.array([top, left, bottom, right]).astype(np.int16).tolist(),
+                                       n if n < 2**16 else 0)
+              + (bytes(16) if n < 2**16 else struct.pack(">i12x", n))
+              + _ROI_STYLE + struct.pack(">i", 64 + len(coordinates)))
+    second = _ROI_HEAD2.pack(0, 0, 0, 64 + len(coordinates) + 64, len(name), bytes(4), 0, 0, 0, 0, 0.0, 0, 0, 0)
+    return header + coordinates + second + bytes(12) + name.encode("utf-16-be")
+
+
+#: version, type, top, left, bottom, right, coordinates
+_ROI_HEAD = struct.Struct(">hBxhhhhH")
+#: stroke width, shape size, stroke and fill colours, subtype, options (overlay labels and
+#: backgrounds, sub-pixel resolution: 168), arrow style, head size, arc size, position
+_ROI_STYLE = struct.pack(">hi4s4shhBBhi", 0, 0, bytes(4), bytes(4), 0, 168, 0, 0, 0, 0)
+#: c, z, t positions, name offset and length, label colour, font size, group, opacity, image
+#: size, stroke width, properties offset and length, counters offset
+_ROI_HEAD2 = struct.Struct(">4xiiiii4shBBifiii")
 
 
 def read_imagej_rois(path: Path, shape: tuple[int, int]) -> np.ndarray:
