@@ -183,3 +183,70 @@ def test_overlay_colours_outlines_ids_and_info_bar(tmp_path):
     write_overlay(pixels, labels, tmp_path / "ids.png", measured={1, 2})
     rgb = np.asarray(Image.open(tmp_path / "ids.png").convert("RGB"))
     assert ((rgb == (255, 255, 0)).all(axis=2) & (labels > 0)).sum() > 5
+
+
+def _tables_of_every_kind() -> dict:
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 40
+    x = rng.standard_normal(n) * 10.0 ** rng.integers(-8, 18, n)
+    x[:6] = [np.nan, np.inf, -0.0, 282.0, 1e16, 1e-5]
+    mixed = pd.Series([None, 1.5, "t", np.nan, 3, True, "a,b", ""] * 5, dtype=object)
+    return {
+        "numbers and text": pd.DataFrame({
+            "image": ["plain", "with,comma", 'with "quotes"', "two\nlines", "µm ε", ""] * 6 + ["x"] * 4,
+            "x_nm": x, "label": np.arange(n), "touches_edge": rng.random(n) > 0.5,
+            "rows": pd.array([1, None] * 20, dtype="Int64"), "note": mixed,
+            "image_path": pd.Series(["a", None] * 20, dtype="str")}),
+        "no rows": pd.DataFrame({"a": pd.Series(dtype=float), "b": pd.Series(dtype=object)}),
+        "one empty field": pd.DataFrame({"a": [None]}),
+        # kinds the csv module is not trusted with: pandas writes them
+        "float32": pd.DataFrame({"a": np.array([0.1, 2.5], np.float32)}),
+        "dates": pd.DataFrame({"when": pd.to_datetime(["2026-01-02", "2026-03-04"])}),
+        "numpy scalars in objects": pd.DataFrame({"a": pd.Series([np.float64(0.1), np.int64(3)], dtype=object)}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tables_of_every_kind()))
+def test_csv_files_are_what_pandas_writes(tmp_path, name):
+    from emparticles.io.writers import csv_columns, write_csv
+
+    df = _tables_of_every_kind()[name]
+    write_csv(df, tmp_path / "ours.csv")
+    df.to_csv(tmp_path / "pandas.csv", index=False)
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+    direct = csv_columns(df) is not None
+    assert direct == (name in ("numbers and text", "no rows", "one empty field"))
+
+
+def test_a_runs_tables_are_written_directly_as_pandas_writes_them(tmp_path, monkeypatch):
+    from emparticles import pipeline
+    from emparticles.io.writers import csv_columns, write_csv
+    from emparticles.models import load_model
+    from emparticles.synth import SynthSettings, synth_sem
+
+    s = synth_sem(np.random.default_rng(1), SynthSettings(width=320, height=240))
+    Image.fromarray(s.image).save(tmp_path / "frame.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    written = []
+
+    def both(df, path):
+        written.append((path.name, csv_columns(df) is not None))
+        df.to_csv(path.with_suffix(".pandas"), index=False)
+        return write_csv(df, path)
+
+    monkeypatch.setattr(pipeline, "write_csv", both)
+    settings = pipeline.AnalysisSettings(pixel_size_nm=2.0)
+    run = pipeline.AnalyzeRun(tmp_path / "out", settings)
+    model = load_model("classical", "cpu")
+    run.save_image("frame", pipeline.analyse_path(tmp_path / "frame.png", model, settings))
+    try:
+        pipeline.analyse_path(tmp_path / "broken.png", model, settings)
+    except Exception as exc:  # noqa: BLE001 - a failed image's row has empty fields
+        run.save_failure("broken", tmp_path / "broken.png", str(exc))
+    run.combine()
+    assert sorted(written) == [(n, True) for n in ("agglomerates.csv", "all_particles.csv", "images.csv", "particles.csv")]
+    for name, _ in written:
+        ours = tmp_path / "out" / name
+        assert ours.read_bytes() == ours.with_suffix(".pandas").read_bytes(), name
