@@ -256,6 +256,7 @@ def ultimate_eroded_distance(labels: np.ndarray) -> np.ndarray:
         rank[y:y + 512] = np.where(inside[y:y + 512], np.rint(d * d) + 1.0, 0.0)
     return rank
 
+
 def physical_units(columns, pixel_size_nm: float) -> dict:
     """The ``*_nm`` / ``*_nm2`` columns of a table's pixel columns (``columns``: a DataFrame or a
     dict of arrays), in their order: lengths, then areas."""
@@ -273,13 +274,6 @@ def with_physical_units(table_px: pd.DataFrame, pixel_size_nm: float | None) -> 
         return empty_particle_table(True)
     units = pd.DataFrame(physical_units(table_px, pixel_size_nm), index=table_px.index)
     return pd.concat([table_px, units], axis=1)
-
-
-def add_physical_units(df: pd.DataFrame, pixel_size_nm: float) -> pd.DataFrame:
-    """Add the ``*_nm`` / ``*_nm2`` columns (in place) from the pixel columns."""
-    for nm, values in physical_units(df, pixel_size_nm).items():
-        df[nm] = values
-    return df
 
 
 def empty_particle_table(with_nm: bool = False, ultimate_points: bool = False) -> pd.DataFrame:
